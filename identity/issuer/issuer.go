@@ -176,13 +176,13 @@ type Issuer struct {
 	endpoint *entry // the bundle endpoint's own identity
 	metrics  *metrics
 
-	mu       sync.Mutex
-	svids    map[int]*minted                     // by entry index
-	subs     map[int]map[*subscriber]struct{}    // by entry index
-	allSubs  map[*subscriber]struct{}            // every open stream
-	own      *spiffebundle.Bundle                // this trust domain's bundle
-	peers    map[spiffeid.TrustDomain]*spiffebundle.Bundle
-	nudge    chan struct{}
+	mu      sync.Mutex
+	svids   map[int]*minted                  // by entry index
+	subs    map[int]map[*subscriber]struct{} // by entry index
+	allSubs map[*subscriber]struct{}         // every open stream
+	own     *spiffebundle.Bundle             // this trust domain's bundle
+	peers   map[spiffeid.TrustDomain]*spiffebundle.Bundle
+	nudge   chan struct{}
 
 	startOnce sync.Once
 	stopOnce  sync.Once
