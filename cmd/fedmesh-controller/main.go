@@ -1,0 +1,151 @@
+// Command fedmesh-controller is the per-cluster federation controller: it
+// implements the Multi-Cluster Services API for its cluster, reading every
+// peer listed by flag or by labelled Secret.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
+
+	"github.com/fedmesh/fedmesh/federation"
+)
+
+type peerFlags []federation.Peer
+
+func (p *peerFlags) String() string { return fmt.Sprint(len(*p), " peers") }
+
+func (p *peerFlags) Set(v string) error {
+	name, path, ok := strings.Cut(v, "=")
+	if !ok || name == "" || path == "" {
+		return fmt.Errorf("want NAME=KUBECONFIG, got %q", v)
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", path)
+	if err != nil {
+		return fmt.Errorf("peer %s: load kubeconfig %s: %w", name, path, err)
+	}
+	*p = append(*p, federation.Peer{Name: name, Config: cfg})
+	return nil
+}
+
+type config struct {
+	kubeconfig, context, metricsAddr, logLevel string
+	opts                                       federation.Options
+	peers                                      peerFlags
+}
+
+func main() {
+	var c config
+	fs := flag.NewFlagSet("fedmesh-controller", flag.ExitOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), `fedmesh-controller implements the Multi-Cluster Services API for one cluster.
+
+It reads ServiceExports, Services and EndpointSlices in its cluster and in every
+peer, and writes in its own cluster: export conditions, ServiceImports, derived
+Services and mirrored EndpointSlices. Peers come from --peer-kubeconfig flags
+and from Secrets in --namespace labelled %s=true (key "kubeconfig").
+
+Example:
+  fedmesh-controller --kubeconfig east.kubeconfig \
+    --peer-kubeconfig west=west.kubeconfig --peer-kubeconfig north=north.kubeconfig
+
+Flags:
+`, federation.LabelPeerSecret)
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&c.kubeconfig, "kubeconfig", "", "kubeconfig of the local cluster (default: in-cluster config or $KUBECONFIG)")
+	fs.StringVar(&c.context, "context", "", "kubeconfig context")
+	fs.StringVar(&c.opts.ClusterID, "cluster-id", "", "this cluster's ID; must match ClusterProperty cluster.clusterset.k8s.io if that exists, and is written there if not")
+	fs.Var(&c.peers, "peer-kubeconfig", "peer cluster as NAME=KUBECONFIG (repeatable)")
+	fs.StringVar(&c.opts.Namespace, "namespace", "fedmesh-system", "namespace of peer Secrets and the leader lease")
+	fs.BoolVar(&c.opts.IgnorePeerSecrets, "ignore-peer-secrets", false, "do not read peers from Secrets")
+	fs.IntVar(&c.opts.Workers, "workers", 8, "concurrent reconciles")
+	fs.DurationVar(&c.opts.ProbeInterval, "peer-probe-interval", time.Second, "how often each peer API server is probed")
+	fs.DurationVar(&c.opts.ProbeTimeout, "peer-probe-timeout", time.Second, "timeout of one probe")
+	fs.IntVar(&c.opts.ProbeFailures, "peer-probe-failures", 2, "consecutive failed probes before a peer is marked stale")
+	fs.DurationVar(&c.opts.StaleBound, "stale-bound", 5*time.Minute, "how long an unreachable peer's last known endpoints are kept (negative: forever)")
+	leaderElect := fs.Bool("leader-elect", true, "elect a leader so that several replicas are safe")
+	fs.StringVar(&c.opts.LeaderElection.Identity, "leader-election-identity", "", "this replica's identity (default hostname_pid)")
+	fs.DurationVar(&c.opts.LeaderElection.LeaseDuration, "lease-duration", 15*time.Second, "leader lease duration")
+	fs.DurationVar(&c.opts.LeaderElection.RenewDeadline, "renew-deadline", 10*time.Second, "leader renew deadline")
+	fs.DurationVar(&c.opts.LeaderElection.RetryPeriod, "retry-period", 2*time.Second, "leader election retry period")
+	fs.StringVar(&c.metricsAddr, "metrics-addr", "127.0.0.1:9402", "address of /metrics, /healthz and /peers (empty: off)")
+	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.Parse(os.Args[1:])
+	c.opts.LeaderElection.Disabled = !*leaderElect
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, c); err != nil {
+		fmt.Fprintln(os.Stderr, "fedmesh-controller:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, c config) error {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(c.logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	klog.SetSlogLogger(log.With("source", "client-go"))
+
+	cfg, err := loadConfig(c.kubeconfig, c.context)
+	if err != nil {
+		return err
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	c.opts.Config, c.opts.Peers, c.opts.Logger, c.opts.Registry = cfg, c.peers, log, reg
+	ctrl, err := federation.New(c.opts)
+	if err != nil {
+		return err
+	}
+	if c.metricsAddr != "" {
+		ln, err := net.Listen("tcp", c.metricsAddr)
+		if err != nil {
+			return fmt.Errorf("metrics listener: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+		mux.HandleFunc("/peers", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, ctrl.Peers()) })
+		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go srv.Serve(ln)
+		defer srv.Close()
+		log.Info("serving metrics", "addr", ln.Addr().String())
+	}
+	err = ctrl.Run(ctx)
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+func loadConfig(path, context string) (*rest.Config, error) {
+	rules := clientcmd.NewDefaultClientConfigLoadingRules()
+	if path != "" {
+		rules.ExplicitPath = path
+	}
+	cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{CurrentContext: context}).ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("load kubeconfig: %w", err)
+	}
+	return cfg, nil
+}
