@@ -406,6 +406,18 @@ func (c *Cluster) StopAPIServer() {
 	}
 }
 
+// KillAPIServer kills the cluster's kube-apiserver at once, as a crash or a
+// network cut would; its data stays in etcd.
+func (c *Cluster) KillAPIServer() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.proc != nil {
+		c.proc.cmd.Process.Kill()
+		<-c.proc.done
+		c.proc = nil
+	}
+}
+
 // PID returns the kube-apiserver's process id, or 0 when it is stopped.
 func (c *Cluster) PID() int {
 	c.mu.Lock()

@@ -103,8 +103,16 @@ func controllerOptions(cluster, identity string) federation.Options {
 			RenewDeadline: 1500 * time.Millisecond,
 			RetryPeriod:   250 * time.Millisecond,
 		},
-		Logger: slog.New(slog.DiscardHandler),
+		Logger: testLogger(),
 	}
+}
+
+// testLogger discards controller logs unless FEDMESH_TEST_LOG is set.
+func testLogger() *slog.Logger {
+	if os.Getenv("FEDMESH_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
 }
 
 // startController starts a replica; it becomes the cluster's current

@@ -6,6 +6,7 @@ import (
 	"encoding/base32"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"time"
@@ -80,6 +81,15 @@ func (c *Controller) reconcile(ctx context.Context, key string) error {
 		sources[v.id] = source{cluster: v.id, cache: v.cache, stale: v.stale, staleSince: v.staleSince}
 	}
 	result, exported := merge.Exports(exports)
+	if c.log.Enabled(ctx, slog.LevelDebug) {
+		var stale []string
+		for _, s := range sources {
+			if s.stale {
+				stale = append(stale, s.cluster)
+			}
+		}
+		c.log.Debug("reconcile", "service", key, "exportedBy", result.Clusters, "stale", stale, "conflict", result.Reason())
+	}
 	c.setConflict(key, exported && len(result.Conflicts) > 0)
 
 	nsObj, err := c.local.namespaces.Get(ns)
