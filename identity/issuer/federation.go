@@ -109,7 +109,10 @@ func (i *Issuer) startBundleEndpoint() error {
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(i.log.Handler(), slog.LevelWarn),
 	}
-	// Peers fetch every few minutes: keeping idle connections buys nothing.
+	// Peers fetch every few minutes: keeping connections open buys nothing,
+	// so serve HTTP/1.1 only and close each connection after its response.
+	i.http.Protocols = new(http.Protocols)
+	i.http.Protocols.SetHTTP1(true)
 	i.http.SetKeepAlivesEnabled(false)
 	i.wg.Add(1)
 	go func() {
@@ -148,13 +151,21 @@ func (s endpointSVID) GetX509SVID() (*x509svid.SVID, error) {
 type peerBundles struct{ i *Issuer }
 
 func (s peerBundles) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	b, err := s.get(td)
+	if err != nil {
+		return nil, err
+	}
+	return b.X509Bundle(), nil
+}
+
+func (s peerBundles) get(td spiffeid.TrustDomain) (*spiffebundle.Bundle, error) {
 	s.i.mu.Lock()
 	defer s.i.mu.Unlock()
 	b := s.i.peers[td]
 	if b == nil {
 		return nil, fmt.Errorf("no bundle held for trust domain %s", td)
 	}
-	return b.X509Bundle(), nil
+	return b, nil
 }
 
 // watchPeer keeps one peer's bundle fresh until ctx ends.
@@ -187,12 +198,20 @@ func (w *peerWatcher) NextRefresh(hint time.Duration) time.Duration {
 	w.i.metrics.peerFetches.WithLabelValues(w.peer.TrustDomain.Name(), result).Inc()
 	d := hint
 	if d == 0 {
+		// Nothing fetched yet (or no hint in it): use the hint of the
+		// bundle we hold, i.e. the bootstrap one.
+		if b, err := (peerBundles{w.i}).get(w.peer.TrustDomain); err == nil {
+			d, _ = b.RefreshHint()
+		}
+	}
+	if d == 0 {
 		d = DefaultRefreshHint
 	}
 	if w.result == "error" && d > errorRetry {
 		d = errorRetry
 	}
 	w.result = ""
+	w.i.log.Debug("next refresh", "hint", hint, "d", d)
 	return max(d, w.i.cfg.minRefresh)
 }
 
@@ -203,6 +222,11 @@ func (w *peerWatcher) OnUpdate(b *spiffebundle.Bundle) {
 		return
 	}
 	w.result = "updated"
+	// Keep it on disk first: once it is served, a restart must resume
+	// from it, not from an older one.
+	if err := w.keep(b); err != nil {
+		w.i.log.Warn("could not keep federated bundle on disk", "trust_domain", w.peer.TrustDomain.Name(), "error", err)
+	}
 	w.i.mu.Lock()
 	w.i.peers[w.peer.TrustDomain] = b
 	for s := range w.i.allSubs {
@@ -211,9 +235,6 @@ func (w *peerWatcher) OnUpdate(b *spiffebundle.Bundle) {
 	w.i.mu.Unlock()
 	w.i.log.Info("federated bundle updated", "trust_domain", w.peer.TrustDomain.Name(),
 		"sequence", seq(b), "x509_authorities", len(b.X509Authorities()))
-	if err := w.keep(b); err != nil {
-		w.i.log.Warn("could not keep federated bundle on disk", "trust_domain", w.peer.TrustDomain.Name(), "error", err)
-	}
 }
 
 func (w *peerWatcher) keep(b *spiffebundle.Bundle) error {

@@ -198,6 +198,16 @@ func newTestConfig(t testing.TB, td string) Config {
 // startIssuer creates and starts an issuer and stops it at cleanup.
 func startIssuer(t testing.TB, cfg Config) *testIssuer {
 	t.Helper()
+	ti := newTestIssuer(t, cfg)
+	if err := ti.Start(); err != nil {
+		t.Fatalf("start issuer: %v", err)
+	}
+	return ti
+}
+
+// newTestIssuer creates an issuer (not started) and stops it at cleanup.
+func newTestIssuer(t testing.TB, cfg Config) *testIssuer {
+	t.Helper()
 	logs := &syncBuffer{}
 	reg := prometheus.NewRegistry()
 	cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -205,9 +215,6 @@ func startIssuer(t testing.TB, cfg Config) *testIssuer {
 	iss, err := New(cfg)
 	if err != nil {
 		t.Fatalf("new issuer: %v", err)
-	}
-	if err := iss.Start(); err != nil {
-		t.Fatalf("start issuer: %v", err)
 	}
 	t.Cleanup(func() {
 		iss.Stop()
@@ -238,6 +245,12 @@ func checkGoroutines(t *testing.T) {
 	t.Helper()
 	before := runtime.NumGoroutine()
 	t.Cleanup(func() {
+		start := time.Now()
+		defer func() {
+			if d := time.Since(start); d > 500*time.Millisecond {
+				t.Logf("goroutines took %s to wind down", d)
+			}
+		}()
 		deadline := time.Now().Add(5 * time.Second)
 		for runtime.NumGoroutine() > before {
 			if time.Now().After(deadline) {

@@ -137,8 +137,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("svid ttl %s is under the minimum %s", c.SVIDTTL, c.minSVIDTTL)
 	case c.JWTSVIDTTL < c.minSVIDTTL:
 		return fmt.Errorf("jwt-svid ttl %s is under the minimum %s", c.JWTSVIDTTL, c.minSVIDTTL)
-	case c.RefreshHint < c.minRefresh:
-		return fmt.Errorf("refresh hint %s is under the minimum %s", c.RefreshHint, c.minRefresh)
+	case c.RefreshHint < time.Second || c.RefreshHint%time.Second != 0:
+		return fmt.Errorf("refresh hint %s: must be a whole number of seconds, at least 1s (bundles carry it in seconds)", c.RefreshHint)
 	case c.CATTL/4 < c.SVIDTTL:
 		return fmt.Errorf("ca ttl %s is too short for svid ttl %s: a retired CA lives ca-ttl/4 after rotation and must outlive the SVIDs it signed (need ca ttl >= %s)", c.CATTL, c.SVIDTTL, 4*c.SVIDTTL)
 	case c.CATTL/4 < 2*c.RefreshHint:
@@ -362,9 +362,10 @@ func (i *Issuer) Stop() {
 			i.grpc.Stop()
 		}
 		if i.http != nil {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			_ = i.http.Shutdown(ctx)
-			cancel()
+			// Close, not Shutdown: responses are tiny and a peer that dialled
+			// but never sent its request (its fetch was cancelled) would
+			// hold Shutdown for 5s.
+			_ = i.http.Close()
 		} else if i.cfg.BundleEndpointListener != nil {
 			_ = i.cfg.BundleEndpointListener.Close()
 		}
@@ -544,6 +545,7 @@ func (i *Issuer) caStep(st step, now time.Time) error {
 			m.renewAt = now
 		}
 		i.mu.Unlock()
+		i.wakeRotator()
 	}
 	return i.publishOwnBundle()
 }

@@ -126,11 +126,15 @@ func PeerID(state tls.ConnectionState) (spiffeid.ID, error) {
 	return id, nil
 }
 
-// PeerIDFromConn is PeerID for a *tls.Conn (or a net.Conn wrapping one that
-// spiffetls understands). The handshake must have completed.
+// PeerIDFromConn is PeerID for a *tls.Conn, or any connection that exposes
+// its tls.ConnectionState (spiffetls connections too). The handshake must
+// have completed.
 func PeerIDFromConn(conn net.Conn) (spiffeid.ID, error) {
 	if conn == nil {
 		return spiffeid.ID{}, errors.New("read peer spiffe id: nil connection")
+	}
+	if tc, ok := conn.(interface{ ConnectionState() tls.ConnectionState }); ok {
+		return PeerID(tc.ConnectionState())
 	}
 	id, err := spiffetls.PeerIDFromConn(conn)
 	if err != nil {
