@@ -301,6 +301,11 @@ func (i *Issuer) start() (err error) {
 
 	i.grpc = grpc.NewServer(
 		grpc.Creds(peerCredentials{onConn: i.metrics.connections.Inc}),
+		// Workload API messages are a few kB and every workload holds a
+		// connection: gRPC's default 32 kB read and write buffers would cost
+		// 64 kB per workload.
+		grpc.ReadBufferSize(4<<10),
+		grpc.WriteBufferSize(4<<10),
 		grpc.ChainUnaryInterceptor(i.unaryInterceptor),
 		grpc.ChainStreamInterceptor(i.streamInterceptor),
 	)

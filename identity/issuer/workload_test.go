@@ -431,7 +431,7 @@ func jwtParse(token string, bundles jwtbundle.Source, audience string) (*jwtsvid
 }
 
 // metricValue reads a counter or gauge.
-func metricValue(t *testing.T, m prometheus.Metric) float64 {
+func metricValue(t testing.TB, m prometheus.Metric) float64 {
 	t.Helper()
 	var d dto.Metric
 	if err := m.Write(&d); err != nil {
