@@ -541,6 +541,9 @@ func (i *Issuer) caStep(st step, now time.Time) error {
 	if !changed {
 		return nil
 	}
+	if err := i.publishOwnBundle(); err != nil {
+		return err
+	}
 	i.metrics.caSteps.WithLabelValues(name).Inc()
 	i.log.Info("ca rotation step", "step", name, "trust_domain", i.cfg.TrustDomain.Name())
 	if st == stepActivate {
@@ -552,7 +555,7 @@ func (i *Issuer) caStep(st step, now time.Time) error {
 		i.mu.Unlock()
 		i.wakeRotator()
 	}
-	return i.publishOwnBundle()
+	return nil
 }
 
 // renewDue re-issues every cached SVID that reached its renewal time and has
