@@ -42,7 +42,7 @@ func TestConfigErrors(t *testing.T) {
 			c.Peers = []Peer{p}
 		}, "own trust domain"},
 		{"peer twice", func(c *Config) { c.Peers = []Peer{westPeer, westPeer} }, "listed twice"},
-		{"peer http url", func(c *Config) { p := westPeer; p.BundleEndpointURL = "http://127.0.0.1:8443"; c.Peers = []Peer{p} }, "want https://"},
+		{"peer http url", func(c *Config) { p := westPeer; p.BundleEndpointURL = "http://127.0.0.1:8443"; c.Peers = []Peer{p} }, "want an https://host:port URL"},
 		{"peer endpoint id elsewhere", func(c *Config) {
 			p := westPeer
 			p.EndpointID = spiffeid.RequireFromPath(northTD, "/x")

@@ -30,7 +30,7 @@ func checkHTTPSURL(s string) error {
 		return fmt.Errorf("bundle endpoint url: %w", err)
 	}
 	if u.Scheme != "https" || u.Host == "" {
-		return fmt.Errorf("bundle endpoint url %q: want https://host:port/...", s)
+		return fmt.Errorf("bundle endpoint url %q: want an https://host:port URL", s)
 	}
 	return nil
 }
