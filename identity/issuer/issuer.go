@@ -311,16 +311,17 @@ func (i *Issuer) start() (err error) {
 	)
 	workload.RegisterSpiffeWorkloadAPIServer(i.grpc, &workloadAPI{i: i})
 
-	sockets := []struct {
+	// The main socket is open to every local user: attestation decides who
+	// gets what. A per-workload socket is the issuer user's alone; its
+	// permissions are the access control.
+	type socket struct {
 		path string
 		mode os.FileMode
-	}{{i.cfg.SocketPath, 0o666}}
+	}
+	sockets := []socket{{i.cfg.SocketPath, 0o666}}
 	for _, e := range i.entries {
 		if e.socket != "" {
-			sockets = append(sockets, struct {
-				path string
-				mode os.FileMode
-			}{e.socket, 0o600})
+			sockets = append(sockets, socket{e.socket, 0o600})
 		}
 	}
 	for _, s := range sockets {

@@ -363,6 +363,18 @@ func TestConsistency(t *testing.T) {
 			t.Error(e)
 		}
 	}
+	// base's resources are its own files or remote bases pinned to a ref.
+	for _, r := range b.kust.Resources {
+		if strings.HasPrefix(r, "https://") {
+			if !strings.Contains(r, "?ref=v") {
+				t.Errorf("base: remote resource %s is not pinned to a version", r)
+			}
+			continue
+		}
+		if _, err := os.Stat(filepath.Join(root, "base", r)); err != nil {
+			t.Errorf("base: resource %s: %v", r, err)
+		}
+	}
 	dirs, err := os.ReadDir(root)
 	if err != nil {
 		t.Fatal(err)
