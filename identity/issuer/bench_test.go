@@ -85,21 +85,34 @@ func benchChild(raw string) error {
 	return nil
 }
 
-// procCPU is the process's user+system CPU time, from /proc/<pid>/stat.
+// procCPU is the CPU time the process's threads have run, in nanoseconds:
+// the sum of the first field of /proc/<pid>/task/*/schedstat. (utime+stime
+// in /proc/<pid>/stat count 10 ms ticks, too coarse for a few seconds of an
+// issuer that is mostly idle.) Go's runtime threads do not exit, so no
+// thread's time is lost between two readings.
 func procCPU(pid int) (time.Duration, error) {
-	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	dir := "/proc/" + strconv.Itoa(pid) + "/task"
+	tasks, err := os.ReadDir(dir)
 	if err != nil {
 		return 0, err
 	}
-	// Fields after the ")" that ends the command name; utime and stime are
-	// fields 14 and 15 of the whole line, in clock ticks (100 Hz on Linux).
-	f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+1:]))
-	utime, err1 := strconv.ParseInt(f[11], 10, 64)
-	stime, err2 := strconv.ParseInt(f[12], 10, 64)
-	if err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("parse /proc/%d/stat", pid)
+	var total int64
+	for _, task := range tasks {
+		data, err := os.ReadFile(filepath.Join(dir, task.Name(), "schedstat"))
+		if err != nil {
+			continue // the thread is gone
+		}
+		f := strings.Fields(string(data))
+		if len(f) == 0 {
+			return 0, fmt.Errorf("parse %s/%s/schedstat", dir, task.Name())
+		}
+		ns, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("parse %s/%s/schedstat: %w", dir, task.Name(), err)
+		}
+		total += ns
 	}
-	return time.Duration(utime+stime) * (time.Second / 100), nil
+	return time.Duration(total), nil
 }
 
 // procMemMB reads a kB field (VmRSS, VmHWM) of /proc/<pid>/status in MB.
@@ -124,9 +137,9 @@ func procMemMB(pid int, field string) (float64, error) {
 // on its own socket, and this process holds one Workload API stream per
 // workload. Waiting minutes per run is not practical, so the schedule is
 // compressed: SVIDs live 2*period (default period 5s, i.e. 12x faster than
-// every minute) and are renewed every period. The child's CPU time (utime +
-// stime from /proc) is measured over an idle window before the first
-// renewal and over a window of two periods; every renewal the workloads
+// every minute) and are renewed every period. The child's CPU time (summed
+// from /proc/<pid>/task/*/schedstat) is measured over an idle window before
+// the first renewal and over a window of two periods; every renewal the workloads
 // actually receive in that window is counted. The cost of one rotation is
 // (window CPU - idle rate * window) / renewals received, and the figure is
 // idle rate + 1,000 rotations per 60s at that cost. RSS is the child's peak
