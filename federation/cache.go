@@ -53,9 +53,9 @@ type handler interface {
 }
 
 func newClusterCache(cfg *rest.Config, local bool, resync time.Duration, h handler) (*clusterCache, error) {
-	kube, err := kubernetes.NewForConfig(cfg)
+	kube, err := newKube(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("kubernetes client: %w", err)
+		return nil, err
 	}
 	mcs, err := mcsclient.NewForConfig(cfg)
 	if err != nil {
@@ -63,9 +63,10 @@ func newClusterCache(cfg *rest.Config, local bool, resync time.Duration, h handl
 	}
 	var kopts []informers.SharedInformerOption
 	if !local {
-		// A peer's own imports (mirrored slices) are not its endpoints.
+		// A peer's own imports (mirrored slices, derived Services) are not
+		// its exports: don't even receive them.
 		kopts = append(kopts, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-			o.LabelSelector = "!" + mcsv1beta1.LabelSourceCluster
+			o.LabelSelector = "!" + mcsv1beta1.LabelSourceCluster + ",!" + labelDerivedService
 		}))
 	}
 	kf := informers.NewSharedInformerFactoryWithOptions(kube, resync, kopts...)

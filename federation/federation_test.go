@@ -21,6 +21,7 @@ import (
 const converge = 10 * time.Second
 
 func TestExportLifecycle(t *testing.T) {
+	need(t)
 	ns := env.ns(t)
 	env.service(t, "east", ns, "web", func(s *corev1.Service) {
 		s.Spec.IPFamilyPolicy = new(corev1.IPFamilyPolicyRequireDualStack)
@@ -145,6 +146,7 @@ func TestExportLifecycle(t *testing.T) {
 }
 
 func TestInvalidExports(t *testing.T) {
+	need(t)
 	ns := env.ns(t)
 	env.export(t, "west", ns, "ghost", nil)
 	env.service(t, "west", ns, "ext", func(s *corev1.Service) {
@@ -193,6 +195,7 @@ func TestInvalidExports(t *testing.T) {
 // west's export is the oldest even though "east" sorts first), a
 // different one from east, for every conflict kind at once.
 func TestConflicts(t *testing.T) {
+	need(t)
 	ptr := func(s string) *string { return &s }
 	local := corev1.ServiceInternalTrafficPolicyLocal
 	type tc struct {
@@ -326,6 +329,7 @@ func TestConflicts(t *testing.T) {
 }
 
 func TestHeadless(t *testing.T) {
+	need(t)
 	ns := env.ns(t)
 	env.service(t, "north", ns, "db", func(s *corev1.Service) { s.Spec.ClusterIP = corev1.ClusterIPNone })
 	env.endpoints(t, "north", ns, "db", "db-1", []bool{true}, "10.3.0")
@@ -347,6 +351,7 @@ func TestHeadless(t *testing.T) {
 }
 
 func TestExportedLabelsAndAnnotations(t *testing.T) {
+	need(t)
 	ns := env.ns(t)
 	env.service(t, "east", ns, "api", func(s *corev1.Service) {
 		s.Labels = map[string]string{"not-exported": "x"}
@@ -373,6 +378,7 @@ func TestExportedLabelsAndAnnotations(t *testing.T) {
 }
 
 func TestNamespaceAbsent(t *testing.T) {
+	need(t)
 	ns := env.ns(t, "east", "west")
 	env.service(t, "east", ns, "cart", nil)
 	env.export(t, "east", ns, "cart", nil)

@@ -50,37 +50,57 @@ type running struct {
 
 const staleBound = 4 * time.Second
 
+var (
+	envOnce sync.Once
+	envErr  error
+)
+
 func TestMain(m *testing.M) {
 	klog.SetSlogLogger(slog.New(slog.DiscardHandler)) // reflectors are noisy while a peer is down
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	cp, err := controlplane.Start(ctx, controlplane.Options{})
-	cancel()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "start control planes:", err)
-		os.Exit(1)
-	}
-	env = &fixture{cp: cp, kube: map[string]kubernetes.Interface{}, mcs: map[string]mcsclient.Interface{}, ctrls: map[string]*running{}}
-	for _, c := range cp.Clusters {
-		env.clusters = append(env.clusters, c.Name)
-		env.kube[c.Name] = kubernetes.NewForConfigOrDie(c.Config)
-		env.mcs[c.Name] = mcsclient.NewForConfigOrDie(c.Config)
-	}
-	for _, c := range cp.Clusters {
-		if _, err := env.startController(c.Name, "replica-a"); err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			cp.Stop()
-			os.Exit(1)
-		}
-	}
 	code := m.Run()
-	env.mu.Lock()
-	for _, r := range env.ctrls {
-		r.cancel()
-		<-r.done
+	if env != nil {
+		env.mu.Lock()
+		for _, r := range env.ctrls {
+			r.cancel()
+			<-r.done
+		}
+		env.mu.Unlock()
+		env.cp.Stop()
 	}
-	env.mu.Unlock()
-	cp.Stop()
+	if bench != nil {
+		bench.stop()
+	}
 	os.Exit(code)
+}
+
+// need starts the shared fixture on first use: three control planes and an
+// in-process controller for each.
+func need(t *testing.T) {
+	t.Helper()
+	envOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		cp, err := controlplane.Start(ctx, controlplane.Options{})
+		if err != nil {
+			envErr = fmt.Errorf("start control planes: %w", err)
+			return
+		}
+		env = &fixture{cp: cp, kube: map[string]kubernetes.Interface{}, mcs: map[string]mcsclient.Interface{}, ctrls: map[string]*running{}}
+		for _, c := range cp.Clusters {
+			env.clusters = append(env.clusters, c.Name)
+			env.kube[c.Name] = kubernetes.NewForConfigOrDie(c.Config)
+			env.mcs[c.Name] = mcsclient.NewForConfigOrDie(c.Config)
+		}
+		for _, c := range cp.Clusters {
+			if _, err := env.startController(c.Name, "replica-a"); err != nil {
+				envErr = err
+				return
+			}
+		}
+	})
+	if envErr != nil {
+		t.Fatal(envErr)
+	}
 }
 
 func controllerOptions(cluster, identity string) federation.Options {

@@ -22,6 +22,7 @@ import (
 // marked stale, until the stale bound, then withdraws them; when west
 // returns, everything is back and changes made in west flow again.
 func TestPeerDownAndBack(t *testing.T) {
+	need(t)
 	ns := env.ns(t)
 	env.service(t, "west", ns, "pay", nil)
 	env.endpoints(t, "west", ns, "pay", "pay-1", []bool{true, true}, "10.2.0")
@@ -136,6 +137,7 @@ func TestPeerDownAndBack(t *testing.T) {
 // TestBadPeerSecret gives east a Secret with a broken kubeconfig: an event
 // says so, and every other peer keeps working.
 func TestBadPeerSecret(t *testing.T) {
+	need(t)
 	ctx := context.Background()
 	sec := &corev1.Secret{
 		ObjectMeta: metav1.ObjectMeta{Name: "peer-broken", Namespace: controlplane.SystemNamespace,
@@ -201,6 +203,7 @@ current-context: dead
 // TestTwoReplicas runs a second east controller: it waits as a follower,
 // takes over when the leader stops, and keeps the federation converging.
 func TestTwoReplicas(t *testing.T) {
+	need(t)
 	env.mu.Lock()
 	leader := env.ctrls["east"]
 	env.mu.Unlock()

@@ -46,6 +46,8 @@ func (p *peerFlags) Set(v string) error {
 
 type config struct {
 	kubeconfig, context, metricsAddr, logLevel string
+	qps                                        float64
+	burst                                      int
 	opts                                       federation.Options
 	peers                                      peerFlags
 }
@@ -85,6 +87,8 @@ Flags:
 	fs.DurationVar(&c.opts.LeaderElection.LeaseDuration, "lease-duration", 15*time.Second, "leader lease duration")
 	fs.DurationVar(&c.opts.LeaderElection.RenewDeadline, "renew-deadline", 10*time.Second, "leader renew deadline")
 	fs.DurationVar(&c.opts.LeaderElection.RetryPeriod, "retry-period", 2*time.Second, "leader election retry period")
+	fs.Float64Var(&c.qps, "kube-api-qps", 200, "client-side rate limit of requests to each API server (queries per second)")
+	fs.IntVar(&c.burst, "kube-api-burst", 400, "client-side burst of requests to each API server")
 	fs.StringVar(&c.metricsAddr, "metrics-addr", "127.0.0.1:9402", "address of /metrics, /healthz and /peers (empty: off)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.Parse(os.Args[1:])
@@ -109,6 +113,10 @@ func run(ctx context.Context, c config) error {
 	cfg, err := loadConfig(c.kubeconfig, c.context)
 	if err != nil {
 		return err
+	}
+	cfg.QPS, cfg.Burst = float32(c.qps), c.burst
+	for _, p := range c.peers {
+		p.Config.QPS, p.Config.Burst = float32(c.qps), c.burst
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
