@@ -41,10 +41,12 @@ FUZZTIME ?= 10s
 fuzz:
 	@scripts/fuzz.sh $(FUZZTIME)
 
-## lint: go vet + pinned staticcheck (go.mod tool directive) + gofmt.
+## lint: gofmt, a doc comment on every package, go vet, pinned staticcheck (go.mod tool directive).
 lint:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
+	@undocumented=$$(go list -f '{{if not .Doc}}{{.ImportPath}}{{end}}' ./...); \
+	  if [ -n "$$undocumented" ]; then echo "packages without a doc comment (say why the package exists):"; echo "$$undocumented"; exit 1; fi
 	go vet ./...
 	go tool staticcheck ./...
 
