@@ -51,6 +51,9 @@ type Options struct {
 	Clusters   []string     // cluster names; default east, west, north
 	ClusterSet string       // clusterset name; default "fedmesh"
 	Dir        string       // state directory; default a new temporary one, removed by Stop
+	// EtcdDir holds etcd's data. Default: under Dir when Start made Dir,
+	// else a new directory on tmpfs (/dev/shm), removed by Stop.
+	EtcdDir string
 	Host       string       // address the API servers and etcd bind; default 127.0.0.1
 	Logger     *slog.Logger // default discards
 	// KubeAPIServer and Etcd are binary paths. Defaults: $FEDMESH_KUBE_APISERVER
@@ -66,7 +69,9 @@ type Federation struct {
 
 	opts     Options
 	ownDir   bool
-	etcd     *process
+	etcdDir  string
+	ownEtcd  bool
+	etcd     *Process
 	etcdURL  string
 	pki      *pki
 	stopOnce sync.Once
@@ -85,7 +90,7 @@ type Cluster struct {
 	dir  string
 	port int
 	mu   sync.Mutex
-	proc *process
+	proc *Process
 }
 
 // Start brings up etcd and every cluster's API server in parallel, installs
@@ -158,6 +163,9 @@ func Start(ctx context.Context, opts Options) (*Federation, error) {
 	return f, nil
 }
 
+// EtcdDir is where etcd keeps its data.
+func (f *Federation) EtcdDir() string { return f.etcdDir }
+
 // Cluster returns the named cluster or nil.
 func (f *Federation) Cluster(name string) *Cluster {
 	for _, c := range f.Clusters {
@@ -176,7 +184,10 @@ func (f *Federation) Stop() {
 			c.StopAPIServer()
 		}
 		if f.etcd != nil {
-			f.etcd.stop()
+			f.etcd.Stop()
+		}
+		if f.ownEtcd {
+			os.RemoveAll(f.etcdDir)
 		}
 		if f.ownDir {
 			os.RemoveAll(f.Dir)
@@ -243,13 +254,25 @@ func (f *Federation) startEtcd(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	dir := filepath.Join(f.Dir, "etcd")
+	dir := f.opts.EtcdDir
+	switch {
+	case dir != "":
+	case f.ownDir:
+		dir = filepath.Join(f.Dir, "etcd")
+	default:
+		var err error
+		if dir, err = os.MkdirTemp(tmpRoot(), "fedmesh-etcd-"); err != nil {
+			return err
+		}
+		f.ownEtcd = true
+	}
+	f.etcdDir = dir
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
 	f.etcdURL = fmt.Sprintf("http://%s", net.JoinHostPort(f.opts.Host, strconv.Itoa(clientPort)))
 	peerURL := fmt.Sprintf("http://%s", net.JoinHostPort(f.opts.Host, strconv.Itoa(peerPort)))
-	f.etcd, err = startProcess(f.opts.Etcd, filepath.Join(dir, "etcd.log"),
+	f.etcd, err = StartProcess(f.opts.Etcd, filepath.Join(dir, "etcd.log"),
 		"--name=fedmesh",
 		"--data-dir="+filepath.Join(dir, "data"),
 		"--listen-client-urls="+f.etcdURL,
@@ -274,11 +297,11 @@ func (f *Federation) startEtcd(ctx context.Context) error {
 				return nil
 			}
 		}
-		if f.etcd.exited() {
-			return fmt.Errorf("etcd exited at start: %s", f.etcd.tail())
+		if f.etcd.Exited() {
+			return fmt.Errorf("etcd exited at start: %s", f.etcd.Tail())
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("etcd not healthy after 30s: %s", f.etcd.tail())
+			return fmt.Errorf("etcd not healthy after 30s: %s", f.etcd.Tail())
 		}
 		select {
 		case <-ctx.Done():
@@ -363,7 +386,7 @@ func KubeconfigFor(cfgs map[string]*rest.Config, current string) *clientcmdapi.C
 func (c *Cluster) StartAPIServer(ctx context.Context) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.proc != nil && !c.proc.exited() {
+	if c.proc != nil && !c.proc.Exited() {
 		return nil
 	}
 	f := c.fed
@@ -388,7 +411,7 @@ func (c *Cluster) StartAPIServer(ctx context.Context) error {
 		"--profiling=" + strconv.FormatBool(os.Getenv("FEDMESH_APISERVER_PROFILING") != ""),
 		"--v=0",
 	}
-	p, err := startProcess(f.opts.KubeAPIServer, filepath.Join(c.dir, "kube-apiserver.log"), args...)
+	p, err := StartProcess(f.opts.KubeAPIServer, filepath.Join(c.dir, "kube-apiserver.log"), args...)
 	if err != nil {
 		return fmt.Errorf("start kube-apiserver for %s: %w", c.Name, err)
 	}
@@ -401,7 +424,7 @@ func (c *Cluster) StopAPIServer() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.proc != nil {
-		c.proc.stop()
+		c.proc.Stop()
 		c.proc = nil
 	}
 }
@@ -412,8 +435,7 @@ func (c *Cluster) KillAPIServer() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.proc != nil {
-		c.proc.cmd.Process.Kill()
-		<-c.proc.done
+		c.proc.Kill()
 		c.proc = nil
 	}
 }
@@ -441,11 +463,11 @@ func (c *Cluster) waitReady(ctx context.Context, timeout time.Duration) error {
 		if err == nil && strings.TrimSpace(string(body)) == "ok" {
 			return nil
 		}
-		if c.proc.exited() {
-			return fmt.Errorf("kube-apiserver for %s exited: %s", c.Name, c.proc.tail())
+		if c.proc.Exited() {
+			return fmt.Errorf("kube-apiserver for %s exited: %s", c.Name, c.proc.Tail())
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("kube-apiserver for %s not ready after %s (last error: %v): %s", c.Name, timeout, err, c.proc.tail())
+			return fmt.Errorf("kube-apiserver for %s not ready after %s (last error: %v): %s", c.Name, timeout, err, c.proc.Tail())
 		}
 		select {
 		case <-ctx.Done():
@@ -489,14 +511,16 @@ func freePort(host string) (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-// process is a child that dies with its parent (Pdeathsig) and logs to a file.
-type process struct {
+// Process is a child that dies with its parent (Pdeathsig) and logs to a
+// file. The local federation runs its components as Processes too.
+type Process struct {
 	cmd  *exec.Cmd
 	log  string
 	done chan struct{}
 }
 
-func startProcess(bin, logPath string, args ...string) (*process, error) {
+// StartProcess starts bin with args, appending its output to logPath.
+func StartProcess(bin, logPath string, args ...string) (*Process, error) {
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
@@ -510,7 +534,7 @@ func startProcess(bin, logPath string, args ...string) (*process, error) {
 		logf.Close()
 		return nil, err
 	}
-	p := &process{cmd: cmd, log: logPath, done: make(chan struct{})}
+	p := &Process{cmd: cmd, log: logPath, done: make(chan struct{})}
 	go func() {
 		cmd.Wait()
 		logf.Close()
@@ -519,7 +543,8 @@ func startProcess(bin, logPath string, args ...string) (*process, error) {
 	return p, nil
 }
 
-func (p *process) exited() bool {
+// Exited reports whether the process has ended.
+func (p *Process) Exited() bool {
 	select {
 	case <-p.done:
 		return true
@@ -528,8 +553,9 @@ func (p *process) exited() bool {
 	}
 }
 
-func (p *process) stop() {
-	if p.exited() {
+// Stop sends SIGTERM and kills the process if it is still there after 5 s.
+func (p *Process) Stop() {
+	if p.Exited() {
 		return
 	}
 	p.cmd.Process.Signal(syscall.SIGTERM)
@@ -541,8 +567,17 @@ func (p *process) stop() {
 	}
 }
 
-// tail returns the last lines of the process's log for error messages.
-func (p *process) tail() string {
+// Kill ends the process at once.
+func (p *Process) Kill() {
+	p.cmd.Process.Kill()
+	<-p.done
+}
+
+// PID is the process id.
+func (p *Process) PID() int { return p.cmd.Process.Pid }
+
+// Tail returns the last lines of the process's log for error messages.
+func (p *Process) Tail() string {
 	b, _ := os.ReadFile(p.log)
 	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
 	if len(lines) > 8 {

@@ -1,0 +1,354 @@
+package fedctl
+
+import (
+	"context"
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	mcsv1beta1 "sigs.k8s.io/mcs-api/pkg/apis/v1beta1"
+	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
+
+	"github.com/fedmesh/fedmesh/federation"
+	"github.com/fedmesh/fedmesh/federation/about"
+	"github.com/fedmesh/fedmesh/localfed"
+)
+
+// DrillResult is one measured figure of a drill and its objective.
+type DrillResult struct {
+	Figure    string  `json:"figure"`
+	Value     float64 `json:"value"`
+	Unit      string  `json:"unit"`
+	Objective string  `json:"objective"`
+	Met       bool    `json:"met"`
+}
+
+// DrillReport is what a drill prints.
+type DrillReport struct {
+	Scenario string        `json:"scenario"`
+	Target   string        `json:"target"`
+	Results  []DrillResult `json:"results"`
+	Passed   bool          `json:"passed"`
+}
+
+func newDrillCommand(g *globals) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "drill SCENARIO",
+		Short: "Inject a fault into the federation, measure what happens, and report",
+		Long: `drill injects a fault, measures detection and recovery, and prints a table (or
+-o json, --junit FILE). It exits 1 when a figure misses its objective.
+
+Scenarios available today:
+  peer-apiserver-down   stop one cluster's kube-apiserver (local federation only):
+                        the others must mark it stale fast, keep its endpoints,
+                        and resync when it returns.
+
+The data-plane scenarios of the fedctl issue (kill-local-endpoints,
+gateway-replica-loss, wan-partition, ...) arrive with the gateway and sidecar.`,
+		Example: `  fedctl drill peer-apiserver-down --cluster west
+  fedctl drill peer-apiserver-down --cluster north --max-detection 1s -o json --junit drill.xml`,
+	}
+	cmd.AddCommand(newPeerAPIServerDownDrill(g))
+	return cmd
+}
+
+func newPeerAPIServerDownDrill(g *globals) *cobra.Command {
+	var target, junit string
+	var maxDetect, maxRecover time.Duration
+	cmd := &cobra.Command{
+		Use:   "peer-apiserver-down",
+		Short: "Stop one cluster's API server; measure stale detection and resync",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if g.output != "table" && g.output != "json" && g.output != "yaml" {
+				return usagef("-o must be table, json or yaml, got %q", g.output)
+			}
+			if g.kubeconfig != "" {
+				return usagef("this drill stops an API server, so it runs only on a local federation (fedctl up); drop --kubeconfig")
+			}
+			rep, err := drillPeerDown(cmd.Context(), g, target, maxDetect, maxRecover)
+			if err != nil {
+				return err
+			}
+			if g.output == "table" {
+				renderDrill(g, rep)
+			} else if err := printObject(g.out, rep, g.output); err != nil {
+				return err
+			}
+			if junit != "" {
+				if err := writeJUnit(junit, rep); err != nil {
+					return err
+				}
+			}
+			if !rep.Passed {
+				return errors.New("drill missed an objective")
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&target, "cluster", "west", "the cluster whose API server goes down")
+	cmd.Flags().DurationVar(&maxDetect, "max-detection", 2*time.Second, "objective: every other cluster marks it stale within this time")
+	cmd.Flags().DurationVar(&maxRecover, "max-recovery", 10*time.Second, "objective: stale cleared everywhere within this time after it returns")
+	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
+	cmd.Flags().StringVar(&junit, "junit", "", "also write the results as a JUnit XML file")
+	return cmd
+}
+
+type drillCluster struct {
+	id   string
+	kube kubernetes.Interface
+	mcs  mcsclient.Interface
+}
+
+func drillPeerDown(ctx context.Context, g *globals, target string, maxDetect, maxRecover time.Duration) (*DrillReport, error) {
+	ms, st, err := g.members()
+	if err != nil {
+		return nil, err
+	}
+	var clusters []drillCluster
+	var tgt *drillCluster
+	for _, m := range ms {
+		kube, err := kubernetes.NewForConfig(m.config)
+		if err != nil {
+			return nil, err
+		}
+		mcs, err := mcsclient.NewForConfig(m.config)
+		if err != nil {
+			return nil, err
+		}
+		dyn, err := dynamic.NewForConfig(m.config)
+		if err != nil {
+			return nil, err
+		}
+		id, err := about.Get(ctx, dyn, about.ClusterIDProperty)
+		if err != nil {
+			return nil, fmt.Errorf("context %s: %w", m.context, err)
+		}
+		clusters = append(clusters, drillCluster{id: id, kube: kube, mcs: mcs})
+	}
+	for i := range clusters {
+		if clusters[i].id == target {
+			tgt = &clusters[i]
+		}
+	}
+	if tgt == nil {
+		return nil, usagef("--cluster %q is not a member of this federation", target)
+	}
+	const ns, name = "fedmesh-drill", "drill-peer-down"
+	say := func(format string, a ...any) {
+		if g.output == "table" {
+			fmt.Fprintf(g.out, "  - "+format+"\n", a...)
+		}
+	}
+	say("exporting %s/%s with 2 ready endpoints from %s", ns, name, target)
+	for _, c := range clusters {
+		if _, err := c.kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+			return nil, fmt.Errorf("create namespace in %s: %w", c.id, err)
+		}
+	}
+	cleanup := func() {
+		bg, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		tgt.mcs.MulticlusterV1beta1().ServiceExports(ns).Delete(bg, name, metav1.DeleteOptions{})
+		tgt.kube.CoreV1().Services(ns).Delete(bg, name, metav1.DeleteOptions{})
+		tgt.kube.DiscoveryV1().EndpointSlices(ns).Delete(bg, name, metav1.DeleteOptions{})
+	}
+	cleanup()
+	defer cleanup()
+	if _, err := tgt.kube.CoreV1().Services(ns).Create(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "http", Port: 80}}}}, metav1.CreateOptions{}); err != nil {
+		return nil, fmt.Errorf("create drill service: %w", err)
+	}
+	slice := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: name, Labels: map[string]string{discoveryv1.LabelServiceName: name}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Name: new("http"), Port: new(int32(8080))}},
+		Endpoints: []discoveryv1.Endpoint{
+			{Addresses: []string{"198.18.0.10"}, Conditions: discoveryv1.EndpointConditions{Ready: new(true)}},
+			{Addresses: []string{"198.18.0.11"}, Conditions: discoveryv1.EndpointConditions{Ready: new(true)}},
+		},
+	}
+	if _, err := tgt.kube.DiscoveryV1().EndpointSlices(ns).Create(ctx, slice, metav1.CreateOptions{}); err != nil {
+		return nil, fmt.Errorf("create drill endpoints: %w", err)
+	}
+	if _, err := tgt.mcs.MulticlusterV1beta1().ServiceExports(ns).Create(ctx, &mcsv1beta1.ServiceExport{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{}); err != nil {
+		return nil, fmt.Errorf("create drill export: %w", err)
+	}
+	others := []drillCluster{}
+	for _, c := range clusters {
+		if c.id != target {
+			others = append(others, c)
+		}
+	}
+	// observe returns, per observer, whether the import is stale and how many
+	// endpoints from the target it keeps.
+	observe := func(c drillCluster) (stale bool, kept int, err error) {
+		si, err := c.mcs.MulticlusterV1beta1().ServiceImports(ns).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return false, 0, err
+		}
+		stale = meta.IsStatusConditionTrue(si.Status.Conditions, federation.ConditionStale)
+		sl, err := c.kube.DiscoveryV1().EndpointSlices(ns).List(ctx, metav1.ListOptions{LabelSelector: mcsv1beta1.LabelSourceCluster + "=" + target})
+		if err != nil {
+			return false, 0, err
+		}
+		for _, s := range sl.Items {
+			kept += len(s.Endpoints)
+		}
+		return stale, kept, nil
+	}
+	waitAll := func(timeout time.Duration, cond func(stale bool, kept int) bool) (time.Duration, error) {
+		start := time.Now()
+		for {
+			ok := true
+			for _, c := range others {
+				stale, kept, err := observe(c)
+				if err != nil || !cond(stale, kept) {
+					ok = false
+					break
+				}
+			}
+			if ok {
+				return time.Since(start), nil
+			}
+			if time.Since(start) > timeout {
+				return time.Since(start), fmt.Errorf("not reached within %s", timeout)
+			}
+			select {
+			case <-ctx.Done():
+				return 0, ctx.Err()
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}
+	imported, err := waitAll(30*time.Second, func(stale bool, kept int) bool { return !stale && kept == 2 })
+	if err != nil {
+		return nil, fmt.Errorf("drill service was not imported everywhere: %w", err)
+	}
+	say("imported in every other cluster after %s", imported.Round(time.Millisecond))
+
+	say("killing %s's kube-apiserver", target)
+	if err := localfed.Control(ctx, st.Dir, target, "kill"); err != nil {
+		return nil, err
+	}
+	restarted := false
+	defer func() {
+		if !restarted {
+			localfed.Control(context.Background(), st.Dir, target, "start")
+		}
+	}()
+	detect, detectErr := waitAll(maxDetect+10*time.Second, func(stale bool, _ int) bool { return stale })
+	keptAll := true
+	for _, c := range others {
+		if _, kept, err := observe(c); err != nil || kept != 2 {
+			keptAll = false
+		}
+	}
+	say("stale everywhere after %s; endpoints kept: %v", detect.Round(time.Millisecond), keptAll)
+	say("restarting %s's kube-apiserver", target)
+	restartStart := time.Now()
+	if err := localfed.Control(ctx, st.Dir, target, "start"); err != nil {
+		return nil, err
+	}
+	restarted = true
+	apiBack := time.Since(restartStart)
+	recovered, recoverErr := waitAll(maxRecover+20*time.Second, func(stale bool, kept int) bool { return !stale && kept == 2 })
+	say("API server serving after %s; stale cleared everywhere %s later", apiBack.Round(time.Millisecond), recovered.Round(time.Millisecond))
+
+	// A change made in the recovered cluster flows again.
+	slice.Endpoints = append(slice.Endpoints, discoveryv1.Endpoint{Addresses: []string{"198.18.0.12"}, Conditions: discoveryv1.EndpointConditions{Ready: new(true)}})
+	cur, err := tgt.kube.DiscoveryV1().EndpointSlices(ns).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return nil, err
+	}
+	cur.Endpoints = slice.Endpoints
+	if _, err := tgt.kube.DiscoveryV1().EndpointSlices(ns).Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
+		return nil, err
+	}
+	propagated, propErr := waitAll(10*time.Second, func(_ bool, kept int) bool { return kept == 3 })
+
+	r := &DrillReport{Scenario: "peer-apiserver-down", Target: target, Passed: true}
+	add := func(figure string, d time.Duration, limit time.Duration, err error) {
+		met := err == nil && d <= limit
+		r.Results = append(r.Results, DrillResult{Figure: figure, Value: float64(d.Microseconds()) / 1000, Unit: "ms",
+			Objective: "<= " + limit.String(), Met: met})
+		r.Passed = r.Passed && met
+	}
+	add("detection (stale in every other cluster)", detect, maxDetect, detectErr)
+	keptVal := 0.0
+	if keptAll {
+		keptVal = 1
+	}
+	r.Results = append(r.Results, DrillResult{Figure: "endpoints kept while stale", Value: keptVal, Unit: "bool", Objective: "1 (all kept)", Met: keptAll})
+	r.Passed = r.Passed && keptAll
+	add("recovery (stale cleared after restart)", recovered, maxRecover, recoverErr)
+	add("change after recovery reaches peers", propagated, 2*time.Second, propErr)
+	return r, nil
+}
+
+func renderDrill(g *globals, r *DrillReport) {
+	c := colorsFor(g.out)
+	fmt.Fprintf(g.out, "\nDrill %s (target %s)\n", r.Scenario, r.Target)
+	tw := tabwriter.NewWriter(g.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "FIGURE\tMEASURED\tOBJECTIVE\tRESULT")
+	for _, res := range r.Results {
+		v := fmt.Sprintf("%.1f %s", res.Value, res.Unit)
+		if res.Unit == "bool" {
+			v = map[bool]string{true: "yes", false: "no"}[res.Value == 1]
+		}
+		status := c.good("met")
+		if !res.Met {
+			status = c.bad("MISSED")
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", res.Figure, v, res.Objective, status)
+	}
+	tw.Flush()
+	if r.Passed {
+		fmt.Fprintln(g.out, c.good("PASSED"))
+	} else {
+		fmt.Fprintln(g.out, c.bad("FAILED"))
+	}
+}
+
+func writeJUnit(path string, r *DrillReport) error {
+	type failure struct {
+		Message string `xml:"message,attr"`
+	}
+	type tc struct {
+		Name    string   `xml:"name,attr"`
+		Failure *failure `xml:"failure,omitempty"`
+	}
+	type suite struct {
+		XMLName  xml.Name `xml:"testsuite"`
+		Name     string   `xml:"name,attr"`
+		Tests    int      `xml:"tests,attr"`
+		Failures int      `xml:"failures,attr"`
+		Cases    []tc     `xml:"testcase"`
+	}
+	s := suite{Name: "fedctl drill " + r.Scenario}
+	for _, res := range r.Results {
+		c := tc{Name: res.Figure}
+		if !res.Met {
+			c.Failure = &failure{Message: fmt.Sprintf("measured %.1f %s, objective %s", res.Value, res.Unit, res.Objective)}
+			s.Failures++
+		}
+		s.Tests++
+		s.Cases = append(s.Cases, c)
+	}
+	b, err := xml.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, append([]byte(xml.Header), b...), 0o644)
+}

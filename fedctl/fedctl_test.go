@@ -1,0 +1,132 @@
+package fedctl_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/fedmesh/fedmesh/fedctl"
+	"github.com/fedmesh/fedmesh/localfed"
+)
+
+// TestUpStatusDrillDown drives the real fedctl binary the way a user does:
+// up, up again, status, export errors, the peer-apiserver-down drill, down,
+// down again; and checks that nothing is left behind.
+func TestUpStatusDrillDown(t *testing.T) {
+	if _, err := os.Stat("/proc/self/exe"); err != nil {
+		t.Skip("needs /proc")
+	}
+	bin := t.TempDir()
+	for _, c := range []string{"fedctl", "fedmesh-controller", "fedmesh-issuer"} {
+		if out, err := exec.Command("go", "build", "-o", filepath.Join(bin, c), "github.com/fedmesh/fedmesh/cmd/"+c).CombinedOutput(); err != nil {
+			t.Fatalf("build %s: %v\n%s", c, err, out)
+		}
+	}
+	dir := t.TempDir()
+	run := func(args ...string) (string, int) {
+		t.Helper()
+		cmd := exec.Command(filepath.Join(bin, "fedctl"), append(args, "--dir", dir)...)
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		err := cmd.Run()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		return out.String(), code
+	}
+	if out, code := run("down"); code != 1 || !strings.Contains(out, "no local federation is running") {
+		t.Errorf("down on nothing: exit %d, %q", code, out)
+	}
+	out, code := run("up", "--clusters", "east,west")
+	if code != 0 {
+		t.Fatalf("up: exit %d\n%s\n%s", code, out, readFile(filepath.Join(dir, localfed.LogFile)))
+	}
+	defer func() {
+		if localfed.RunningPID(dir) != 0 {
+			run("down")
+		}
+	}()
+	if !strings.Contains(out, "Federation ready in") {
+		t.Errorf("up did not say it is ready:\n%s", out)
+	}
+	if out, code := run("up", "--clusters", "east,west"); code != 1 || !strings.Contains(out, "already running") {
+		t.Errorf("second up: exit %d, %q", code, out)
+	}
+
+	out, code = run("status", "-o", "json")
+	if code != 0 {
+		t.Fatalf("status: exit %d\n%s", code, out)
+	}
+	var st fedctl.Status
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("status -o json: %v\n%s", err, out)
+	}
+	if len(st.Clusters) != 2 {
+		t.Fatalf("clusters %+v", st.Clusters)
+	}
+	for _, c := range st.Clusters {
+		if !c.Reachable || c.Controller.Leader == "" || len(c.Peers) != 1 || !c.Peers[0].Reachable || c.Trust == nil || c.Trust.Roots == 0 {
+			t.Errorf("cluster %s: %+v", c.Context, c)
+		}
+	}
+	if len(st.Services) != 1 || st.Services[0].Name != "echo" || strings.Join(st.Services[0].ExportedBy, ",") != "east,west" || len(st.Services[0].Imports) != 2 {
+		t.Errorf("services %+v", st.Services)
+	}
+
+	if out, code := run("export", "nope", "-n", "demo", "--context", "fedmesh-east"); code != 1 || !strings.Contains(out, "does not exist") {
+		t.Errorf("export of a missing service: exit %d, %q", code, out)
+	}
+	if out, code := run("export", "echo", "-n", "demo"); code != 2 || !strings.Contains(out, "--context") {
+		t.Errorf("export without a context: exit %d, %q", code, out)
+	}
+
+	out, code = run("drill", "peer-apiserver-down", "--cluster", "west", "-o", "json", "--junit", filepath.Join(dir, "drill.xml"))
+	if code != 0 {
+		t.Fatalf("drill: exit %d\n%s", code, out)
+	}
+	var rep fedctl.DrillReport
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("drill -o json: %v\n%s", err, out)
+	}
+	if !rep.Passed || len(rep.Results) != 4 {
+		t.Errorf("drill report %+v", rep)
+	}
+	for _, r := range rep.Results {
+		t.Logf("drill: %s = %.1f %s (objective %s)", r.Figure, r.Value, r.Unit, r.Objective)
+	}
+	if !strings.Contains(readFile(filepath.Join(dir, "drill.xml")), `<testsuite name="fedctl drill peer-apiserver-down" tests="4" failures="0">`) {
+		t.Errorf("junit file: %s", readFile(filepath.Join(dir, "drill.xml")))
+	}
+
+	state, err := localfed.ReadState(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, code := run("down"); code != 0 || !strings.Contains(out, "No fedmesh process is left") {
+		t.Fatalf("down: exit %d, %q", code, out)
+	}
+	if left := localfed.Leftovers(dir, state); len(left) != 0 {
+		t.Errorf("processes left after down: %v", left)
+	}
+	if _, err := os.Stat(state.EtcdDir); !os.IsNotExist(err) {
+		t.Errorf("etcd data %s left after down (%v)", state.EtcdDir, err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, localfed.SocketFile)); !os.IsNotExist(err) {
+		t.Errorf("control socket left after down")
+	}
+	if out, code := run("down"); code != 1 {
+		t.Errorf("second down: exit %d, %q", code, out)
+	}
+}
+
+func readFile(p string) string {
+	b, _ := os.ReadFile(p)
+	return string(b)
+}

@@ -1,0 +1,101 @@
+package fedctl
+
+import (
+	"bytes"
+	"flag"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/fedmesh/fedmesh/federation"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files")
+
+func golden(t *testing.T, name string, got []byte) {
+	t.Helper()
+	path := filepath.Join("testdata", name)
+	if *update {
+		if err := os.WriteFile(path, got, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (run go test -update to create it)", err)
+	}
+	if diff := cmp.Diff(string(want), string(got)); diff != "" {
+		t.Errorf("%s differs (-want +got; go test -update rewrites it):\n%s", name, diff)
+	}
+}
+
+func TestStatusGolden(t *testing.T) {
+	now := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
+	st := &Status{
+		Clusters: []ClusterStatus{
+			{Context: "fedmesh-east", ClusterID: "east", APIServer: "https://127.0.0.1:6443", Reachable: true,
+				Controller: ControllerStatus{Leader: "east-0", Renewed: now.Add(-time.Second)},
+				Peers: []federation.PeerStatus{{Name: "north", ClusterID: "north", Reachable: true},
+					{Name: "west", ClusterID: "west", Stale: true, StaleSince: now.Add(-42 * time.Second)}},
+				Trust:   &TrustStatus{TrustDomain: "east.fedmesh.test", Roots: 2, RootsExpire: now.Add(23 * time.Hour)},
+				Exports: 2, Imports: 2},
+			{Context: "fedmesh-north", ClusterID: "north", APIServer: "https://127.0.0.1:6444", Reachable: true,
+				Controller: ControllerStatus{Leader: "north-0", Renewed: now.Add(-2 * time.Second)},
+				Exports:    1, Imports: 2},
+			{Context: "fedmesh-west", APIServer: "https://127.0.0.1:6445", Error: "dial tcp 127.0.0.1:6445: connect: connection refused"},
+		},
+		Services: []ServiceStatus{
+			{Namespace: "demo", Name: "echo", ExportedBy: []string{"east", "north"}, Imports: map[string]ImportSummary{
+				"east":  {Ready: true, ReadyEndpoints: map[string]int{"east": 2, "north": 1, "west": 2}, Stale: []string{"west"}},
+				"north": {Ready: true, ReadyEndpoints: map[string]int{"east": 2, "north": 1}},
+			}},
+			{Namespace: "shop", Name: "cart", ExportedBy: []string{"east"}, Conflict: "PortConflict: ports of north differ",
+				Invalid: []string{"north: NoService"}, Imports: map[string]ImportSummary{"east": {Ready: false, ReadyEndpoints: map[string]int{}}}},
+		},
+	}
+	var buf bytes.Buffer
+	renderStatus(&buf, st, colors{}, now)
+	golden(t, "status.golden", buf.Bytes())
+
+	buf.Reset()
+	if err := printObject(&buf, st, "json"); err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "status.json.golden", buf.Bytes())
+}
+
+func TestExportDryRunGolden(t *testing.T) {
+	var out, errOut bytes.Buffer
+	cmd := NewCommand(&out, &errOut)
+	cmd.SetArgs([]string{"export", "echo", "-n", "demo", "--exported-label", "tier=gold", "--dry-run=client", "-o", "yaml", "--dir", t.TempDir()})
+	if err := cmd.Execute(); err != nil {
+		t.Fatalf("%v: %s", err, errOut.String())
+	}
+	golden(t, "export.golden", out.Bytes())
+}
+
+func TestUsageErrors(t *testing.T) {
+	for name, args := range map[string][]string{
+		"unknown flag":       {"status", "--nope"},
+		"bad output":         {"export", "x", "--dry-run=client", "-o", "xml"},
+		"bad dry-run":        {"export", "x", "--dry-run=server"},
+		"one cluster for up": {"up", "--clusters", "east"},
+		"export needs name":  {"export"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			var out, errOut bytes.Buffer
+			cmd := NewCommand(&out, &errOut)
+			cmd.SetArgs(append(args, "--dir", t.TempDir()))
+			err := cmd.Execute()
+			if err == nil {
+				t.Fatal("want an error")
+			}
+			if code := ExitCode(err); code != 2 {
+				t.Errorf("exit code %d for %v (%v), want 2", code, args, err)
+			}
+		})
+	}
+}

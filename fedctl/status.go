@@ -1,0 +1,423 @@
+package fedctl
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	mcsv1beta1 "sigs.k8s.io/mcs-api/pkg/apis/v1beta1"
+	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
+
+	"github.com/fedmesh/fedmesh/controlplane"
+	"github.com/fedmesh/fedmesh/federation"
+	"github.com/fedmesh/fedmesh/federation/about"
+)
+
+// Status is what `fedctl status -o json` prints.
+type Status struct {
+	Clusters []ClusterStatus `json:"clusters"`
+	Services []ServiceStatus `json:"services"`
+}
+
+// ClusterStatus is one member cluster.
+type ClusterStatus struct {
+	Context    string                  `json:"context"`
+	ClusterID  string                  `json:"clusterID,omitempty"`
+	ClusterSet string                  `json:"clusterSet,omitempty"`
+	APIServer  string                  `json:"apiServer"`
+	Reachable  bool                    `json:"reachable"`
+	Error      string                  `json:"error,omitempty"`
+	Controller ControllerStatus        `json:"controller"`
+	Peers      []federation.PeerStatus `json:"peers,omitempty"`
+	Trust      *TrustStatus            `json:"trust,omitempty"`
+	Exports    int                     `json:"exports"`
+	Imports    int                     `json:"imports"`
+}
+
+// ControllerStatus is the federation controller's leader lease.
+type ControllerStatus struct {
+	Leader  string    `json:"leader,omitempty"`
+	Renewed time.Time `json:"renewed,omitzero"`
+}
+
+// TrustStatus is the cluster's trust domain and bundle.
+type TrustStatus struct {
+	TrustDomain string    `json:"trustDomain"`
+	Roots       int       `json:"roots"`
+	RootsExpire time.Time `json:"rootsExpire,omitzero"`
+	Federated   []string  `json:"federatedWith,omitempty"`
+	Error       string    `json:"error,omitempty"`
+}
+
+// ServiceStatus is one exported name across the clusterset.
+type ServiceStatus struct {
+	Namespace  string                   `json:"namespace"`
+	Name       string                   `json:"name"`
+	ExportedBy []string                 `json:"exportedBy"`
+	Conflict   string                   `json:"conflict,omitempty"`
+	Invalid    []string                 `json:"invalid,omitempty"`
+	Imports    map[string]ImportSummary `json:"imports"` // by cluster ID
+}
+
+// ImportSummary is a ServiceImport as one cluster sees it.
+type ImportSummary struct {
+	Ready          bool           `json:"ready"`
+	Stale          []string       `json:"staleClusters,omitempty"`
+	ReadyEndpoints map[string]int `json:"readyEndpoints"` // by source cluster
+}
+
+func newStatusCommand(g *globals) *cobra.Command {
+	var watch bool
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show the federation at a glance: clusters, controllers, peers, trust, services",
+		Example: `  fedctl status
+  fedctl status -o json
+  fedctl status --kubeconfig ~/.kube/config --context east --context west
+  fedctl status --watch`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if g.output != "table" && g.output != "json" && g.output != "yaml" {
+				return usagef("-o must be table, json or yaml, got %q", g.output)
+			}
+			for {
+				st, err := gatherStatus(cmd.Context(), g)
+				if err != nil {
+					return err
+				}
+				if watch {
+					fmt.Fprint(g.out, "\x1b[H\x1b[2J")
+				}
+				if g.output == "table" {
+					renderStatus(g.out, st, colorsFor(g.out), time.Now())
+				} else if err := printObject(g.out, st, g.output); err != nil {
+					return err
+				}
+				if !watch {
+					return nil
+				}
+				select {
+				case <-cmd.Context().Done():
+					return nil
+				case <-time.After(2 * time.Second):
+				}
+			}
+		},
+	}
+	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
+	cmd.Flags().BoolVarP(&watch, "watch", "w", false, "refresh every 2 s")
+	return cmd
+}
+
+func gatherStatus(ctx context.Context, g *globals) (*Status, error) {
+	ms, _, err := g.members()
+	if err != nil {
+		return nil, err
+	}
+	st := &Status{}
+	services := map[string]*ServiceStatus{}
+	svc := func(ns, name string) *ServiceStatus {
+		k := ns + "/" + name
+		if services[k] == nil {
+			services[k] = &ServiceStatus{Namespace: ns, Name: name, ExportedBy: []string{}, Imports: map[string]ImportSummary{}}
+		}
+		return services[k]
+	}
+	for _, m := range ms {
+		cs := ClusterStatus{Context: m.context, APIServer: m.config.Host}
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := gatherCluster(cctx, m, &cs, svc)
+		cancel()
+		if err != nil {
+			cs.Error = err.Error()
+		}
+		st.Clusters = append(st.Clusters, cs)
+	}
+	keys := make([]string, 0, len(services))
+	for k := range services {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		s := services[k]
+		sort.Strings(s.ExportedBy)
+		sort.Strings(s.Invalid)
+		st.Services = append(st.Services, *s)
+	}
+	return st, nil
+}
+
+func gatherCluster(ctx context.Context, m member, cs *ClusterStatus, svc func(ns, name string) *ServiceStatus) error {
+	kube, err := kubernetes.NewForConfig(m.config)
+	if err != nil {
+		return err
+	}
+	dyn, err := dynamic.NewForConfig(m.config)
+	if err != nil {
+		return err
+	}
+	mcs, err := mcsclient.NewForConfig(m.config)
+	if err != nil {
+		return err
+	}
+	id, err := about.Get(ctx, dyn, about.ClusterIDProperty)
+	if err != nil {
+		return fmt.Errorf("unreachable or not a fedmesh member: %w", err)
+	}
+	cs.Reachable, cs.ClusterID = true, id
+	cs.ClusterSet, _ = about.Get(ctx, dyn, about.ClusterSetProperty)
+	if l, err := kube.CoordinationV1().Leases(controlplane.SystemNamespace).Get(ctx, "fedmesh-federation-controller", metav1.GetOptions{}); err == nil {
+		if l.Spec.HolderIdentity != nil {
+			cs.Controller.Leader = *l.Spec.HolderIdentity
+		}
+		if l.Spec.RenewTime != nil {
+			cs.Controller.Renewed = l.Spec.RenewTime.Time
+		}
+	}
+	if m.local != nil {
+		cs.Peers = controllerPeers(ctx, m.local.ControllerAdmin)
+		cs.Trust = trust(m.local.TrustDomain, m.local.Bundle, cs.Peers)
+	}
+	exps, err := mcs.MulticlusterV1beta1().ServiceExports("").List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return fmt.Errorf("list serviceexports: %w", err)
+	}
+	cs.Exports = len(exps.Items)
+	for _, e := range exps.Items {
+		s := svc(e.Namespace, e.Name)
+		if meta.IsStatusConditionTrue(e.Status.Conditions, string(mcsv1beta1.ServiceExportConditionValid)) {
+			s.ExportedBy = append(s.ExportedBy, id)
+		} else if c := meta.FindStatusCondition(e.Status.Conditions, string(mcsv1beta1.ServiceExportConditionValid)); c != nil {
+			s.Invalid = append(s.Invalid, id+": "+c.Reason)
+		}
+		if c := meta.FindStatusCondition(e.Status.Conditions, string(mcsv1beta1.ServiceExportConditionConflict)); c != nil && c.Status == metav1.ConditionTrue {
+			s.Conflict = c.Reason + ": " + c.Message
+		}
+	}
+	imps, err := mcs.MulticlusterV1beta1().ServiceImports("").List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return fmt.Errorf("list serviceimports: %w", err)
+	}
+	cs.Imports = len(imps.Items)
+	slices, err := kube.DiscoveryV1().EndpointSlices("").List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelManagedBy + "=" + federation.ManagedBy})
+	if err != nil {
+		return fmt.Errorf("list endpointslices: %w", err)
+	}
+	ready := map[string]map[string]int{}
+	for _, sl := range slices.Items {
+		k := sl.Namespace + "/" + sl.Labels[mcsv1beta1.LabelServiceName]
+		if ready[k] == nil {
+			ready[k] = map[string]int{}
+		}
+		src := sl.Labels[mcsv1beta1.LabelSourceCluster]
+		for _, ep := range sl.Endpoints {
+			if ep.Conditions.Ready == nil || *ep.Conditions.Ready {
+				ready[k][src]++
+			} else {
+				ready[k][src] += 0
+			}
+		}
+	}
+	for _, i := range imps.Items {
+		s := svc(i.Namespace, i.Name)
+		sum := ImportSummary{Ready: meta.IsStatusConditionTrue(i.Status.Conditions, string(mcsv1beta1.ServiceImportConditionReady)), ReadyEndpoints: map[string]int{}}
+		for _, c := range i.Status.Clusters {
+			sum.ReadyEndpoints[c.Cluster] = ready[i.Namespace+"/"+i.Name][c.Cluster]
+		}
+		if c := meta.FindStatusCondition(i.Status.Conditions, federation.ConditionStale); c != nil && c.Status == metav1.ConditionTrue {
+			for _, cl := range i.Status.Clusters {
+				if strings.Contains(c.Message, cl.Cluster+" (") {
+					sum.Stale = append(sum.Stale, cl.Cluster)
+				}
+			}
+		}
+		s.Imports[id] = sum
+	}
+	return nil
+}
+
+func controllerPeers(ctx context.Context, admin string) []federation.PeerStatus {
+	if admin == "" {
+		return nil
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, admin+"/peers", nil)
+	if err != nil {
+		return nil
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return []federation.PeerStatus{{Name: "?", Error: "controller admin endpoint unreachable: " + err.Error()}}
+	}
+	defer resp.Body.Close()
+	var ps []federation.PeerStatus
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&ps); err != nil {
+		return []federation.PeerStatus{{Name: "?", Error: "controller admin endpoint: " + err.Error()}}
+	}
+	return ps
+}
+
+func trust(td, bundlePath string, peers []federation.PeerStatus) *TrustStatus {
+	t := &TrustStatus{TrustDomain: td}
+	id, err := spiffeid.TrustDomainFromString(td)
+	if err != nil {
+		t.Error = err.Error()
+		return t
+	}
+	b, err := spiffebundle.Load(id, bundlePath)
+	if err != nil {
+		t.Error = err.Error()
+		return t
+	}
+	for _, c := range b.X509Authorities() {
+		t.Roots++
+		if t.RootsExpire.IsZero() || c.NotAfter.Before(t.RootsExpire) {
+			t.RootsExpire = c.NotAfter
+		}
+	}
+	for _, p := range peers {
+		if p.ClusterID != "" {
+			t.Federated = append(t.Federated, p.ClusterID+".fedmesh.test")
+		}
+	}
+	return t
+}
+
+func renderStatus(w io.Writer, st *Status, c colors, now time.Time) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "CLUSTER\tID\tAPI SERVER\tCONTROLLER LEADER\tPEERS\tTRUST DOMAIN\tROOTS\tEXPORTS\tIMPORTS")
+	for _, cl := range st.Clusters {
+		if !cl.Reachable {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\t\t\t\t\n", cl.Context, "-", cl.APIServer, c.bad("UNREACHABLE: "+firstLine(cl.Error)))
+			continue
+		}
+		leader := c.bad("none")
+		if cl.Controller.Leader != "" {
+			leader = fmt.Sprintf("%s (renewed %s ago)", cl.Controller.Leader, age(now.Sub(cl.Controller.Renewed)))
+			if now.Sub(cl.Controller.Renewed) > 30*time.Second {
+				leader = c.bad(leader)
+			}
+		}
+		var peers []string
+		for _, p := range cl.Peers {
+			switch {
+			case p.Reachable:
+				peers = append(peers, c.good(p.ClusterID+" ok"))
+			case p.Stale:
+				peers = append(peers, c.bad(fmt.Sprintf("%s STALE %s", p.ClusterID, age(now.Sub(p.StaleSince)))))
+			default:
+				peers = append(peers, c.bad(orDefault(p.ClusterID, p.Name)+" DOWN"))
+			}
+		}
+		td, roots := "-", "-"
+		if cl.Trust != nil {
+			td = cl.Trust.TrustDomain
+			roots = fmt.Sprintf("%d (expire in %s)", cl.Trust.Roots, age(cl.Trust.RootsExpire.Sub(now)))
+			if cl.Trust.Error != "" {
+				roots = c.bad(firstLine(cl.Trust.Error))
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", cl.Context, cl.ClusterID, cl.APIServer, leader,
+			orDefault(strings.Join(peers, ", "), "-"), td, roots, cl.Exports, cl.Imports)
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	if len(st.Services) == 0 {
+		fmt.Fprintln(w, "No exported services. Export one with: fedctl export NAME -n NAMESPACE --context CONTEXT")
+		return
+	}
+	ids := []string{}
+	for _, cl := range st.Clusters {
+		if cl.Reachable {
+			ids = append(ids, cl.ClusterID)
+		}
+	}
+	header := "SERVICE\tEXPORTED BY"
+	for _, id := range ids {
+		header += "\tIN " + strings.ToUpper(id)
+	}
+	fmt.Fprintln(tw, header+"\tPROBLEMS")
+	for _, s := range st.Services {
+		row := fmt.Sprintf("%s/%s\t%s", s.Namespace, s.Name, orDefault(strings.Join(s.ExportedBy, ","), "-"))
+		for _, id := range ids {
+			imp, ok := s.Imports[id]
+			if !ok {
+				row += "\t-"
+				continue
+			}
+			var parts []string
+			for _, src := range sortedMapKeys(imp.ReadyEndpoints) {
+				parts = append(parts, fmt.Sprintf("%s:%d", src, imp.ReadyEndpoints[src]))
+			}
+			cell := strings.Join(parts, " ")
+			if len(imp.Stale) > 0 {
+				cell += c.bad(" stale:" + strings.Join(imp.Stale, ","))
+			}
+			if !imp.Ready {
+				cell = c.bad("not ready ") + cell
+			}
+			row += "\t" + orDefault(cell, "no endpoints")
+		}
+		var problems []string
+		if s.Conflict != "" {
+			problems = append(problems, "conflict "+s.Conflict)
+		}
+		for _, inv := range s.Invalid {
+			problems = append(problems, "invalid export in "+inv)
+		}
+		p := "-"
+		if len(problems) > 0 {
+			p = c.bad(strings.Join(problems, "; "))
+		}
+		fmt.Fprintln(tw, row+"\t"+p)
+	}
+	tw.Flush()
+	fmt.Fprintln(w, "\nIn each cluster: ready endpoints per exporting cluster (source:count).")
+}
+
+func sortedMapKeys(m map[string]int) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+func age(d time.Duration) string {
+	switch {
+	case d < 0:
+		return "0s"
+	case d < time.Minute:
+		return fmt.Sprintf("%ds", int(d.Seconds()))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm", int(d.Minutes()))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh", int(d.Hours()))
+	}
+	return fmt.Sprintf("%dd", int(d.Hours()/24))
+}
+
+func firstLine(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		s = s[:i]
+	}
+	if len(s) > 80 {
+		s = s[:79] + "…"
+	}
+	return s
+}
