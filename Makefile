@@ -57,13 +57,18 @@ bench: deps
 	go test -run '^$$' -bench . -benchtime $(BENCHTIME) -timeout 30m ./... | tee .cache/bench.out
 	@go run ./cmd/benchtable -goals bench/goals.tsv < .cache/bench.out
 
-## e2e: multi-cluster end-to-end scenarios on the local federation.
+## e2e: multi-cluster end-to-end scenarios on the local federation (fedctl up, drills, down).
 e2e: deps
-	go test -race -timeout 20m -count=1 ./e2e/...
+	go test -race -timeout 20m -count=1 -run 'TestUpStatusDrillDown' ./fedctl/
 
-## demo: the main job: a local three-cluster federation, driven end to end.
+## demo: the main job: a local three-cluster federation, a drill, and its status; it keeps running.
 demo: deps build
-	$(BIN)/fedmesh-demo
+	@$(BIN)/fedctl down >/dev/null 2>&1 || true
+	$(BIN)/fedctl up
+	$(BIN)/fedctl drill peer-apiserver-down --cluster west
+	$(BIN)/fedctl status
+	@echo
+	@echo "The federation keeps running. Try: bin/fedctl status, bin/fedctl --help; stop it with: bin/fedctl down"
 
 clean:
 	rm -rf $(BIN) .cache
