@@ -308,25 +308,33 @@ func AppendResponse(b []byte, code Code, reason string) []byte {
 // CodeOK, an *Error for a refusal, and another error when the response is
 // malformed or cut short.
 func ReadResponse(r io.Reader) error {
+	code, reason, err := ReadAnswer(r)
+	if err != nil || code == CodeOK {
+		return err
+	}
+	return &Error{Code: code, Reason: reason}
+}
+
+// ReadAnswer is ReadResponse returning the code and reason as they are,
+// also for CodeOK (the welcome a gateway sends to a peer carries its cluster
+// name as the reason of an ok).
+func ReadAnswer(r io.Reader) (Code, string, error) {
 	var buf [5 + MaxReasonLen]byte
 	if _, err := io.ReadFull(r, buf[:5]); err != nil {
-		return fmt.Errorf("read tunnel response: %w", err)
+		return 0, "", fmt.Errorf("read tunnel response: %w", err)
 	}
 	if buf[0] != magic[0] || buf[1] != magic[1] {
-		return fmt.Errorf("read tunnel response: bad magic %q", buf[:2])
+		return 0, "", fmt.Errorf("read tunnel response: bad magic %q", buf[:2])
 	}
 	if buf[2] != Version {
-		return fmt.Errorf("read tunnel response: unsupported version %d", buf[2])
+		return 0, "", fmt.Errorf("read tunnel response: unsupported version %d", buf[2])
 	}
 	code, n := Code(buf[3]), int(buf[4])
 	if _, err := io.ReadFull(r, buf[5:5+n]); err != nil {
 		if errors.Is(err, io.EOF) {
 			err = io.ErrUnexpectedEOF
 		}
-		return fmt.Errorf("read tunnel response reason: %w", err)
+		return 0, "", fmt.Errorf("read tunnel response reason: %w", err)
 	}
-	if code == CodeOK {
-		return nil
-	}
-	return &Error{Code: code, Reason: strings.ToValidUTF8(string(buf[5:5+n]), "?")}
+	return code, strings.ToValidUTF8(string(buf[5:5+n]), "?"), nil
 }

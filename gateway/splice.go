@@ -1,0 +1,116 @@
+package gateway
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/fedmesh/fedmesh/gateway/tunnel"
+)
+
+// bufSize is the copy buffer: large enough that a QUIC stream write fills
+// many packets and a TCP write is one syscall for a burst.
+const bufSize = 64 << 10
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+
+// end is one side of a spliced conversation.
+type end interface {
+	io.Reader
+	io.Writer
+	closeWrite()    // half-close: FIN after the last byte
+	abort()         // reset both directions
+	release() error // free resources once both directions are done
+}
+
+// resetCode is the QUIC stream error code of a reset that propagates a reset
+// from the other side (as opposed to a refusal, whose code is the
+// tunnel.Code).
+const resetCode = quic.StreamErrorCode(0x100)
+
+type streamEnd struct{ s *quic.Stream }
+
+func (e streamEnd) Read(p []byte) (int, error)  { return e.s.Read(p) }
+func (e streamEnd) Write(p []byte) (int, error) { return e.s.Write(p) }
+func (e streamEnd) closeWrite()                 { _ = e.s.Close() }
+func (e streamEnd) abort() {
+	e.s.CancelRead(resetCode)
+	e.s.CancelWrite(resetCode)
+}
+func (e streamEnd) release() error { return nil }
+
+type tcpEnd struct{ c *net.TCPConn }
+
+func (e tcpEnd) Read(p []byte) (int, error)  { return e.c.Read(p) }
+func (e tcpEnd) Write(p []byte) (int, error) { return e.c.Write(p) }
+func (e tcpEnd) closeWrite()                 { _ = e.c.CloseWrite() }
+func (e tcpEnd) abort() {
+	_ = e.c.SetLinger(0) // Close sends RST
+	_ = e.c.Close()
+}
+func (e tcpEnd) release() error { return e.c.Close() }
+
+// splice copies both ways between a and b until both directions end. An EOF
+// on one side half-closes the other; a read or write error (a reset) resets
+// both sides. count is called after each chunk with the direction (true for
+// a to b) and its size. It returns the first error, nil after two clean
+// half-closes.
+func splice(a, b end, count func(aToB bool, n int)) error {
+	errc := make(chan error, 1)
+	go func() { errc <- pipe(b, a, func(n int) { count(true, n) }) }()
+	err := pipe(a, b, func(n int) { count(false, n) })
+	if err2 := <-errc; err == nil {
+		err = err2
+	}
+	if err == nil {
+		err = a.release()
+		if err2 := b.release(); err == nil {
+			err = err2
+		}
+	} else {
+		_ = a.release()
+		_ = b.release()
+	}
+	return err
+}
+
+// pipe copies src to dst with a pooled buffer. It does not use io.Copy,
+// whose ReaderFrom/WriterTo shortcuts would allocate a buffer per call for
+// these types.
+func pipe(dst, src end, count func(int)) error {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	for {
+		n, rerr := src.Read(buf)
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				src.abort()
+				dst.abort()
+				return werr
+			}
+			count(n)
+		}
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) {
+				dst.closeWrite()
+				return nil
+			}
+			dst.abort()
+			src.abort()
+			return rerr
+		}
+	}
+}
+
+// refuse answers a stream with a refusal and closes it: the response is
+// delivered (FIN, not a reset, on the send side) and the receive side is
+// reset with the code, so the peer's pending writes fail fast.
+func refuse(s *quic.Stream, code tunnel.Code, reason string) {
+	_ = tunnel.WriteResponse(s, code, reason)
+	_ = s.Close()
+	s.CancelRead(quic.StreamErrorCode(code))
+}
