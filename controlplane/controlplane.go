@@ -48,14 +48,14 @@ const SystemNamespace = "fedmesh-system"
 // Options configures Start. The zero value starts the three clusters east,
 // west and north in a temporary directory.
 type Options struct {
-	Clusters   []string     // cluster names; default east, west, north
-	ClusterSet string       // clusterset name; default "fedmesh"
-	Dir        string       // state directory; default a new temporary one, removed by Stop
+	Clusters   []string // cluster names; default east, west, north
+	ClusterSet string   // clusterset name; default "fedmesh"
+	Dir        string   // state directory; default a new temporary one, removed by Stop
 	// EtcdDir holds etcd's data. Default: under Dir when Start made Dir,
 	// else a new directory on tmpfs (/dev/shm), removed by Stop.
 	EtcdDir string
-	Host       string       // address the API servers and etcd bind; default 127.0.0.1
-	Logger     *slog.Logger // default discards
+	Host    string       // address the API servers and etcd bind; default 127.0.0.1
+	Logger  *slog.Logger // default discards
 	// KubeAPIServer and Etcd are binary paths. Defaults: $FEDMESH_KUBE_APISERVER
 	// or bin/kube-apiserver-<KubeVersion> above the working directory; etcd on PATH.
 	KubeAPIServer string
@@ -246,11 +246,11 @@ func findKubeAPIServer(explicit string) (string, error) {
 }
 
 func (f *Federation) startEtcd(ctx context.Context) error {
-	clientPort, err := freePort(f.opts.Host)
+	clientPort, err := FreePort(f.opts.Host)
 	if err != nil {
 		return err
 	}
-	peerPort, err := freePort(f.opts.Host)
+	peerPort, err := FreePort(f.opts.Host)
 	if err != nil {
 		return err
 	}
@@ -316,7 +316,7 @@ func (f *Federation) newCluster(i int, name string) (*Cluster, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	port, err := freePort(f.opts.Host)
+	port, err := FreePort(f.opts.Host)
 	if err != nil {
 		return nil, err
 	}
@@ -502,7 +502,8 @@ func (c *Cluster) bootstrap(ctx context.Context) error {
 	return nil
 }
 
-func freePort(host string) (int, error) {
+// FreePort returns a TCP port that was free on host a moment ago.
+func FreePort(host string) (int, error) {
 	l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		return 0, fmt.Errorf("find a free port on %s: %w", host, err)

@@ -167,10 +167,8 @@ type Controller struct {
 	mu    sync.RWMutex
 	peers map[string]*peer // by configuration name (Secret or static name)
 
-	conflictMu sync.Mutex
-	conflicted map[string]bool
-	importMu   sync.Mutex
-	imported   map[string]bool
+	conflicted *keyGauge // services whose exports conflict
+	imported   *keyGauge // services imported into this cluster
 
 	leading chan struct{} // closed once this replica leads and caches are synced
 }
@@ -181,17 +179,17 @@ func New(opts Options) (*Controller, error) {
 		return nil, err
 	}
 	c := &Controller{
-		opts:       opts,
-		log:        opts.Logger,
-		peers:      map[string]*peer{},
-		conflicted: map[string]bool{},
-		imported:   map[string]bool{},
-		leading:    make(chan struct{}),
+		opts:    opts,
+		log:     opts.Logger,
+		peers:   map[string]*peer{},
+		leading: make(chan struct{}),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.DefaultTypedControllerRateLimiter[string](),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "federation"}),
 	}
 	c.metrics = newMetrics(opts.Registry, func() float64 { return float64(c.queue.Len()) })
+	c.conflicted = newKeyGauge(c.metrics.conflicts)
+	c.imported = newKeyGauge(c.metrics.imports)
 	return c, nil
 }
 
@@ -418,28 +416,6 @@ func (c *Controller) periodic(ctx context.Context) {
 			c.expireStalePeers(now)
 		}
 	}
-}
-
-func (c *Controller) setConflict(key string, on bool) {
-	c.conflictMu.Lock()
-	defer c.conflictMu.Unlock()
-	if on {
-		c.conflicted[key] = true
-	} else {
-		delete(c.conflicted, key)
-	}
-	c.metrics.conflicts.Set(float64(len(c.conflicted)))
-}
-
-func (c *Controller) setImported(key string, on bool) {
-	c.importMu.Lock()
-	defer c.importMu.Unlock()
-	if on {
-		c.imported[key] = true
-	} else {
-		delete(c.imported, key)
-	}
-	c.metrics.imports.Set(float64(len(c.imported)))
 }
 
 func sortedKeys[V any](m map[string]V) []string {

@@ -1,6 +1,8 @@
 package federation
 
 import (
+	"sync"
+
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -68,4 +70,24 @@ func newMetrics(reg prometheus.Registerer, depth func() float64) *metrics {
 			m.peerConfigErrors, m.leader, m.imports, m.conflicts, m.queueDepth)
 	}
 	return m
+}
+
+// keyGauge is a set of keys whose size a gauge mirrors.
+type keyGauge struct {
+	mu    sync.Mutex
+	keys  map[string]bool
+	gauge prometheus.Gauge
+}
+
+func newKeyGauge(g prometheus.Gauge) *keyGauge { return &keyGauge{keys: map[string]bool{}, gauge: g} }
+
+func (k *keyGauge) set(key string, on bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if on {
+		k.keys[key] = true
+	} else {
+		delete(k.keys, key)
+	}
+	k.gauge.Set(float64(len(k.keys)))
 }

@@ -90,17 +90,17 @@ func (c *Controller) reconcile(ctx context.Context, key string) error {
 		}
 		c.log.Debug("reconcile", "service", key, "exportedBy", result.Clusters, "stale", stale, "conflict", result.Reason())
 	}
-	c.setConflict(key, exported && len(result.Conflicts) > 0)
+	c.conflicted.set(key, exported && len(result.Conflicts) > 0)
 
 	nsObj, err := c.local.namespaces.Get(ns)
 	nsLive := err == nil && nsObj.Status.Phase != corev1.NamespaceTerminating
 	var importErr error
 	if exported && nsLive {
 		importErr = c.syncImport(ctx, ns, name, result, sources, now)
-		c.setImported(key, importErr == nil)
+		c.imported.set(key, importErr == nil)
 	} else {
 		importErr = c.deleteImport(ctx, ns, name)
-		c.setImported(key, false)
+		c.imported.set(key, false)
 	}
 	if localExport != nil {
 		if err := c.syncExportStatus(ctx, localExport, localValid, result, importErr); err != nil {

@@ -203,7 +203,7 @@ func trustDomains(ms []*member) []string {
 // files (never trust on first use).
 func startIssuers(ctx context.Context, bin string, ms []*member) error {
 	for _, m := range ms {
-		port, err := freePort()
+		port, err := controlplane.FreePort("127.0.0.1")
 		if err != nil {
 			return err
 		}
@@ -270,7 +270,7 @@ func startIssuers(ctx context.Context, bin string, ms []*member) error {
 
 func startControllers(ctx context.Context, bin string, ms []*member) error {
 	for _, m := range ms {
-		port, err := freePort()
+		port, err := controlplane.FreePort("127.0.0.1")
 		if err != nil {
 			return err
 		}
@@ -331,15 +331,6 @@ func waitFile(ctx context.Context, path string, timeout time.Duration, p *contro
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // serveControl serves the drills' requests on a unix socket in the state
