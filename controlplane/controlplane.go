@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -54,8 +55,11 @@ type Options struct {
 	// EtcdDir holds etcd's data. Default: under Dir when Start made Dir,
 	// else a new directory on tmpfs (/dev/shm), removed by Stop.
 	EtcdDir string
-	Host    string       // address the API servers and etcd bind; default 127.0.0.1
-	Logger  *slog.Logger // default discards
+	Host    string // address the API servers and etcd bind; default 127.0.0.1
+	// IPv4Only names clusters whose service CIDR is IPv4 only; the others
+	// are dual-stack.
+	IPv4Only []string
+	Logger   *slog.Logger // default discards
 	// KubeAPIServer and Etcd are binary paths. Defaults: $FEDMESH_KUBE_APISERVER
 	// or bin/kube-apiserver-<KubeVersion> above the working directory; etcd on PATH.
 	KubeAPIServer string
@@ -329,6 +333,9 @@ func (f *Federation) newCluster(i int, name string) (*Cluster, error) {
 		URL:         "https://" + net.JoinHostPort(f.opts.Host, strconv.Itoa(port)),
 		ServiceCIDR: fmt.Sprintf("10.%d.0.0/16,fd00:10:%x::/108", 96+i, 96+i),
 		Kubeconfig:  filepath.Join(dir, "kubeconfig"),
+	}
+	if slices.Contains(f.opts.IPv4Only, name) {
+		c.ServiceCIDR = fmt.Sprintf("10.%d.0.0/16", 96+i)
 	}
 	serving, servingKey, err := f.pki.issue("kube-apiserver-"+name, nil,
 		[]net.IP{net.ParseIP(f.opts.Host), net.ParseIP("127.0.0.1"), net.ParseIP("10.96.0.1")},
