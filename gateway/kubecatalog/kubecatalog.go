@@ -66,12 +66,15 @@ func New(kube kubernetes.Interface, mcs mcsclient.Interface, resync time.Duratio
 	}
 }
 
-// Start runs the informers until ctx ends and waits for their first sync.
-func (c *Catalog) Start(ctx context.Context) error {
+// Start runs the informers until ctx ends and waits at most syncTimeout
+// for their first sync.
+func (c *Catalog) Start(ctx context.Context, syncTimeout time.Duration) error {
 	c.kf.Start(ctx.Done())
 	c.mf.Start(ctx.Done())
-	if !cache.WaitForCacheSync(ctx.Done(), c.synced...) {
-		return fmt.Errorf("sync catalog caches: %w", context.Cause(ctx))
+	sctx, cancel := context.WithTimeout(ctx, syncTimeout)
+	defer cancel()
+	if !cache.WaitForCacheSync(sctx.Done(), c.synced...) {
+		return fmt.Errorf("sync catalog caches within %s: %w", syncTimeout, context.Cause(sctx))
 	}
 	c.log.Info("catalog synced")
 	return nil

@@ -88,7 +88,7 @@ func TestCatalogOnAPIServer(t *testing.T) {
 	cctx, stop := context.WithCancel(ctx)
 	defer stop()
 	cat := New(kube, mcs, 0, nil)
-	if err := cat.Start(cctx); err != nil {
+	if err := cat.Start(cctx, time.Minute); err != nil {
 		t.Fatal(err)
 	}
 	if eps, exported := cat.Lookup(ns, "checkout", 8080); exported || eps != nil {
