@@ -1,0 +1,60 @@
+package injector
+
+import (
+	"fmt"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+)
+
+// checkInjected reports what is missing from an injected pod, comparing it
+// with the pod before injection.
+func checkInjected(got, before *corev1.Pod, cfg Config) error {
+	if got.Annotations[AnnotationInjected] != "true" {
+		return fmt.Errorf("annotation %s missing", AnnotationInjected)
+	}
+	if len(got.Spec.InitContainers) != len(before.Spec.InitContainers)+1 || got.Spec.InitContainers[0].Name != InitName {
+		return fmt.Errorf("init container %s not first: %d init containers", InitName, len(got.Spec.InitContainers))
+	}
+	ic := got.Spec.InitContainers[0]
+	if ic.Image != cfg.InitImage || len(ic.Args) != 1 || !strings.Contains(ic.Args[0], fmt.Sprintf("REDIRECT --to-ports %d", cfg.OutboundPort)) ||
+		ic.SecurityContext == nil || ic.SecurityContext.Capabilities == nil || len(ic.SecurityContext.Capabilities.Add) != 2 {
+		return fmt.Errorf("init container wrong: %+v", ic)
+	}
+	if len(got.Spec.Containers) != len(before.Spec.Containers)+1 {
+		return fmt.Errorf("%d containers, want %d", len(got.Spec.Containers), len(before.Spec.Containers)+1)
+	}
+	sc := got.Spec.Containers[len(got.Spec.Containers)-1]
+	if sc.Name != SidecarName || sc.Image != cfg.SidecarImage {
+		return fmt.Errorf("last container is %s (%s), want %s (%s)", sc.Name, sc.Image, SidecarName, cfg.SidecarImage)
+	}
+	wantSock := "unix://" + cfg.SocketDir + "/" + cfg.SocketName
+	if len(sc.Env) != 1 || sc.Env[0].Name != SocketEnv || sc.Env[0].Value != wantSock {
+		return fmt.Errorf("sidecar env %+v, want %s=%s", sc.Env, SocketEnv, wantSock)
+	}
+	if len(sc.VolumeMounts) != 1 || sc.VolumeMounts[0].Name != SocketVolume || sc.VolumeMounts[0].MountPath != cfg.SocketDir {
+		return fmt.Errorf("sidecar mounts %+v", sc.VolumeMounts)
+	}
+	var vol *corev1.Volume
+	for i := range got.Spec.Volumes {
+		if got.Spec.Volumes[i].Name == SocketVolume {
+			vol = &got.Spec.Volumes[i]
+		}
+	}
+	switch {
+	case vol == nil:
+		return fmt.Errorf("volume %s missing", SocketVolume)
+	case len(got.Spec.Volumes) != len(before.Spec.Volumes)+1:
+		return fmt.Errorf("%d volumes, want %d", len(got.Spec.Volumes), len(before.Spec.Volumes)+1)
+	case cfg.SocketSource == SocketCSI && (vol.CSI == nil || vol.CSI.Driver != cfg.CSIDriver):
+		return fmt.Errorf("volume is not CSI %s: %+v", cfg.CSIDriver, vol.VolumeSource)
+	case cfg.SocketSource == SocketHostPath && (vol.HostPath == nil || vol.HostPath.Path != cfg.SocketDir):
+		return fmt.Errorf("volume is not hostPath %s: %+v", cfg.SocketDir, vol.VolumeSource)
+	}
+	for k, v := range before.Annotations {
+		if got.Annotations[k] != v {
+			return fmt.Errorf("annotation %s lost", k)
+		}
+	}
+	return nil
+}

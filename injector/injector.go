@@ -1,0 +1,298 @@
+// Package injector is fedmesh's sidecar-injection admission webhook. Users
+// should not have to hand-edit every Deployment to join the mesh: labelling a
+// namespace (or a pod) is enough, and the API server asks this webhook to add
+// the sidecar, the init step that redirects traffic to it with iptables, and
+// the SPIFFE Workload API socket the sidecar gets its identity from.
+package injector
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+)
+
+const (
+	// LabelInject on a namespace ("enabled") turns injection on for its pods;
+	// on a pod, as label or annotation, "true"/"enabled" opts in and "false"
+	// opts out.
+	LabelInject = "fedmesh.dev/inject"
+	// AnnotationInjected marks a pod that has been injected, so that a second
+	// pass (reinvocation, a re-sent request) changes nothing.
+	AnnotationInjected = "fedmesh.dev/injected"
+
+	// SidecarName and InitName are the names of the injected containers.
+	SidecarName = "fedmesh-sidecar"
+	InitName    = "fedmesh-init"
+	// SocketVolume is the name of the Workload API socket volume.
+	SocketVolume = "fedmesh-workload-api"
+	// SocketEnv is the environment variable go-spiffe reads the Workload API
+	// address from.
+	SocketEnv = "SPIFFE_ENDPOINT_SOCKET"
+)
+
+// SocketSource says where the Workload API socket comes from.
+type SocketSource string
+
+const (
+	// SocketHostPath mounts the agent's socket directory from the node.
+	SocketHostPath SocketSource = "hostPath"
+	// SocketCSI uses the SPIFFE CSI driver (csi.spiffe.io).
+	SocketCSI SocketSource = "csi"
+)
+
+// FailurePolicy says what the webhook does with a pod it should inject but
+// cannot: Ignore admits it unchanged with a warning (fail open), Fail
+// rejects it (fail closed). It should match the failurePolicy of the
+// MutatingWebhookConfiguration, which covers the webhook being unreachable.
+type FailurePolicy string
+
+// Failure policies, spelled as in admissionregistration/v1.
+const (
+	Ignore FailurePolicy = "Ignore"
+	Fail   FailurePolicy = "Fail"
+)
+
+// Config is what gets injected. The zero value of each field means its
+// default; call Validate (New does) to fill them in.
+type Config struct {
+	SidecarImage string   // default ghcr.io/fedmesh/fedmesh:dev
+	SidecarArgs  []string // default: fedmesh-sidecar with the ports below
+	InitImage    string   // default ghcr.io/fedmesh/fedmesh-init:dev (clusters/Dockerfile target init)
+	// InboundPort and OutboundPort are where the sidecar listens for
+	// redirected traffic; ProxyUID is the UID it runs as, whose own traffic
+	// is not redirected. Defaults 15006, 15001, 1337.
+	InboundPort, OutboundPort int32
+	ProxyUID                  int64
+	// ExcludeInboundPorts are not redirected (for example health probes).
+	ExcludeInboundPorts []int32
+
+	SocketSource SocketSource // default hostPath
+	// SocketDir is the node directory holding the agent socket (hostPath)
+	// and the directory it is mounted at in the sidecar. Default
+	// /run/spire/agent-sockets, as in spire-config/.
+	SocketDir  string
+	SocketName string // default spire-agent.sock
+	CSIDriver  string // default csi.spiffe.io
+
+	FailurePolicy FailurePolicy // default Ignore
+}
+
+// Validate fills in defaults and checks the configuration.
+func (c *Config) Validate() error {
+	if c.SidecarImage == "" {
+		c.SidecarImage = "ghcr.io/fedmesh/fedmesh:dev"
+	}
+	if c.InitImage == "" {
+		c.InitImage = "ghcr.io/fedmesh/fedmesh-init:dev"
+	}
+	if c.InboundPort == 0 {
+		c.InboundPort = 15006
+	}
+	if c.OutboundPort == 0 {
+		c.OutboundPort = 15001
+	}
+	if c.ProxyUID == 0 {
+		c.ProxyUID = 1337
+	}
+	if c.SocketSource == "" {
+		c.SocketSource = SocketHostPath
+	}
+	if c.SocketDir == "" {
+		c.SocketDir = "/run/spire/agent-sockets"
+	}
+	if c.SocketName == "" {
+		c.SocketName = "spire-agent.sock"
+	}
+	if c.CSIDriver == "" {
+		c.CSIDriver = "csi.spiffe.io"
+	}
+	if c.FailurePolicy == "" {
+		c.FailurePolicy = Ignore
+	}
+	if len(c.SidecarArgs) == 0 {
+		c.SidecarArgs = []string{"fedmesh-sidecar",
+			"--inbound-port=" + strconv.Itoa(int(c.InboundPort)),
+			"--outbound-port=" + strconv.Itoa(int(c.OutboundPort))}
+	}
+	var errs []error
+	for _, p := range append([]int32{c.InboundPort, c.OutboundPort}, c.ExcludeInboundPorts...) {
+		if p < 1 || p > 65535 {
+			errs = append(errs, fmt.Errorf("port %d out of range", p))
+		}
+	}
+	if c.InboundPort == c.OutboundPort {
+		errs = append(errs, fmt.Errorf("inbound and outbound port are both %d", c.InboundPort))
+	}
+	if c.ProxyUID < 1 {
+		errs = append(errs, fmt.Errorf("proxy uid %d must be positive", c.ProxyUID))
+	}
+	if c.SocketSource != SocketHostPath && c.SocketSource != SocketCSI {
+		errs = append(errs, fmt.Errorf("socket source %q: want %q or %q", c.SocketSource, SocketHostPath, SocketCSI))
+	}
+	if !strings.HasPrefix(c.SocketDir, "/") {
+		errs = append(errs, fmt.Errorf("socket dir %q must be absolute", c.SocketDir))
+	}
+	if c.FailurePolicy != Ignore && c.FailurePolicy != Fail {
+		errs = append(errs, fmt.Errorf("failure policy %q: want %q or %q", c.FailurePolicy, Ignore, Fail))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("injector config: %w", err)
+	}
+	return nil
+}
+
+// Decision is why a pod was or was not injected; it is also the metric label.
+type Decision string
+
+// Decisions.
+const (
+	Injected        Decision = "injected"
+	OptedOut        Decision = "opted_out"
+	AlreadyInjected Decision = "already_injected"
+)
+
+// decide returns whether pod should be injected. Whether its namespace is
+// enabled is the MutatingWebhookConfiguration's namespaceSelector's job: a
+// pod that reaches the webhook is injected unless it opts out.
+func decide(pod *corev1.Pod) (bool, Decision) {
+	if pod.Annotations[AnnotationInjected] == "true" || hasContainer(pod.Spec.Containers, SidecarName) || hasContainer(pod.Spec.InitContainers, InitName) {
+		return false, AlreadyInjected
+	}
+	for _, m := range []map[string]string{pod.Labels, pod.Annotations} {
+		if v, ok := m[LabelInject]; ok && strings.EqualFold(v, "false") {
+			return false, OptedOut
+		}
+	}
+	return true, Injected
+}
+
+func hasContainer(cs []corev1.Container, name string) bool {
+	return slices.ContainsFunc(cs, func(c corev1.Container) bool { return c.Name == name })
+}
+
+// patchOp is one RFC 6902 JSON patch operation.
+type patchOp struct {
+	Op    string `json:"op"`
+	Path  string `json:"path"`
+	Value any    `json:"value,omitempty"`
+}
+
+// Patch returns the JSON patch that injects pod, or an error when the pod
+// cannot be injected safely.
+func (c *Config) Patch(pod *corev1.Pod) ([]byte, error) {
+	reserved := map[int32]bool{c.InboundPort: true, c.OutboundPort: true}
+	for _, ct := range slices.Concat(pod.Spec.InitContainers, pod.Spec.Containers) {
+		for _, p := range ct.Ports {
+			if reserved[p.ContainerPort] {
+				return nil, fmt.Errorf("container %s uses port %d, which the sidecar needs", ct.Name, p.ContainerPort)
+			}
+		}
+	}
+	if slices.ContainsFunc(pod.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == SocketVolume }) {
+		return nil, fmt.Errorf("pod already has a volume named %s", SocketVolume)
+	}
+	var ops []patchOp
+	add := func(path string, exists bool, v any) {
+		if exists {
+			ops = append(ops, patchOp{"add", path + "/-", v})
+		} else {
+			ops = append(ops, patchOp{"add", path, []any{v}})
+		}
+	}
+	// The init container runs first of all, so it goes to the front.
+	if len(pod.Spec.InitContainers) > 0 {
+		ops = append(ops, patchOp{"add", "/spec/initContainers/0", c.initContainer()})
+	} else {
+		ops = append(ops, patchOp{"add", "/spec/initContainers", []any{c.initContainer()}})
+	}
+	add("/spec/containers", len(pod.Spec.Containers) > 0, c.sidecar())
+	add("/spec/volumes", len(pod.Spec.Volumes) > 0, c.socketVolume())
+	if pod.Annotations == nil {
+		ops = append(ops, patchOp{"add", "/metadata/annotations", map[string]string{AnnotationInjected: "true"}})
+	} else {
+		ops = append(ops, patchOp{"add", "/metadata/annotations/" + strings.ReplaceAll(AnnotationInjected, "/", "~1"), "true"})
+	}
+	return json.Marshal(ops)
+}
+
+// RedirectScript is the iptables program the init container runs: every
+// inbound TCP connection goes to InboundPort, every outbound one (except the
+// sidecar's own, by UID, and loopback) to OutboundPort.
+func (c *Config) RedirectScript() string {
+	in, out, uid := c.InboundPort, c.OutboundPort, c.ProxyUID
+	var b strings.Builder
+	fmt.Fprintf(&b, "set -e\n")
+	fmt.Fprintf(&b, "iptables -t nat -N FEDMESH_INBOUND\n")
+	for _, p := range c.ExcludeInboundPorts {
+		fmt.Fprintf(&b, "iptables -t nat -A FEDMESH_INBOUND -p tcp --dport %d -j RETURN\n", p)
+	}
+	fmt.Fprintf(&b, "iptables -t nat -A FEDMESH_INBOUND -p tcp -j REDIRECT --to-ports %d\n", in)
+	fmt.Fprintf(&b, "iptables -t nat -A PREROUTING -p tcp -j FEDMESH_INBOUND\n")
+	fmt.Fprintf(&b, "iptables -t nat -N FEDMESH_OUTBOUND\n")
+	fmt.Fprintf(&b, "iptables -t nat -A FEDMESH_OUTBOUND -m owner --uid-owner %d -j RETURN\n", uid)
+	fmt.Fprintf(&b, "iptables -t nat -A FEDMESH_OUTBOUND -o lo -j RETURN\n")
+	fmt.Fprintf(&b, "iptables -t nat -A FEDMESH_OUTBOUND -p tcp -j REDIRECT --to-ports %d\n", out)
+	fmt.Fprintf(&b, "iptables -t nat -A OUTPUT -p tcp -j FEDMESH_OUTBOUND\n")
+	return b.String()
+}
+
+func (c *Config) initContainer() corev1.Container {
+	f, t := false, true
+	root := int64(0)
+	return corev1.Container{
+		Name:    InitName,
+		Image:   c.InitImage,
+		Command: []string{"/bin/sh", "-c"},
+		Args:    []string{c.RedirectScript()},
+		SecurityContext: &corev1.SecurityContext{
+			RunAsUser:                &root,
+			RunAsNonRoot:             &f,
+			AllowPrivilegeEscalation: &f,
+			ReadOnlyRootFilesystem:   &t,
+			Capabilities: &corev1.Capabilities{
+				Add:  []corev1.Capability{"NET_ADMIN", "NET_RAW"},
+				Drop: []corev1.Capability{"ALL"},
+			},
+		},
+	}
+}
+
+func (c *Config) sidecar() corev1.Container {
+	f, t := false, true
+	uid := c.ProxyUID
+	return corev1.Container{
+		Name:  SidecarName,
+		Image: c.SidecarImage,
+		Args:  c.SidecarArgs,
+		Env:   []corev1.EnvVar{{Name: SocketEnv, Value: "unix://" + strings.TrimSuffix(c.SocketDir, "/") + "/" + c.SocketName}},
+		Ports: []corev1.ContainerPort{
+			{Name: "fedmesh-in", ContainerPort: c.InboundPort, Protocol: corev1.ProtocolTCP},
+			{Name: "fedmesh-out", ContainerPort: c.OutboundPort, Protocol: corev1.ProtocolTCP},
+		},
+		VolumeMounts: []corev1.VolumeMount{{Name: SocketVolume, MountPath: c.SocketDir, ReadOnly: true}},
+		SecurityContext: &corev1.SecurityContext{
+			RunAsUser:                &uid,
+			RunAsNonRoot:             &t,
+			AllowPrivilegeEscalation: &f,
+			ReadOnlyRootFilesystem:   &t,
+			Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+		},
+	}
+}
+
+func (c *Config) socketVolume() corev1.Volume {
+	v := corev1.Volume{Name: SocketVolume}
+	if c.SocketSource == SocketCSI {
+		ro := true
+		v.CSI = &corev1.CSIVolumeSource{Driver: c.CSIDriver, ReadOnly: &ro}
+		return v
+	}
+	dir := corev1.HostPathDirectory
+	v.HostPath = &corev1.HostPathVolumeSource{Path: c.SocketDir, Type: &dir}
+	return v
+}

@@ -1,0 +1,132 @@
+package injector
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+
+	jsonpatch "gopkg.in/evanphx/json-patch.v4"
+	admissionv1 "k8s.io/api/admission/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+)
+
+func pod(mod func(*corev1.Pod)) *corev1.Pod {
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "p", Namespace: "ns"},
+		Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "app", Image: "app"}}},
+	}
+	if mod != nil {
+		mod(p)
+	}
+	return p
+}
+
+// apply runs the handler on p and returns the response and the patched pod.
+func apply(t *testing.T, h *Handler, p *corev1.Pod) (*admissionv1.AdmissionResponse, string, *corev1.Pod) {
+	t.Helper()
+	raw, err := json.Marshal(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, result := h.review(&admissionv1.AdmissionRequest{
+		Kind: metav1.GroupVersionKind{Version: "v1", Kind: "Pod"}, Operation: admissionv1.Create,
+		Namespace: p.Namespace, Name: p.Name, Object: runtime.RawExtension{Raw: raw},
+	})
+	out := p.DeepCopy()
+	if resp.Patch != nil {
+		patch, err := jsonpatch.DecodePatch(resp.Patch)
+		if err != nil {
+			t.Fatalf("decode patch: %v", err)
+		}
+		patched, err := patch.Apply(raw)
+		if err != nil {
+			t.Fatalf("apply patch %s: %v", resp.Patch, err)
+		}
+		out = &corev1.Pod{}
+		if err := json.Unmarshal(patched, out); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return resp, result, out
+}
+
+func TestReview(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		policy     FailurePolicy
+		socket     SocketSource
+		pod        *corev1.Pod
+		wantResult string
+		wantAllow  bool
+		wantInject bool
+		wantWarn   bool
+	}{
+		{name: "plain pod", pod: pod(nil), wantResult: "injected", wantAllow: true, wantInject: true},
+		{name: "csi socket", socket: SocketCSI, pod: pod(nil), wantResult: "injected", wantAllow: true, wantInject: true},
+		{name: "existing init container, volumes, annotations", pod: pod(func(p *corev1.Pod) {
+			p.Spec.InitContainers = []corev1.Container{{Name: "migrate", Image: "m"}}
+			p.Spec.Volumes = []corev1.Volume{{Name: "data", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}}}
+			p.Annotations = map[string]string{"a": "b"}
+		}), wantResult: "injected", wantAllow: true, wantInject: true},
+		{name: "opt out by label", pod: pod(func(p *corev1.Pod) { p.Labels = map[string]string{LabelInject: "false"} }), wantResult: "opted_out", wantAllow: true},
+		{name: "opt out by annotation", pod: pod(func(p *corev1.Pod) { p.Annotations = map[string]string{LabelInject: "False"} }), wantResult: "opted_out", wantAllow: true},
+		{name: "already injected", pod: pod(func(p *corev1.Pod) { p.Annotations = map[string]string{AnnotationInjected: "true"} }), wantResult: "already_injected", wantAllow: true},
+		{name: "sidecar present", pod: pod(func(p *corev1.Pod) {
+			p.Spec.Containers = append(p.Spec.Containers, corev1.Container{Name: SidecarName, Image: "x"})
+		}), wantResult: "already_injected", wantAllow: true},
+		{name: "port conflict fails open", policy: Ignore, pod: pod(func(p *corev1.Pod) {
+			p.Spec.Containers[0].Ports = []corev1.ContainerPort{{ContainerPort: 15001}}
+		}), wantResult: "failed_open", wantAllow: true, wantWarn: true},
+		{name: "port conflict fails closed", policy: Fail, pod: pod(func(p *corev1.Pod) {
+			p.Spec.Containers[0].Ports = []corev1.ContainerPort{{ContainerPort: 15006}}
+		}), wantResult: "denied", wantAllow: false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, err := New(Options{Config: Config{FailurePolicy: tc.policy, SocketSource: tc.socket}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp, result, out := apply(t, h, tc.pod)
+			if result != tc.wantResult || resp.Allowed != tc.wantAllow || (len(resp.Warnings) > 0) != tc.wantWarn {
+				t.Fatalf("result %s allowed %v warnings %q; want %s %v warn=%v", result, resp.Allowed, resp.Warnings, tc.wantResult, tc.wantAllow, tc.wantWarn)
+			}
+			if !tc.wantAllow && (resp.Result == nil || !strings.Contains(resp.Result.Message, "15006")) {
+				t.Fatalf("denial should name the conflicting port: %+v", resp.Result)
+			}
+			if err := checkInjected(out, tc.pod, h.cfg); (err == nil) != tc.wantInject {
+				t.Fatalf("injected = %v, want %v: %v", err == nil, tc.wantInject, err)
+			}
+			if tc.wantInject {
+				// Idempotent: a second pass over the injected pod changes nothing.
+				resp, result, _ := apply(t, h, out)
+				if result != "already_injected" || resp.Patch != nil {
+					t.Fatalf("second pass: result %s, patch %s", result, resp.Patch)
+				}
+			}
+		})
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		cfg     Config
+		wantErr string
+	}{
+		{name: "defaults", cfg: Config{}},
+		{name: "same ports", cfg: Config{InboundPort: 15001}, wantErr: "both 15001"},
+		{name: "port range", cfg: Config{ExcludeInboundPorts: []int32{70000}}, wantErr: "out of range"},
+		{name: "socket source", cfg: Config{SocketSource: "nfs"}, wantErr: "socket source"},
+		{name: "relative dir", cfg: Config{SocketDir: "run/spire"}, wantErr: "absolute"},
+		{name: "policy", cfg: Config{FailurePolicy: "Maybe"}, wantErr: "failure policy"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.cfg.Validate()
+			if tc.wantErr == "" && err != nil || tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)) {
+				t.Fatalf("err %v, want %q", err, tc.wantErr)
+			}
+		})
+	}
+}
