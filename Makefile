@@ -9,7 +9,7 @@ ETCD := $(shell command -v etcd 2>/dev/null)
 GO_TEST_FLAGS ?= -race -timeout 20m
 export FEDMESH_KUBE_APISERVER := $(KUBE_APISERVER)
 
-.PHONY: all build test lint bench e2e demo deps fuzz clean
+.PHONY: all build test lint bench e2e demo deps fuzz clean generate
 
 all: build
 
@@ -72,3 +72,12 @@ demo: deps build
 
 clean:
 	rm -rf $(BIN) .cache
+
+## generate: regenerate the discovery API's Go code (protoc from Debian's protobuf-compiler, plugins pinned in go.mod).
+generate:
+	@command -v protoc >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq protobuf-compiler)
+	@mkdir -p $(BIN)
+	go build -o $(BIN)/protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go
+	go build -o $(BIN)/protoc-gen-go-grpc google.golang.org/grpc/cmd/protoc-gen-go-grpc
+	PATH=$(BIN):$$PATH protoc --go_out=. --go_opt=paths=source_relative \
+	  --go-grpc_out=. --go-grpc_opt=paths=source_relative federation/discovery/discoveryv1/discovery.proto

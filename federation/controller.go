@@ -35,6 +35,7 @@ import (
 	"k8s.io/client-go/util/workqueue"
 
 	"github.com/fedmesh/fedmesh/federation/about"
+	"github.com/fedmesh/fedmesh/federation/discovery"
 )
 
 // ManagedBy is the endpointslice.kubernetes.io/managed-by value of every
@@ -171,6 +172,7 @@ type Controller struct {
 	imported   *keyGauge // services imported into this cluster
 
 	leading chan struct{} // closed once this replica leads and caches are synced
+	disco   *discovery.Server
 }
 
 // New validates the options and builds a controller; Run starts it.
@@ -188,6 +190,7 @@ func New(opts Options) (*Controller, error) {
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "federation"}),
 	}
 	c.metrics = newMetrics(opts.Registry, func() float64 { return float64(c.queue.Len()) })
+	c.disco = discovery.NewServer(c, opts.Logger, opts.Registry)
 	c.conflicted = newKeyGauge(c.metrics.conflicts)
 	c.imported = newKeyGauge(c.metrics.imports)
 	return c, nil
@@ -359,7 +362,14 @@ func (c *Controller) processNext(ctx context.Context) bool {
 	return true
 }
 
-func (c *Controller) enqueue(ns, name string) { c.queue.Add(ns + "/" + name) }
+func (c *Controller) enqueue(ns, name string) {
+	c.queue.Add(ns + "/" + name)
+	if ns == c.opts.Namespace && name == GatewayService {
+		c.disco.Notify(discovery.AllServices) // egress addresses are in every set
+		return
+	}
+	c.disco.Notify(ns + "/" + name)
+}
 
 // enqueueNamespace requeues every exported or imported name in a namespace.
 func (c *Controller) enqueueNamespace(ns string) {

@@ -46,6 +46,7 @@ func (p *peerFlags) Set(v string) error {
 
 type config struct {
 	kubeconfig, context, metricsAddr, logLevel string
+	discoveryAddr, spiffeSocket                string
 	qps                                        float64
 	burst                                      int
 	opts                                       federation.Options
@@ -89,6 +90,8 @@ Flags:
 	fs.DurationVar(&c.opts.LeaderElection.RetryPeriod, "retry-period", 2*time.Second, "leader election retry period")
 	fs.Float64Var(&c.qps, "kube-api-qps", 200, "client-side rate limit of requests to each API server (queries per second)")
 	fs.IntVar(&c.burst, "kube-api-burst", 400, "client-side burst of requests to each API server")
+	fs.StringVar(&c.discoveryAddr, "discovery-addr", "", "address of the gRPC discovery API for sidecars (empty: off); without --spiffe-socket only a loopback address is allowed")
+	fs.StringVar(&c.spiffeSocket, "spiffe-socket", "", "Workload API socket (unix:///path) for the discovery API's SPIFFE mTLS; callers of the own trust domain are admitted (default: $SPIFFE_ENDPOINT_SOCKET when --discovery-addr is not loopback)")
 	fs.StringVar(&c.metricsAddr, "metrics-addr", "127.0.0.1:9402", "address of /metrics, /healthz and /peers (empty: off)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.Parse(os.Args[1:])
@@ -138,6 +141,13 @@ func run(ctx context.Context, c config) error {
 		go srv.Serve(ln)
 		defer srv.Close()
 		log.Info("serving metrics", "addr", ln.Addr().String())
+	}
+	if c.discoveryAddr != "" {
+		stop, err := serveDiscovery(ctx, c.discoveryAddr, c.spiffeSocket, ctrl, log)
+		if err != nil {
+			return err
+		}
+		defer stop()
 	}
 	err = ctrl.Run(ctx)
 	if errors.Is(err, context.Canceled) {

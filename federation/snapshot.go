@@ -1,0 +1,126 @@
+package federation
+
+import (
+	"sort"
+	"strings"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	mcsv1beta1 "sigs.k8s.io/mcs-api/pkg/apis/v1beta1"
+
+	"github.com/fedmesh/fedmesh/federation/discovery"
+	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
+)
+
+const (
+	// GatewayService is the local gateway's Service in the system namespace.
+	GatewayService = "fedmesh-gateway"
+	// AnnotationEgress on the gateway Service lists its egress addresses
+	// (host:port, comma-separated) for the discovery API.
+	AnnotationEgress = "multicluster.fedmesh.dev/egress-addresses"
+)
+
+var _ discovery.Source = (*Controller)(nil)
+
+// Discovery is the discovery API server fed by this controller.
+func (c *Controller) Discovery() *discovery.Server { return c.disco }
+
+// Snapshot builds a service's endpoint set from the local cluster's cache:
+// the Service's own EndpointSlices as the local cluster, the mirrored slices
+// as every other exporting cluster.
+func (c *Controller) Snapshot(ns, name string) (*pb.EndpointSet, error) {
+	select {
+	case <-c.leading:
+	default:
+		return nil, status.Error(codes.Unavailable, "this federation controller replica is not leading; retry")
+	}
+	local := c.local
+	set := &pb.EndpointSet{Namespace: ns, Service: name, LocalCluster: c.clusterID}
+	if imp, err := local.imports.ServiceImports(ns).Get(name); err == nil {
+		set.Imported = true
+		for _, p := range imp.Spec.Ports {
+			set.Ports = append(set.Ports, &pb.Port{Name: p.Name, Protocol: string(p.Protocol), Port: p.Port, AppProtocol: deref(p.AppProtocol)})
+		}
+	} else if svc, err := local.services.Services(ns).Get(name); err == nil {
+		for _, p := range svc.Spec.Ports {
+			set.Ports = append(set.Ports, &pb.Port{Name: p.Name, Protocol: string(p.Protocol), Port: p.Port, AppProtocol: deref(p.AppProtocol)})
+		}
+	}
+	own := &pb.Cluster{Name: c.clusterID, Local: true}
+	for _, s := range local.serviceSlices(ns, name) {
+		addEndpoints(own, s)
+	}
+	set.Clusters = append(set.Clusters, own)
+	remote := map[string]*pb.Cluster{}
+	for _, s := range local.importSlices(ns, name) {
+		src := s.Labels[mcsv1beta1.LabelSourceCluster]
+		if src == "" || src == c.clusterID {
+			continue
+		}
+		cl := remote[src]
+		if cl == nil {
+			cl = &pb.Cluster{Name: src}
+			remote[src] = cl
+		}
+		cl.Stale = cl.Stale || s.Labels[LabelStale] == "true"
+		addEndpoints(cl, s)
+	}
+	names := make([]string, 0, len(remote))
+	for n := range remote {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		set.Clusters = append(set.Clusters, remote[n])
+	}
+	if gw, err := local.services.Services(c.opts.Namespace).Get(GatewayService); err == nil {
+		for _, a := range strings.Split(gw.Annotations[AnnotationEgress], ",") {
+			if a = strings.TrimSpace(a); a != "" {
+				set.Egress = append(set.Egress, a)
+			}
+		}
+	}
+	return set, nil
+}
+
+func addEndpoints(cl *pb.Cluster, s *discoveryv1.EndpointSlice) {
+	var ports []*pb.Port
+	for _, p := range s.Ports {
+		port := &pb.Port{Name: deref(p.Name), AppProtocol: deref(p.AppProtocol)}
+		if p.Port != nil {
+			port.Port = *p.Port
+		}
+		if p.Protocol != nil {
+			port.Protocol = string(*p.Protocol)
+		} else {
+			port.Protocol = string(corev1.ProtocolTCP)
+		}
+		ports = append(ports, port)
+	}
+	for _, e := range s.Endpoints {
+		ready := e.Conditions.Ready == nil || *e.Conditions.Ready // nil means ready (EndpointSlice API)
+		serving := ready
+		if e.Conditions.Serving != nil {
+			serving = *e.Conditions.Serving
+		}
+		term := e.Conditions.Terminating != nil && *e.Conditions.Terminating
+		for _, addr := range e.Addresses {
+			cl.Endpoints = append(cl.Endpoints, &pb.Endpoint{Address: addr, Ready: ready, Serving: serving, Terminating: term,
+				Hostname: deref(e.Hostname), Zone: deref(e.Zone), Ports: ports})
+			cl.Total++
+			if ready {
+				cl.Ready++
+			}
+		}
+	}
+}
+
+func deref[T any](p *T) T {
+	var zero T
+	if p == nil {
+		return zero
+	}
+	return *p
+}
