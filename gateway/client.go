@@ -106,10 +106,49 @@ func (c *Client) Dial(ctx context.Context, req tunnel.Request) (*Conn, error) {
 	return &Conn{Stream: s, local: conn.LocalAddr(), remote: conn.RemoteAddr()}, nil
 }
 
+// DialEarly opens a stream to req's target and returns at once, without
+// waiting for the gateway's answer: the caller may write right away (a TLS
+// ClientHello, a request), saving a round trip to the gateway on every new
+// connection. The answer is read by the first Read, which returns the
+// refusal as a *tunnel.Error; writes before a refusal are discarded by the
+// gateway, which never forwards bytes before the target is connected.
+func (c *Client) DialEarly(ctx context.Context, req tunnel.Request) (*Conn, error) {
+	conn, err := c.connection(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s, err := conn.OpenStreamSync(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("open egress stream: %w", err)
+	}
+	if err := tunnel.WriteRequest(s, &req); err != nil {
+		s.CancelRead(resetCode)
+		s.CancelWrite(resetCode)
+		return nil, fmt.Errorf("dial %s in %s through gateway: %w", req.Target(), req.Cluster, err)
+	}
+	return &Conn{Stream: s, local: conn.LocalAddr(), remote: conn.RemoteAddr(), pending: true}, nil
+}
+
 // Conn is a proxied connection: a net.Conn over a tunnel stream.
 type Conn struct {
 	*quic.Stream
 	local, remote net.Addr
+
+	pending bool // DialEarly: the answer is still to be read
+	once    sync.Once
+	answer  error
+}
+
+// Read reads application bytes, after the gateway's answer when the
+// connection came from DialEarly.
+func (c *Conn) Read(p []byte) (int, error) {
+	if c.pending {
+		c.once.Do(func() { c.answer = tunnel.ReadResponse(c.Stream) })
+		if c.answer != nil {
+			return 0, c.answer
+		}
+	}
+	return c.Stream.Read(p)
 }
 
 var _ net.Conn = (*Conn)(nil)

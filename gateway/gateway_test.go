@@ -515,3 +515,35 @@ func TestFaultRelay(t *testing.T) {
 	t.Logf("link back %s after heal", time.Since(healed).Round(time.Millisecond))
 	check("healed")
 }
+
+// TestDialEarly: a client may write before the gateway answered; the bytes
+// reach the target once it is connected, and a refusal surfaces on the
+// first Read with its code.
+func TestDialEarly(t *testing.T) {
+	checkGoroutines(t)
+	p := newPair(t, nil)
+	echo := newLineEcho(t)
+	p.eastCat.Set("shop", "checkout", 80, echo.endpoint())
+
+	c, err := p.client.DialEarly(ctxT(t, 10*time.Second), req(80))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := roundTrip(c, "early bird"); err != nil {
+		t.Fatalf("early write: %v", err)
+	}
+	c.Close()
+
+	c, err = p.client.DialEarly(ctxT(t, 10*time.Second), req(81))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_, _ = io.WriteString(c, "lost\n")
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err = c.Read(make([]byte, 8))
+	var te *tunnel.Error
+	if !errors.As(err, &te) || te.Code != tunnel.CodeNotExported {
+		t.Fatalf("read after refusal: %v, want not_exported", err)
+	}
+}

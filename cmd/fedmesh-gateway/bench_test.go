@@ -168,6 +168,12 @@ func (e *benchEnv) dial(service string) (*gateway.Conn, error) {
 	return e.client.Dial(ctx, tunnel.Request{Cluster: "east", Namespace: "shop", Service: service, Port: 80})
 }
 
+func (e *benchEnv) dialEarly(service string) (*gateway.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return e.client.DialEarly(ctx, tunnel.Request{Cluster: "east", Namespace: "shop", Service: service, Port: 80})
+}
+
 // parallel runs n senders at once and returns the aggregate Gbit/s.
 func parallel(n int, open func() (io.ReadWriter, func() error, func(), error)) (float64, error) {
 	var (
@@ -293,7 +299,7 @@ func BenchmarkLatency(b *testing.B) {
 		return err
 	}
 	for b.Loop() {
-		var newDirect, newProxied, rtDirect, rtProxied []time.Duration
+		var newDirect, newProxied, newWait, rtDirect, rtProxied []time.Duration
 		dc, err := net.Dial("tcp", e.echoAddr)
 		if err != nil {
 			b.Fatal(err)
@@ -319,7 +325,7 @@ func BenchmarkLatency(b *testing.B) {
 			newDirect = append(newDirect, time.Since(start))
 
 			start = time.Now()
-			p, err := e.dial("echo")
+			p, err := e.dialEarly("echo") // what a sidecar does: write at once
 			if err == nil {
 				err = rt(p)
 				p.Close()
@@ -328,6 +334,17 @@ func BenchmarkLatency(b *testing.B) {
 				b.Fatal(err)
 			}
 			newProxied = append(newProxied, time.Since(start))
+
+			start = time.Now()
+			p, err = e.dial("echo") // waiting for the gateway's answer first
+			if err == nil {
+				err = rt(p)
+				p.Close()
+			}
+			if err != nil {
+				b.Fatal(err)
+			}
+			newWait = append(newWait, time.Since(start))
 
 			start = time.Now()
 			if err := rt(dc); err != nil {
@@ -353,6 +370,7 @@ func BenchmarkLatency(b *testing.B) {
 			b.ReportMetric(ms(p99-d99), name+"-added-p99-ms")
 		}
 		report("new", newDirect, newProxied)
+		b.ReportMetric(ms(pct(newWait, 50)-pct(newDirect, 50)), "new-wait-added-p50-ms")
 		report("rt", rtDirect, rtProxied)
 	}
 }

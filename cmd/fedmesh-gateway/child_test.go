@@ -160,4 +160,3 @@ func startPair(t testing.TB, doms map[string]*domain, services ...string) (west,
 		"--catalog", writeCatalog(t, "none/none:1="), "--peer", "east="+east.addrs["tunnel"], "--log-level", "warn")
 	return west, east
 }
-
