@@ -547,3 +547,22 @@ func TestDialEarly(t *testing.T) {
 		t.Fatalf("read after refusal: %v, want not_exported", err)
 	}
 }
+
+// TestWrongClusterWelcome: a link configured for cluster north whose address
+// answers as east's gateway (trusted, right identity, wrong cluster) never
+// comes up, so streams for north cannot land in east.
+func TestWrongClusterWelcome(t *testing.T) {
+	checkGoroutines(t)
+	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
+	east := startGateway(t, doms["east"], &StaticCatalog{}, nil, func(c *Config) { c.Federated = []spiffeid.TrustDomain{doms["west"].TD} })
+	west := startGateway(t, doms["west"], &StaticCatalog{}, []Peer{{
+		Cluster: "north", TrustDomain: doms["east"].TD, Addrs: []string{east.TunnelAddr().String()},
+	}}, nil)
+	waitFor(t, "the welcome refused", 10*time.Second, func() bool {
+		st := west.State()
+		return strings.Contains(st.Clusters[0].Replicas[0].LastError, `serves cluster "east", this link expects "north"`)
+	})
+	if west.ClusterUp("north") {
+		t.Fatal("link to north is up")
+	}
+}
