@@ -1,0 +1,147 @@
+// Command fedmesh-sidecar is the proxy that runs beside every workload: it
+// carries the workload's outbound calls to healthy endpoints of the own or
+// a remote cluster and admits inbound calls by SPIFFE ID. See
+// docs/sidecar.md.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/sidecar"
+	"github.com/fedmesh/fedmesh/sidecar/endpoints"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "fedmesh-sidecar:", err)
+		os.Exit(1)
+	}
+}
+
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, ",") }
+func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
+
+// parseUpstream reads "ns/service:port=listen[,tcp]".
+func parseUpstream(v string) (sidecar.Upstream, error) {
+	target, rest, ok := strings.Cut(v, "=")
+	if !ok {
+		return sidecar.Upstream{}, fmt.Errorf("upstream %q: want ns/service:port=listen[,tcp|http]", v)
+	}
+	listen, proto, _ := strings.Cut(rest, ",")
+	nsSvc, port, ok := strings.Cut(target, ":")
+	ns, svc, ok2 := strings.Cut(nsSvc, "/")
+	p, err := strconv.ParseUint(port, 10, 16)
+	if !ok || !ok2 || err != nil || p == 0 {
+		return sidecar.Upstream{}, fmt.Errorf("upstream %q: want ns/service:port=listen[,tcp|http]", v)
+	}
+	return sidecar.Upstream{Namespace: ns, Service: svc, Port: uint16(p), Listen: listen, Protocol: proto}, nil
+}
+
+func run(ctx context.Context, args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("fedmesh-sidecar", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		cluster   = fs.String("cluster", "", "own cluster name (required)")
+		td        = fs.String("trust-domain", "", "own trust domain (default <cluster>.fedmesh.test)")
+		federated = fs.String("federated", "", "comma-separated federated trust domains")
+		wapi      = fs.String("workload-api", "", "Workload API address (default $"+mtls.EndpointSocketEnv+")")
+		epFile    = fs.String("endpoints", "", "JSON file of endpoint sets (static source)")
+		inbound   = fs.String("inbound", "", "mTLS inbound listen address; empty disables inbound")
+		app       = fs.String("app", "", "app address on localhost, e.g. 127.0.0.1:8080")
+		egress    = fs.String("gateway-egress", "", "local gateway egress address (UDP)")
+		admin     = fs.String("admin", "", "admin listen address (/live, /ready, /state, /metrics)")
+		logLevel  = fs.String("log-level", "info", "debug, info, warn or error")
+		attempt   = fs.Duration("attempt-timeout", sidecar.DefaultAttemptTimeout, "per-attempt timeout until the response head")
+		ups, allow listFlag
+	)
+	fs.Var(&ups, "upstream", "ns/service:port=listen[,tcp|http], repeatable")
+	fs.Var(&allow, "allow", "SPIFFE ID admitted at the inbound, repeatable (default: own and federated trust domains)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: lvl}))
+	if *cluster == "" {
+		return errors.New("--cluster is required")
+	}
+	if *td == "" {
+		*td = *cluster + ".fedmesh.test"
+	}
+	cfg := sidecar.Config{
+		Cluster: *cluster, InboundAddr: *inbound, AppAddr: *app, GatewayEgress: *egress,
+		AdminAddr: *admin, AttemptTimeout: *attempt, Logger: log,
+	}
+	var err error
+	if cfg.TrustDomain, err = spiffeid.TrustDomainFromString(*td); err != nil {
+		return fmt.Errorf("--trust-domain: %w", err)
+	}
+	for f := range strings.SplitSeq(*federated, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		d, err := spiffeid.TrustDomainFromString(f)
+		if err != nil {
+			return fmt.Errorf("--federated: %w", err)
+		}
+		cfg.Federated = append(cfg.Federated, d)
+	}
+	for _, a := range allow {
+		id, err := spiffeid.FromString(a)
+		if err != nil {
+			return fmt.Errorf("--allow: %w", err)
+		}
+		cfg.Allow = append(cfg.Allow, id)
+	}
+	for _, v := range ups {
+		u, err := parseUpstream(v)
+		if err != nil {
+			return err
+		}
+		cfg.Upstreams = append(cfg.Upstreams, u)
+	}
+	if *epFile != "" {
+		if cfg.Endpoints, err = endpoints.FromFile(*epFile); err != nil {
+			return err
+		}
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	cfg.Registry = reg
+
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	src, err := mtls.NewSource(sctx, *wapi)
+	cancel()
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	cfg.Source = src
+	sc, err := sidecar.New(cfg)
+	if err != nil {
+		return err
+	}
+	return sc.Run(ctx)
+}

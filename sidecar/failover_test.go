@@ -1,0 +1,115 @@
+package sidecar_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/fedmesh/fedmesh/gateway"
+	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/sidecar"
+	"github.com/fedmesh/fedmesh/sidecar/endpoints"
+)
+
+// TestFailoverThroughGateways runs the whole path on loopback with real
+// SVIDs: a client sidecar in west, two west backends (app + sidecar), two
+// east backends behind a real west/east gateway pair. Under steady load of
+// GETs, every west backend is killed; no request may fail and traffic must
+// move to east; when the west backends come back, traffic must move home.
+func TestFailoverThroughGateways(t *testing.T) {
+	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
+	west, east := doms["west"], doms["east"]
+
+	w1 := startBackend(t, west, "west-1", []spiffeid.TrustDomain{east.TD}, nil)
+	w2 := startBackend(t, west, "west-2", []spiffeid.TrustDomain{east.TD}, nil)
+	e1 := startBackend(t, east, "east-1", []spiffeid.TrustDomain{west.TD}, nil)
+	e2 := startBackend(t, east, "east-2", []spiffeid.TrustDomain{west.TD}, nil)
+
+	eastCat := &gateway.StaticCatalog{}
+	eastCat.Set("shop", "checkout", 8080, gwEndpoints(e1, e2)...)
+	eastGW := startGateway(t, east, eastCat, nil, []spiffeid.TrustDomain{west.TD})
+	westGW := startGateway(t, west, &gateway.StaticCatalog{}, []gateway.Peer{{
+		Cluster: "east", TrustDomain: east.TD, Addrs: []string{eastGW.TunnelAddr().String()},
+	}}, nil)
+	waitFor(t, "west gateway connected to east", 10*time.Second, func() bool { return westGW.ClusterUp("east") })
+
+	src := &endpoints.Static{}
+	src.Update(endpoints.Set{Namespace: "shop", Service: "checkout", Port: 8080, Clusters: []endpoints.Cluster{
+		{Name: "east", Gateway: true, RTT: endpoints.Duration(2 * time.Millisecond), Endpoints: []endpoints.Endpoint{{Name: "east-1", Ready: true}, {Name: "east-2", Ready: true}}},
+		{Name: "west", Endpoints: eps(w1, w2)},
+	}})
+	client := startSidecar(t, "client", sidecar.Config{
+		Cluster: "west", TrustDomain: west.TD, Federated: []spiffeid.TrustDomain{east.TD},
+		Source: west.Source(t, "web"), Endpoints: src, GatewayEgress: westGW.EgressAddr().String(),
+		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 8080, Listen: "127.0.0.1:0"}},
+	})
+	url := "http://" + client.UpstreamAddr(0).String() + "/"
+	waitFor(t, "client sidecar ready", 5*time.Second, client.Ready)
+
+	stop := make(chan struct{})
+	results := load(url, 8, 2*time.Millisecond, 40_000, stop)
+	phase := func(d time.Duration) time.Time { time.Sleep(d); return time.Now() }
+
+	killedAt := phase(500 * time.Millisecond)
+	w1.kill()
+	w2.kill()
+	restartedAt := phase(1500 * time.Millisecond)
+	w1 = w1.restart()
+	w2 = w2.restart()
+	endAt := phase(2500 * time.Millisecond)
+	close(stop)
+	all := <-results
+
+	var failed, beforeWest, beforeOther, duringEast, afterWest int
+	var firstEast time.Time
+	var lastBy []string
+	for _, r := range all {
+		if r.err != nil || r.status != 200 {
+			failed++
+			if failed <= 5 {
+				t.Errorf("request at +%s failed: status %d, err %v", r.at.Sub(killedAt), r.status, r.err)
+			}
+			continue
+		}
+		isWest := strings.HasPrefix(r.by, "west-")
+		switch {
+		case r.at.Before(killedAt):
+			if isWest {
+				beforeWest++
+			} else {
+				beforeOther++
+			}
+		case r.at.Before(restartedAt):
+			if !isWest {
+				duringEast++
+				if firstEast.IsZero() || r.at.Before(firstEast) {
+					firstEast = r.at
+				}
+			}
+		case r.at.After(endAt.Add(-500 * time.Millisecond)):
+			lastBy = append(lastBy, r.by)
+			if isWest {
+				afterWest++
+			}
+		}
+	}
+	t.Logf("%d requests: before kill %d west / %d other; %d east while west was down (first %s after the kill); last 500ms %d of %d west",
+		len(all), beforeWest, beforeOther, duringEast, firstEast.Sub(killedAt), afterWest, len(lastBy))
+	if failed > 0 {
+		t.Fatalf("%d of %d requests failed", failed, len(all))
+	}
+	if beforeWest == 0 || beforeOther > 0 {
+		t.Errorf("before the kill: %d west, %d elsewhere; want all west", beforeWest, beforeOther)
+	}
+	if duringEast == 0 {
+		t.Errorf("no request was served by east while west was down")
+	}
+	if len(lastBy) == 0 || afterWest != len(lastBy) {
+		t.Errorf("after west came back: %d of the last %d requests served by west, want all", afterWest, len(lastBy))
+	}
+	if n := metricSum(t, client.reg, "fedmesh_sidecar_failovers_total"); n == 0 {
+		t.Errorf("fedmesh_sidecar_failovers_total is 0")
+	}
+}

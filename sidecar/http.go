@@ -1,0 +1,318 @@
+package sidecar
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/fedmesh/fedmesh/sidecar/balancer"
+	"github.com/fedmesh/fedmesh/sidecar/health"
+)
+
+// maxBuffered is the largest response body read whole before it is
+// forwarded: up to this size, an upstream that dies mid-body costs a retry,
+// not a failed request.
+const maxBuffered = 64 << 10
+
+var (
+	readers = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4096) }}
+	writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4096) }}
+	bodies  = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
+)
+
+func getBody(n int) *[]byte {
+	b := bodies.Get().(*[]byte)
+	if cap(*b) < n {
+		*b = make([]byte, n)
+	}
+	*b = (*b)[:n]
+	return b
+}
+
+func putBody(b *[]byte) {
+	if b != nil && cap(*b) <= maxBuffered {
+		bodies.Put(b)
+	}
+}
+
+func (u *upstream) serve(ctx context.Context) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		c, err := u.ln.Accept()
+		if err != nil {
+			if ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
+				u.s.log.Error("accept outbound", "upstream", u.cfg.String(), "err", err)
+			}
+			return
+		}
+		wg.Go(func() {
+			untrack := u.s.track(c)
+			defer untrack()
+			defer c.Close()
+			if u.cfg.Protocol == ProtocolTCP {
+				u.serveTCP(ctx, c)
+			} else {
+				u.serveHTTP(ctx, c)
+			}
+		})
+	}
+}
+
+// serveHTTP proxies one client connection's requests in turn: no goroutine
+// per request, buffers pooled, upstream connections reused.
+func (u *upstream) serveHTTP(ctx context.Context, c net.Conn) {
+	br := readers.Get().(*bufio.Reader)
+	bw := writers.Get().(*bufio.Writer)
+	br.Reset(c)
+	bw.Reset(c)
+	defer func() {
+		br.Reset(nil)
+		bw.Reset(nil)
+		readers.Put(br)
+		writers.Put(bw)
+	}()
+	for {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !isReset(err) {
+				writeError(bw, http.StatusBadRequest, "bad_request", err.Error())
+				_ = bw.Flush()
+			}
+			return
+		}
+		keep := u.roundTrip(ctx, req, bw)
+		if err := bw.Flush(); err != nil || !keep || req.Close {
+			return
+		}
+		if req.Body != http.NoBody { // the body must be consumed before the next request
+			if _, err := io.Copy(io.Discard, req.Body); err != nil {
+				return
+			}
+		}
+	}
+}
+
+func isReset(err error) bool {
+	var ne *net.OpError
+	return errors.As(err, &ne)
+}
+
+func idempotent(method string) bool {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace, http.MethodPut, http.MethodDelete:
+		return true
+	}
+	return false
+}
+
+// answer is an upstream response head with its body, buffered when small.
+type answer struct {
+	resp *http.Response
+	uc   *upConn
+	t    *balancer.Target
+	body *[]byte // nil when the body streams from uc
+}
+
+func (a *answer) release(reuse bool) {
+	putBody(a.body)
+	a.body = nil
+	if a.uc == nil {
+		return
+	}
+	if reuse && !a.resp.Close {
+		a.t.Data.(*pool).put(a.uc)
+	} else {
+		_ = a.uc.Close()
+	}
+	a.uc = nil
+}
+
+// roundTrip serves one request and reports whether the client connection
+// may carry another.
+func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Writer) bool {
+	start := time.Now()
+	svc := u.cfg.String()
+	if n := u.active.Add(1); n > int64(u.s.cfg.MaxRequests) {
+		u.active.Add(-1)
+		u.s.m.overflows.WithLabelValues(svc).Inc()
+		u.s.m.requests.WithLabelValues(svc, "", "overflow").Inc()
+		writeError(w, http.StatusServiceUnavailable, "overflow", "too many outstanding requests")
+		return req.Body == http.NoBody
+	}
+	defer u.active.Add(-1)
+	u.budget.request(start)
+	deadline := start.Add(u.s.cfg.RequestTimeout)
+	replayable := req.Body == http.NoBody
+	safe := replayable && idempotent(req.Method)
+
+	var exBuf [8]*balancer.Target
+	exclude := exBuf[:0]
+	var last *answer // the last 5xx, passed through if nothing better comes
+	firstPrio := -1
+	for attempt := 0; attempt < u.s.cfg.MaxAttempts; attempt++ {
+		now := time.Now()
+		if attempt > 0 {
+			if now.After(deadline) {
+				break
+			}
+			if !u.budget.allowRetry(now) {
+				u.s.m.budgetExhausted.WithLabelValues(svc).Inc()
+				break
+			}
+			u.s.m.retries.WithLabelValues(svc).Inc()
+		}
+		t := u.picker.Pick(now, exclude)
+		if t == nil {
+			break
+		}
+		exclude = append(exclude, t)
+		if firstPrio < 0 {
+			firstPrio = t.Priority
+		}
+		a, sent, err := u.attempt(ctx, t, req, safe, deadline)
+		if err != nil {
+			u.s.log.Debug("attempt failed", "upstream", svc, "cluster", t.Cluster, "endpoint", t.Name, "err", err)
+			if !sent || safe {
+				continue // nothing reached the app, or it is safe to send again
+			}
+			u.s.m.requests.WithLabelValues(svc, t.Cluster, "error").Inc()
+			writeError(w, http.StatusBadGateway, "upstream_failed", err.Error())
+			return false
+		}
+		if a.resp.StatusCode >= 500 && safe && a.body != nil {
+			if last != nil {
+				last.release(true)
+			}
+			last = a
+			continue
+		}
+		if last != nil {
+			last.release(true)
+		}
+		if t.Priority > firstPrio {
+			u.s.m.failovers.WithLabelValues(svc, t.Cluster).Inc()
+		}
+		return u.respond(req, a, w, start)
+	}
+	if last != nil {
+		return u.respond(req, last, w, start)
+	}
+	u.s.m.requests.WithLabelValues(svc, "", "no_endpoint").Inc()
+	writeError(w, http.StatusServiceUnavailable, "no_healthy_endpoint", "no endpoint of "+svc+" answered")
+	return replayable
+}
+
+// respond forwards a to the client and returns the upstream connection to
+// its pool when the body was read to the end.
+func (u *upstream) respond(req *http.Request, a *answer, w *bufio.Writer, start time.Time) bool {
+	svc := u.cfg.String()
+	result := "ok"
+	if a.resp.StatusCode >= 500 {
+		result = "5xx"
+	}
+	upstreamClose := a.resp.Close
+	// The client connection lives on its own terms unless the body's end is
+	// marked by the upstream closing.
+	a.resp.Close = req.Close || (a.resp.ContentLength < 0 && len(a.resp.TransferEncoding) == 0 && a.body == nil)
+	if a.body != nil {
+		a.resp.Body = io.NopCloser(bytes.NewReader(*a.body))
+	}
+	err := a.resp.Write(w)
+	a.resp.Close = upstreamClose
+	if err != nil {
+		u.s.m.requests.WithLabelValues(svc, a.t.Cluster, "client_error").Inc()
+		a.release(false)
+		return false
+	}
+	u.s.m.requests.WithLabelValues(svc, a.t.Cluster, result).Inc()
+	u.s.m.latency.WithLabelValues(svc).Observe(time.Since(start).Seconds())
+	a.release(true)
+	return true
+}
+
+// attempt sends req to t and reads the response head, and the body when
+// small. sent reports whether any byte of the request may have reached the
+// endpoint. A stale pooled connection is replaced once, without counting
+// against the endpoint or the budget.
+func (u *upstream) attempt(ctx context.Context, t *balancer.Target, req *http.Request, safe bool, deadline time.Time) (*answer, bool, error) {
+	p := t.Data.(*pool)
+	t.Begin()
+	began := time.Now()
+	for {
+		uc := p.get()
+		if uc == nil {
+			c, err := u.dial(ctx, t)
+			if err != nil {
+				t.Outlier.Report(health.ConnectFailure)
+				t.End(0, false)
+				return nil, false, err
+			}
+			uc = &upConn{Conn: c, br: bufio.NewReaderSize(c, 4096), bw: bufio.NewWriterSize(c, 4096)}
+		}
+		dl := time.Now().Add(u.s.cfg.AttemptTimeout)
+		if deadline.Before(dl) {
+			dl = deadline
+		}
+		_ = uc.SetDeadline(dl)
+		a, err := u.exchange(uc, t, req)
+		if err == nil {
+			_ = uc.SetDeadline(deadline)
+			if a.resp.StatusCode >= 500 {
+				t.Outlier.Report(health.ServerFailure)
+			} else {
+				t.Outlier.Report(health.Success)
+			}
+			t.End(time.Since(began), true)
+			return a, true, nil
+		}
+		_ = uc.Close()
+		if uc.reused && safe {
+			// The endpoint closed an idle connection, or died: the other idle
+			// ones are likely gone too. Try once more on a fresh one.
+			p.closeIdle()
+			continue
+		}
+		t.Outlier.Report(health.ConnectFailure)
+		t.End(0, false)
+		return nil, true, err
+	}
+}
+
+func (u *upstream) exchange(uc *upConn, t *balancer.Target, req *http.Request) (*answer, error) {
+	if err := req.Write(uc.bw); err != nil {
+		return nil, fmt.Errorf("write request to %s: %w", t.Name, err)
+	}
+	if err := uc.bw.Flush(); err != nil {
+		return nil, fmt.Errorf("write request to %s: %w", t.Name, err)
+	}
+	resp, err := http.ReadResponse(uc.br, req)
+	if err != nil {
+		return nil, fmt.Errorf("read response from %s: %w", t.Name, err)
+	}
+	a := &answer{resp: resp, uc: uc, t: t}
+	if n := resp.ContentLength; n >= 0 && n <= maxBuffered {
+		a.body = getBody(int(n))
+		if _, err := io.ReadFull(resp.Body, *a.body); err != nil {
+			putBody(a.body)
+			return nil, fmt.Errorf("read response body from %s: %w", t.Name, err)
+		}
+	}
+	return a, nil
+}
+
+func writeError(w *bufio.Writer, code int, reason, detail string) {
+	body := reason + ": " + detail + "\n"
+	w.WriteString("HTTP/1.1 " + strconv.Itoa(code) + " " + http.StatusText(code) + "\r\n")
+	w.WriteString("Content-Type: text/plain; charset=utf-8\r\nX-Fedmesh-Error: " + reason + "\r\n")
+	w.WriteString("Content-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n")
+	w.WriteString(body)
+}

@@ -1,0 +1,373 @@
+// Package sidecar is the proxy next to every workload: it is what lets a
+// workload keep being served when its own cluster's copies fail. Outbound,
+// it listens on one explicit address per upstream service, picks an
+// endpoint by locality and health (package balancer, package health), and
+// speaks mTLS with the workload's SPIFFE SVID to the server's sidecar,
+// directly in the own cluster or inside a stream through the local
+// gateway's egress to a remote cluster. For HTTP it retries idempotent
+// requests within a budget and fails a request over to the next priority,
+// so the death of every local backend costs no request. Inbound, it
+// terminates mTLS, admits callers by SPIFFE ID and hands plaintext to the
+// app on localhost.
+package sidecar
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+
+	"github.com/fedmesh/fedmesh/gateway"
+	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/sidecar/endpoints"
+	"github.com/fedmesh/fedmesh/sidecar/health"
+)
+
+// Protocols of an upstream.
+const (
+	ProtocolHTTP = "http" // HTTP/1.1, parsed per request: retries, failover
+	ProtocolTCP  = "tcp"  // opaque bytes; failover only before the first byte
+)
+
+// Upstream is a service this workload calls, on an explicit local listener.
+type Upstream struct {
+	Namespace string
+	Service   string
+	Port      uint16
+	Listen    string // e.g. "127.0.0.1:18080"
+	Protocol  string // ProtocolHTTP (default) or ProtocolTCP
+}
+
+func (u Upstream) String() string { return fmt.Sprintf("%s/%s:%d", u.Namespace, u.Service, u.Port) }
+
+// Defaults.
+const (
+	DefaultAttemptTimeout   = 5 * time.Second
+	DefaultRequestTimeout   = 30 * time.Second
+	DefaultMaxAttempts      = 5
+	DefaultHandshakeTimeout = 5 * time.Second
+	DefaultMaxRequests      = 10_000
+	DefaultMaxIdlePerTarget = 64
+)
+
+// Config configures a Sidecar. Zero values of optional fields mean defaults.
+type Config struct {
+	Cluster     string               // own cluster (required): its endpoints are priority 0
+	TrustDomain spiffeid.TrustDomain // own trust domain (required)
+	// Federated trust domains: their workloads may call this one and serve
+	// its calls.
+	Federated []spiffeid.TrustDomain
+	Source    mtls.Source      // the workload's SVID and bundles (required)
+	Endpoints endpoints.Source // required when Upstreams are set
+
+	Upstreams []Upstream
+
+	// InboundAddr is the mTLS listener; "" disables inbound.
+	InboundAddr string
+	// AppAddr is the app's plaintext address, e.g. "127.0.0.1:8080".
+	AppAddr string
+	// Allow, when not empty, is the only callers the inbound admits. When
+	// empty the inbound admits every workload of TrustDomain and Federated.
+	Allow []spiffeid.ID
+
+	// GatewayEgress is the local gateway's egress (UDP); needed for
+	// clusters whose endpoint sets say Gateway.
+	GatewayEgress string
+	// GatewayID is the gateway's SPIFFE ID (default: TrustDomain +
+	// gateway.DefaultGatewayPath).
+	GatewayID spiffeid.ID
+
+	// AdminAddr serves /live, /ready, /state and /metrics; "" disables it.
+	AdminAddr string
+
+	AttemptTimeout   time.Duration // one attempt until the response head (5s)
+	RequestTimeout   time.Duration // a whole request (30s)
+	MaxAttempts      int           // attempts per HTTP request, including the first (5)
+	HandshakeTimeout time.Duration // mTLS handshakes (5s)
+	MaxRequests      int           // outstanding requests per upstream before 503 (10,000)
+	MaxIdlePerTarget int           // pooled idle connections per endpoint (64)
+	Budget           RetryBudget
+	Outlier          health.Config
+	// Checks configures active checks (an mTLS handshake, which the
+	// inbound accepts only while its app does) of directly dialed endpoints;
+	// NoActiveChecks turns them off.
+	Checks         health.CheckConfig
+	NoActiveChecks bool
+
+	Logger   *slog.Logger
+	Registry prometheus.Registerer
+}
+
+func (c *Config) setDefaults() {
+	if c.GatewayID.IsZero() && !c.TrustDomain.IsZero() {
+		c.GatewayID = spiffeid.RequireFromPath(c.TrustDomain, gateway.DefaultGatewayPath)
+	}
+	if c.AttemptTimeout <= 0 {
+		c.AttemptTimeout = DefaultAttemptTimeout
+	}
+	if c.RequestTimeout <= 0 {
+		c.RequestTimeout = DefaultRequestTimeout
+	}
+	if c.MaxAttempts <= 0 {
+		c.MaxAttempts = DefaultMaxAttempts
+	}
+	if c.HandshakeTimeout <= 0 {
+		c.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	if c.MaxRequests <= 0 {
+		c.MaxRequests = DefaultMaxRequests
+	}
+	if c.MaxIdlePerTarget <= 0 {
+		c.MaxIdlePerTarget = DefaultMaxIdlePerTarget
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Registry == nil {
+		c.Registry = prometheus.NewRegistry()
+	}
+	for i := range c.Upstreams {
+		if c.Upstreams[i].Protocol == "" {
+			c.Upstreams[i].Protocol = ProtocolHTTP
+		}
+	}
+}
+
+func (c *Config) validate() error {
+	var errs []error
+	if c.Cluster == "" {
+		errs = append(errs, errors.New("no cluster name"))
+	}
+	if c.TrustDomain.IsZero() {
+		errs = append(errs, errors.New("no trust domain"))
+	}
+	if c.Source == nil {
+		errs = append(errs, errors.New("no svid source"))
+	}
+	if len(c.Upstreams) > 0 && c.Endpoints == nil {
+		errs = append(errs, errors.New("upstreams without an endpoint source"))
+	}
+	if c.InboundAddr != "" && c.AppAddr == "" {
+		errs = append(errs, errors.New("inbound without an app address"))
+	}
+	for _, u := range c.Upstreams {
+		if u.Namespace == "" || u.Service == "" || u.Port == 0 || u.Listen == "" {
+			errs = append(errs, fmt.Errorf("upstream %s: namespace, service, port and listen address are required", u))
+		}
+		if u.Protocol != ProtocolHTTP && u.Protocol != ProtocolTCP {
+			errs = append(errs, fmt.Errorf("upstream %s: unknown protocol %q", u, u.Protocol))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("invalid sidecar config: %w", err)
+	}
+	return nil
+}
+
+// Sidecar is one workload's proxy.
+type Sidecar struct {
+	cfg       Config
+	log       *slog.Logger
+	m         *metrics
+	clientTLS *tls.Config
+	serverTLS *tls.Config
+
+	inbound   net.Listener
+	admin     net.Listener
+	upstreams []*upstream
+
+	gwOnce sync.Once
+	gw     *gateway.Client
+	gwErr  error
+
+	mu    sync.Mutex
+	conns map[net.Conn]struct{} // every proxied connection, closed on shutdown
+}
+
+// New validates cfg and binds the sidecar's listeners; Run serves them.
+func New(cfg Config) (*Sidecar, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	tds := append([]spiffeid.TrustDomain{cfg.TrustDomain}, cfg.Federated...)
+	var callers tlsconfig.Authorizer = mtls.MemberOf(tds...)
+	if len(cfg.Allow) > 0 {
+		callers = mtls.OneOf(cfg.Allow...)
+	}
+	s := &Sidecar{
+		cfg: cfg, log: cfg.Logger,
+		clientTLS: mtls.ClientConfig(cfg.Source, mtls.MemberOf(tds...)),
+		conns:     map[net.Conn]struct{}{},
+	}
+	var err error
+	if s.m, err = newMetrics(cfg.Registry); err != nil {
+		return nil, err
+	}
+	s.serverTLS = mtls.ServerConfig(cfg.Source, s.countRefusals(callers))
+	s.clientTLS.MinVersion = tls.VersionTLS13
+	s.serverTLS.MinVersion = tls.VersionTLS13
+
+	var lns []net.Listener
+	fail := func(err error) (*Sidecar, error) {
+		for _, ln := range lns {
+			ln.Close()
+		}
+		return nil, err
+	}
+	for _, u := range cfg.Upstreams {
+		ln, err := net.Listen("tcp", u.Listen)
+		if err != nil {
+			return fail(fmt.Errorf("listen for upstream %s: %w", u, err))
+		}
+		lns = append(lns, ln)
+		s.upstreams = append(s.upstreams, newUpstream(s, u, ln))
+	}
+	if cfg.InboundAddr != "" {
+		if s.inbound, err = net.Listen("tcp", cfg.InboundAddr); err != nil {
+			return fail(fmt.Errorf("listen inbound: %w", err))
+		}
+		lns = append(lns, s.inbound)
+	}
+	if cfg.AdminAddr != "" {
+		if s.admin, err = net.Listen("tcp", cfg.AdminAddr); err != nil {
+			return fail(fmt.Errorf("listen admin: %w", err))
+		}
+	}
+	return s, nil
+}
+
+// InboundAddr is the bound inbound address, nil when disabled.
+func (s *Sidecar) InboundAddr() net.Addr {
+	if s.inbound == nil {
+		return nil
+	}
+	return s.inbound.Addr()
+}
+
+// UpstreamAddr is the bound outbound listener of the i-th upstream.
+func (s *Sidecar) UpstreamAddr(i int) net.Addr { return s.upstreams[i].ln.Addr() }
+
+// AdminAddr is the bound admin address, nil when disabled.
+func (s *Sidecar) AdminAddr() net.Addr {
+	if s.admin == nil {
+		return nil
+	}
+	return s.admin.Addr()
+}
+
+// Run serves until ctx ends, then closes listeners and connections.
+func (s *Sidecar) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	for _, u := range s.upstreams {
+		ch, err := s.cfg.Endpoints.Watch(ctx, u.cfg.Namespace, u.cfg.Service)
+		if err != nil {
+			cancel()
+			wg.Wait()
+			s.closeAll()
+			return fmt.Errorf("watch endpoints of %s: %w", u.cfg, err)
+		}
+		wg.Go(func() { u.watch(ctx, ch) })
+		if !s.cfg.NoActiveChecks {
+			wg.Go(func() { health.RunChecks(ctx, s.cfg.Checks, u.checkTargets) })
+		}
+		wg.Go(func() { u.serve(ctx) })
+	}
+	if s.inbound != nil {
+		wg.Go(func() { s.serveInbound(ctx) })
+	}
+	var adminSrv *http.Server
+	if s.admin != nil {
+		adminSrv = &http.Server{Handler: s.AdminHandler(), ReadHeaderTimeout: 5 * time.Second}
+		wg.Go(func() { _ = adminSrv.Serve(s.admin) })
+	}
+	s.log.Info("sidecar running", "cluster", s.cfg.Cluster, "upstreams", len(s.upstreams), "inbound", addrString(s.InboundAddr()))
+	<-ctx.Done()
+	if adminSrv != nil {
+		_ = adminSrv.Close()
+	}
+	s.closeAll()
+	wg.Wait()
+	if s.gw != nil {
+		_ = s.gw.Close()
+	}
+	return nil
+}
+
+func (s *Sidecar) closeAll() {
+	for _, u := range s.upstreams {
+		_ = u.ln.Close()
+		u.closeIdle()
+	}
+	if s.inbound != nil {
+		_ = s.inbound.Close()
+	}
+	s.mu.Lock()
+	for c := range s.conns {
+		_ = c.Close()
+	}
+	s.mu.Unlock()
+}
+
+// track registers a connection to close at shutdown; the returned func
+// forgets it.
+func (s *Sidecar) track(c net.Conn) func() {
+	s.mu.Lock()
+	s.conns[c] = struct{}{}
+	s.mu.Unlock()
+	return func() {
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+	}
+}
+
+func (s *Sidecar) gateway() (*gateway.Client, error) {
+	s.gwOnce.Do(func() {
+		if s.cfg.GatewayEgress == "" {
+			s.gwErr = errors.New("no gateway egress configured")
+			return
+		}
+		s.gw, s.gwErr = gateway.NewClient(s.cfg.Source, s.cfg.GatewayID, s.cfg.GatewayEgress)
+	})
+	return s.gw, s.gwErr
+}
+
+// callerID is this workload's SPIFFE ID, for the tunnel header.
+func (s *Sidecar) callerID() string {
+	svid, err := s.cfg.Source.GetX509SVID()
+	if err != nil {
+		return ""
+	}
+	return svid.ID.String()
+}
+
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
+}
+
+func (s *Sidecar) countRefusals(a tlsconfig.Authorizer) tlsconfig.Authorizer {
+	return func(id spiffeid.ID, chains [][]*x509.Certificate) error {
+		if err := a(id, chains); err != nil {
+			s.m.inbound.WithLabelValues("refused").Inc()
+			s.log.Warn("inbound caller refused", "caller", id.String(), "err", err)
+			return err
+		}
+		return nil
+	}
+}

@@ -1,0 +1,92 @@
+package sidecar
+
+import (
+	"context"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/fedmesh/fedmesh/sidecar/balancer"
+	"github.com/fedmesh/fedmesh/sidecar/health"
+)
+
+var spliceBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+// serveTCP proxies an opaque connection. It may try several endpoints, but
+// only until one accepts the mTLS handshake: after that, bytes flow and a
+// failure is the caller's to see.
+func (u *upstream) serveTCP(ctx context.Context, c net.Conn) {
+	svc := u.cfg.String()
+	start := time.Now()
+	u.budget.request(start)
+	var exBuf [8]*balancer.Target
+	exclude := exBuf[:0]
+	for attempt := 0; attempt < u.s.cfg.MaxAttempts; attempt++ {
+		now := time.Now()
+		if attempt > 0 {
+			if !u.budget.allowRetry(now) {
+				u.s.m.budgetExhausted.WithLabelValues(svc).Inc()
+				break
+			}
+			u.s.m.retries.WithLabelValues(svc).Inc()
+		}
+		t := u.picker.Pick(now, exclude)
+		if t == nil {
+			break
+		}
+		exclude = append(exclude, t)
+		t.Begin()
+		up, err := u.dial(ctx, t)
+		if err != nil {
+			t.Outlier.Report(health.ConnectFailure)
+			t.End(0, false)
+			u.s.log.Debug("dial failed", "upstream", svc, "endpoint", t.Name, "err", err)
+			continue
+		}
+		t.Outlier.Report(health.Success)
+		t.End(time.Since(now), true)
+		if len(exclude) > 1 && t.Priority > exclude[0].Priority {
+			u.s.m.failovers.WithLabelValues(svc, t.Cluster).Inc()
+		}
+		u.s.m.requests.WithLabelValues(svc, t.Cluster, "ok").Inc()
+		untrack := u.s.track(up)
+		splice(c, up)
+		untrack()
+		return
+	}
+	u.s.m.requests.WithLabelValues(svc, "", "no_endpoint").Inc()
+}
+
+type closeWriter interface{ CloseWrite() error }
+
+// splice copies both ways until both directions end, propagating
+// half-closes, and closes both connections. One goroutine is added.
+func splice(a, b net.Conn) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		copyHalf(b, a)
+	}()
+	copyHalf(a, b)
+	<-done
+	_ = a.Close()
+	_ = b.Close()
+}
+
+func copyHalf(dst, src net.Conn) {
+	bp := spliceBufs.Get().(*[]byte)
+	_, err := io.CopyBuffer(dst, src, *bp)
+	spliceBufs.Put(bp)
+	if err != nil {
+		// Abort both: the peer must not mistake a failure for an end.
+		_ = dst.Close()
+		_ = src.Close()
+		return
+	}
+	if cw, ok := dst.(closeWriter); ok {
+		_ = cw.CloseWrite()
+	} else {
+		_ = dst.Close()
+	}
+}
