@@ -2,11 +2,16 @@ package clusters
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"flag"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	mcscrd "sigs.k8s.io/mcs-api/config/crd"
@@ -91,5 +96,36 @@ func TestKindConfigs(t *testing.T) {
 	}
 	if len(seen) != 2*len(Names) {
 		t.Fatalf("%d distinct subnets, want %d", len(seen), 2*len(Names))
+	}
+}
+
+// TestKindE2EStopsWithoutTools runs kind-e2e.sh where none of its tools
+// exist: it must stop at once, name every missing tool, and create nothing.
+func TestKindE2EStopsWithoutTools(t *testing.T) {
+	bash, err := exec.LookPath("bash")
+	if err != nil {
+		t.Skip("no bash")
+	}
+	bin := t.TempDir()
+	for _, tool := range []string{"dirname"} {
+		p, err := exec.LookPath(tool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(p, filepath.Join(bin, tool)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bash, "kind-e2e.sh")
+	cmd.Env = []string{"PATH=" + bin}
+	out, err := cmd.CombinedOutput()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 2 {
+		t.Fatalf("exit %v, want status 2; output:\n%s", err, out)
+	}
+	if want := "missing: docker kind kubectl openssl"; !strings.Contains(string(out), want) {
+		t.Fatalf("output %q does not contain %q", out, want)
 	}
 }

@@ -25,7 +25,7 @@ func checkInjected(got, before *corev1.Pod, cfg Config) error {
 		return fmt.Errorf("%d containers, want %d", len(got.Spec.Containers), len(before.Spec.Containers)+1)
 	}
 	sc := got.Spec.Containers[len(got.Spec.Containers)-1]
-	if sc.Name != SidecarName || sc.Image != cfg.SidecarImage {
+	if sc.Name != SidecarName || sc.Image != cfg.SidecarImage || len(sc.Command) == 0 || sc.Command[0] != cfg.SidecarCommand[0] {
 		return fmt.Errorf("last container is %s (%s), want %s (%s)", sc.Name, sc.Image, SidecarName, cfg.SidecarImage)
 	}
 	wantSock := "unix://" + cfg.SocketDir + "/" + cfg.SocketName

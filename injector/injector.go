@@ -60,9 +60,10 @@ const (
 // Config is what gets injected. The zero value of each field means its
 // default; call Validate (New does) to fill them in.
 type Config struct {
-	SidecarImage string   // default ghcr.io/fedmesh/fedmesh:dev
-	SidecarArgs  []string // default: fedmesh-sidecar with the ports below
-	InitImage    string   // default ghcr.io/fedmesh/fedmesh-init:dev (clusters/Dockerfile target init)
+	SidecarImage   string   // default ghcr.io/fedmesh/fedmesh:dev
+	SidecarCommand []string // default /usr/local/bin/fedmesh-sidecar (clusters/Dockerfile)
+	SidecarArgs    []string // default: the ports below
+	InitImage      string   // default ghcr.io/fedmesh/fedmesh-init:dev (clusters/Dockerfile target init)
 	// InboundPort and OutboundPort are where the sidecar listens for
 	// redirected traffic; ProxyUID is the UID it runs as, whose own traffic
 	// is not redirected. Defaults 15006, 15001, 1337.
@@ -114,9 +115,11 @@ func (c *Config) Validate() error {
 	if c.FailurePolicy == "" {
 		c.FailurePolicy = Ignore
 	}
+	if len(c.SidecarCommand) == 0 {
+		c.SidecarCommand = []string{"/usr/local/bin/fedmesh-sidecar"}
+	}
 	if len(c.SidecarArgs) == 0 {
-		c.SidecarArgs = []string{"fedmesh-sidecar",
-			"--inbound-port=" + strconv.Itoa(int(c.InboundPort)),
+		c.SidecarArgs = []string{"--inbound-port=" + strconv.Itoa(int(c.InboundPort)),
 			"--outbound-port=" + strconv.Itoa(int(c.OutboundPort))}
 	}
 	var errs []error
@@ -266,10 +269,11 @@ func (c *Config) sidecar() corev1.Container {
 	f, t := false, true
 	uid := c.ProxyUID
 	return corev1.Container{
-		Name:  SidecarName,
-		Image: c.SidecarImage,
-		Args:  c.SidecarArgs,
-		Env:   []corev1.EnvVar{{Name: SocketEnv, Value: "unix://" + strings.TrimSuffix(c.SocketDir, "/") + "/" + c.SocketName}},
+		Name:    SidecarName,
+		Image:   c.SidecarImage,
+		Command: c.SidecarCommand,
+		Args:    c.SidecarArgs,
+		Env:     []corev1.EnvVar{{Name: SocketEnv, Value: "unix://" + strings.TrimSuffix(c.SocketDir, "/") + "/" + c.SocketName}},
 		Ports: []corev1.ContainerPort{
 			{Name: "fedmesh-in", ContainerPort: c.InboundPort, Protocol: corev1.ProtocolTCP},
 			{Name: "fedmesh-out", ContainerPort: c.OutboundPort, Protocol: corev1.ProtocolTCP},

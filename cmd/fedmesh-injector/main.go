@@ -28,10 +28,10 @@ import (
 )
 
 type config struct {
-	addr, certFile, keyFile, metricsAddr, logLevel, kubeconfig string
-	sidecarArgs, excludePorts, socketSource, failurePolicy     string
-	events                                                     bool
-	inj                                                        injector.Config
+	addr, certFile, keyFile, metricsAddr, logLevel, kubeconfig             string
+	sidecarCommand, sidecarArgs, excludePorts, socketSource, failurePolicy string
+	events                                                                 bool
+	inj                                                                    injector.Config
 }
 
 func main() {
@@ -57,7 +57,8 @@ Flags:
 	fs.StringVar(&c.kubeconfig, "kubeconfig", "", "kubeconfig for writing Events (default: in-cluster config or $KUBECONFIG)")
 	fs.BoolVar(&c.events, "events", true, "write an Event when a pod cannot be injected")
 	fs.StringVar(&c.inj.SidecarImage, "sidecar-image", "", "sidecar image (default ghcr.io/fedmesh/fedmesh:dev)")
-	fs.StringVar(&c.sidecarArgs, "sidecar-args", "", "sidecar arguments, comma-separated (default: fedmesh-sidecar --inbound-port=.. --outbound-port=..)")
+	fs.StringVar(&c.sidecarCommand, "sidecar-command", "", "sidecar command, comma-separated (default /usr/local/bin/fedmesh-sidecar)")
+	fs.StringVar(&c.sidecarArgs, "sidecar-args", "", "sidecar arguments, comma-separated (default: --inbound-port=.. --outbound-port=..)")
 	fs.StringVar(&c.inj.InitImage, "init-image", "", "iptables init image (default ghcr.io/fedmesh/fedmesh-init:dev)")
 	inbound := fs.Int("inbound-port", 15006, "sidecar port for redirected inbound traffic")
 	outbound := fs.Int("outbound-port", 15001, "sidecar port for redirected outbound traffic")
@@ -85,6 +86,9 @@ func run(ctx context.Context, c config) error {
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if c.sidecarCommand != "" {
+		c.inj.SidecarCommand = strings.Split(c.sidecarCommand, ",")
+	}
 	if c.sidecarArgs != "" {
 		c.inj.SidecarArgs = strings.Split(c.sidecarArgs, ",")
 	}

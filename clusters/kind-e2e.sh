@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# kind end-to-end runner: creates the kind clusters east, west and north,
+# builds and loads the fedmesh images, installs SPIRE (spire-config/) and
+# fedmesh (clusters/overlays/<cluster>), links the clusters with peer
+# kubeconfigs, deploys the sample app, exports it and waits until every
+# cluster imports it.
+#
+#   clusters/kind-e2e.sh [--no-tear-down] [--keep-clusters-on-failure]
+#
+# Needs docker, kind, kubectl and openssl. It stops at once, before touching
+# anything, when one of them is missing. CI has no Docker engine, so this
+# script is NOT run by CI (see docs/kubernetes.md).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+CLUSTERS=(east west north)
+IMAGE=ghcr.io/fedmesh/fedmesh:dev
+INIT_IMAGE=ghcr.io/fedmesh/fedmesh-init:dev
+TEAR_DOWN=1
+
+for arg in "$@"; do
+	case "$arg" in
+	--no-tear-down) TEAR_DOWN=0 ;;
+	-h | --help)
+		sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+		exit 0
+		;;
+	*)
+		echo "kind-e2e: unknown argument $arg (try --help)" >&2
+		exit 2
+		;;
+	esac
+done
+
+missing=()
+for tool in docker kind kubectl openssl; do
+	command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if ((${#missing[@]})); then
+	echo "kind-e2e: missing: ${missing[*]}. Install them (docker: https://docs.docker.com/engine/install/, kind: https://kind.sigs.k8s.io/docs/user/quick-start/#installation) and run again; nothing was created." >&2
+	exit 2
+fi
+if ! docker info >/dev/null 2>&1; then
+	echo "kind-e2e: docker is installed but its engine is not reachable (docker info failed); start Docker and run again; nothing was created." >&2
+	exit 2
+fi
+
+WORK=$(mktemp -d)
+cleanup() {
+	status=$?
+	if ((TEAR_DOWN)); then
+		for c in "${CLUSTERS[@]}"; do kind delete cluster --name "$c" >/dev/null 2>&1 || true; done
+	else
+		echo "kind-e2e: --no-tear-down: clusters ${CLUSTERS[*]} left running (kind delete cluster --name <c>)"
+	fi
+	rm -rf "$WORK"
+	exit $status
+}
+trap cleanup EXIT
+
+step() { echo ">> $*"; }
+
+step "building images"
+docker build -f clusters/Dockerfile -t "$IMAGE" .
+docker build -f clusters/Dockerfile --target init -t "$INIT_IMAGE" .
+
+for c in "${CLUSTERS[@]}"; do
+	step "cluster $c"
+	kind get clusters 2>/dev/null | grep -qx "$c" || kind create cluster --config "clusters/kind/$c.yaml" --wait 120s
+	kind load docker-image "$IMAGE" "$INIT_IMAGE" --name "$c"
+	ctx="kind-$c"
+
+	step "SPIRE in $c (spire-config/$c)"
+	kubectl --context "$ctx" apply -k "spire-config/$c"
+
+	step "fedmesh in $c (clusters/overlays/$c)"
+	# The webhook's serving pair: a CA per cluster, a cert for the Service name.
+	d="$WORK/$c"
+	mkdir -p "$d"
+	openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=fedmesh-injector-ca-$c" \
+		-keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
+	openssl req -newkey rsa:2048 -nodes -subj "/CN=fedmesh-injector.fedmesh-system.svc" \
+		-keyout "$d/tls.key" -out "$d/tls.csr" 2>/dev/null
+	printf 'subjectAltName=DNS:fedmesh-injector.fedmesh-system.svc,DNS:fedmesh-injector.fedmesh-system.svc.cluster.local\nextendedKeyUsage=serverAuth\n' >"$d/ext"
+	openssl x509 -req -in "$d/tls.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 30 \
+		-extfile "$d/ext" -out "$d/tls.crt" 2>/dev/null
+	kubectl --context "$ctx" apply -k "clusters/overlays/$c"
+	kubectl --context "$ctx" -n fedmesh-system create secret tls fedmesh-injector-tls \
+		--cert "$d/tls.crt" --key "$d/tls.key" --dry-run=client -o yaml | kubectl --context "$ctx" apply -f -
+	ca=$(base64 <"$d/ca.crt" | tr -d '\n')
+	kubectl --context "$ctx" patch mutatingwebhookconfiguration fedmesh-injector --type json -p \
+		"[{\"op\":\"add\",\"path\":\"/webhooks/0/clientConfig/caBundle\",\"value\":\"$ca\"},{\"op\":\"add\",\"path\":\"/webhooks/1/clientConfig/caBundle\",\"value\":\"$ca\"}]"
+	kubectl --context "$ctx" -n fedmesh-system rollout status deploy/fedmesh-federation-controller --timeout 180s
+	kubectl --context "$ctx" -n fedmesh-system rollout status deploy/fedmesh-injector --timeout 180s
+done
+
+step "federating SPIRE trust domains"
+spire-config/bootstrap-federation.sh
+
+step "linking clusters (peer kubeconfigs with fedmesh-peer-reader tokens)"
+for c in "${CLUSTERS[@]}"; do
+	kind get kubeconfig --internal --name "$c" >"$WORK/$c.internal"
+	server=$(kubectl --kubeconfig "$WORK/$c.internal" config view --raw -o jsonpath='{.clusters[0].cluster.server}')
+	kubectl --kubeconfig "$WORK/$c.internal" config view --raw -o jsonpath='{.clusters[0].cluster.certificate-authority-data}' | base64 -d >"$WORK/$c.ca"
+	token=$(kubectl --context "kind-$c" -n fedmesh-system create token fedmesh-peer-reader --duration 24h)
+	kc="$WORK/$c.peer.kubeconfig"
+	kubectl --kubeconfig "$kc" config set-cluster "$c" --server "$server" --certificate-authority "$WORK/$c.ca" --embed-certs >/dev/null
+	kubectl --kubeconfig "$kc" config set-credentials fedmesh-peer-reader --token "$token" >/dev/null
+	kubectl --kubeconfig "$kc" config set-context "$c" --cluster "$c" --user fedmesh-peer-reader >/dev/null
+	kubectl --kubeconfig "$kc" config use-context "$c" >/dev/null
+done
+for c in "${CLUSTERS[@]}"; do
+	for p in "${CLUSTERS[@]}"; do
+		[[ "$p" == "$c" ]] && continue
+		kubectl --context "kind-$c" -n fedmesh-system create secret generic "peer-$p" \
+			--from-file kubeconfig="$WORK/$p.peer.kubeconfig" --dry-run=client -o yaml |
+			kubectl --context "kind-$c" label --local -f - multicluster.fedmesh.dev/peer=true multicluster.fedmesh.dev/cluster="$p" -o yaml |
+			kubectl --context "kind-$c" apply -f -
+	done
+done
+
+step "scenario: export demo/echo from every cluster, import it everywhere"
+for c in "${CLUSTERS[@]}"; do
+	kubectl --context "kind-$c" apply -k clusters/samples
+done
+for c in "${CLUSTERS[@]}"; do
+	kubectl --context "kind-$c" -n demo rollout status deploy/echo --timeout 180s
+	kubectl --context "kind-$c" -n demo get pod -l app=echo -o jsonpath='{.items[0].spec.containers[*].name}' | grep -qw fedmesh-sidecar ||
+		{ echo "kind-e2e: echo in $c has no fedmesh-sidecar: the injector did not run" >&2; exit 1; }
+	for i in $(seq 1 60); do
+		kubectl --context "kind-$c" -n demo get serviceimport echo >/dev/null 2>&1 && break
+		((i == 60)) && { echo "kind-e2e: no ServiceImport demo/echo in $c after 120s" >&2; exit 1; }
+		sleep 2
+	done
+	echo "   $c imports demo/echo"
+done
+echo "kind-e2e: PASS"
