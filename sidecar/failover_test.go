@@ -56,8 +56,8 @@ func TestFailoverThroughGateways(t *testing.T) {
 	w1.kill()
 	w2.kill()
 	restartedAt := phase(1500 * time.Millisecond)
-	w1 = w1.restart()
-	w2 = w2.restart()
+	w1.restart()
+	w2.restart()
 	endAt := phase(2500 * time.Millisecond)
 	close(stop)
 	all := <-results

@@ -160,19 +160,19 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 	firstPrio := -1
 	for attempt := 0; attempt < u.s.cfg.MaxAttempts; attempt++ {
 		now := time.Now()
+		if attempt > 0 && now.After(deadline) {
+			break
+		}
+		t := u.picker.Pick(now, exclude)
+		if t == nil {
+			break
+		}
 		if attempt > 0 {
-			if now.After(deadline) {
-				break
-			}
 			if !u.budget.allowRetry(now) {
 				u.s.m.budgetExhausted.WithLabelValues(svc).Inc()
 				break
 			}
 			u.s.m.retries.WithLabelValues(svc).Inc()
-		}
-		t := u.picker.Pick(now, exclude)
-		if t == nil {
-			break
 		}
 		exclude = append(exclude, t)
 		if firstPrio < 0 {

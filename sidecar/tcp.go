@@ -24,16 +24,16 @@ func (u *upstream) serveTCP(ctx context.Context, c net.Conn) {
 	exclude := exBuf[:0]
 	for attempt := 0; attempt < u.s.cfg.MaxAttempts; attempt++ {
 		now := time.Now()
+		t := u.picker.Pick(now, exclude)
+		if t == nil {
+			break
+		}
 		if attempt > 0 {
 			if !u.budget.allowRetry(now) {
 				u.s.m.budgetExhausted.WithLabelValues(svc).Inc()
 				break
 			}
 			u.s.m.retries.WithLabelValues(svc).Inc()
-		}
-		t := u.picker.Pick(now, exclude)
-		if t == nil {
-			break
 		}
 		exclude = append(exclude, t)
 		t.Begin()

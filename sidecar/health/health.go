@@ -222,14 +222,16 @@ func (o *Outlier) eject(reason Reason) {
 	}
 }
 
-// Return ends an ejection early, after an active check succeeded. The
-// ejection count is kept, so a flapping endpoint still backs off.
+// Return ends an ejection early, after an active check succeeded. It does
+// not end ejections for 5xx answers: a probe that connects proves the
+// endpoint reachable, not that it answers well. The ejection count is kept,
+// so a flapping endpoint still backs off.
 func (o *Outlier) Return() {
 	g := o.g
 	now := time.Now()
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if !o.Ejected(now) {
+	if !o.Ejected(now) || o.reason == ReasonConsecutive5xx {
 		return
 	}
 	o.until.Store(0)
