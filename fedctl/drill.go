@@ -22,6 +22,7 @@ import (
 
 	"github.com/fedmesh/fedmesh/federation"
 	"github.com/fedmesh/fedmesh/federation/about"
+	"github.com/fedmesh/fedmesh/gateway/faultnet"
 	"github.com/fedmesh/fedmesh/localfed"
 )
 
@@ -49,17 +50,22 @@ func newDrillCommand(g *globals) *cobra.Command {
 		Long: `drill injects a fault, measures detection and recovery, and prints a table (or
 -o json, --junit FILE). It exits 1 when a figure misses its objective.
 
-Scenarios available today:
-  peer-apiserver-down   stop one cluster's kube-apiserver (local federation only):
-                        the others must mark it stale fast, keep its endpoints,
-                        and resync when it returns.
+Scenarios available today (local federation only):
+  peer-apiserver-down   stop one cluster's kube-apiserver: the others must mark
+                        it stale fast, keep its endpoints, and resync when it
+                        returns.
+  wan-partition         cut one cluster off the WAN (every gateway link to it
+                        drops all packets): every other cluster's gateways must
+                        declare it dead within the bound, and see it again after
+                        the heal.
 
-The data-plane scenarios of the fedctl issue (kill-local-endpoints,
-gateway-replica-loss, wan-partition, ...) arrive with the gateway and sidecar.`,
+The scenarios that need traffic through sidecars (kill-local-endpoints,
+gateway-replica-loss, wan-degraded, controller-restart, svid-rotation) arrive
+with the sidecar.`,
 		Example: `  fedctl drill peer-apiserver-down --cluster west
   fedctl drill peer-apiserver-down --cluster north --max-detection 1s -o json --junit drill.xml`,
 	}
-	cmd.AddCommand(newPeerAPIServerDownDrill(g))
+	cmd.AddCommand(newPeerAPIServerDownDrill(g), newWANPartitionDrill(g))
 	return cmd
 }
 
@@ -81,20 +87,7 @@ func newPeerAPIServerDownDrill(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if g.output == "table" {
-				renderDrill(g, rep)
-			} else if err := printObject(g.out, rep, g.output); err != nil {
-				return err
-			}
-			if junit != "" {
-				if err := writeJUnit(junit, rep); err != nil {
-					return err
-				}
-			}
-			if !rep.Passed {
-				return errors.New("drill missed an objective")
-			}
-			return nil
+			return report(g, rep, junit)
 		},
 	}
 	cmd.Flags().StringVar(&target, "cluster", "west", "the cluster whose API server goes down")
@@ -279,21 +272,15 @@ func drillPeerDown(ctx context.Context, g *globals, target string, maxDetect, ma
 	propagated, propErr := waitAll(10*time.Second, func(_ bool, kept int) bool { return kept == 3 })
 
 	r := &DrillReport{Scenario: "peer-apiserver-down", Target: target, Passed: true}
-	add := func(figure string, d time.Duration, limit time.Duration, err error) {
-		met := err == nil && d <= limit
-		r.Results = append(r.Results, DrillResult{Figure: figure, Value: float64(d.Microseconds()) / 1000, Unit: "ms",
-			Objective: "<= " + limit.String(), Met: met})
-		r.Passed = r.Passed && met
-	}
-	add("detection (stale in every other cluster)", detect, maxDetect, detectErr)
+	r.add("detection (stale in every other cluster)", detect, maxDetect, detectErr)
 	keptVal := 0.0
 	if keptAll {
 		keptVal = 1
 	}
 	r.Results = append(r.Results, DrillResult{Figure: "endpoints kept while stale", Value: keptVal, Unit: "bool", Objective: "1 (all kept)", Met: keptAll})
 	r.Passed = r.Passed && keptAll
-	add("recovery (stale cleared after restart)", recovered, maxRecover, recoverErr)
-	add("change after recovery reaches peers", propagated, 2*time.Second, propErr)
+	r.add("recovery (stale cleared after restart)", recovered, maxRecover, recoverErr)
+	r.add("change after recovery reaches peers", propagated, 2*time.Second, propErr)
 	return r, nil
 }
 
@@ -351,4 +338,154 @@ func writeJUnit(path string, r *DrillReport) error {
 		return err
 	}
 	return os.WriteFile(path, append([]byte(xml.Header), b...), 0o644)
+}
+
+func newWANPartitionDrill(g *globals) *cobra.Command {
+	var target, junit string
+	var maxDetect, maxRecover, hold time.Duration
+	cmd := &cobra.Command{
+		Use:   "wan-partition",
+		Short: "Cut one cluster off the WAN; measure how fast every gateway declares it dead and sees it again",
+		Example: `  fedctl drill wan-partition --cluster west
+  fedctl drill wan-partition --cluster north --max-detection 1500ms -o json`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if g.output != "table" && g.output != "json" && g.output != "yaml" {
+				return usagef("-o must be table, json or yaml, got %q", g.output)
+			}
+			if g.kubeconfig != "" {
+				return usagef("this drill cuts the local federation's WAN; drop --kubeconfig")
+			}
+			rep, err := drillWANPartition(cmd.Context(), g, target, maxDetect, maxRecover, hold)
+			if err != nil {
+				return err
+			}
+			return report(g, rep, junit)
+		},
+	}
+	cmd.Flags().StringVar(&target, "cluster", "west", "the cluster cut off")
+	cmd.Flags().DurationVar(&maxDetect, "max-detection", 2*time.Second, "objective: every other cluster's gateways declare it dead within this time")
+	cmd.Flags().DurationVar(&maxRecover, "max-recovery", 5*time.Second, "objective: links back up within this time after the heal")
+	cmd.Flags().DurationVar(&hold, "hold", 3*time.Second, "how long the partition lasts after detection")
+	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
+	cmd.Flags().StringVar(&junit, "junit", "", "also write the results as a JUnit XML file")
+	return cmd
+}
+
+func drillWANPartition(ctx context.Context, g *globals, target string, maxDetect, maxRecover, hold time.Duration) (*DrillReport, error) {
+	st, err := localfed.ReadState(g.dir)
+	if err != nil {
+		return nil, err
+	}
+	var others []localfed.Cluster
+	found := false
+	for _, c := range st.Clusters {
+		if c.Name == target {
+			found = true
+		} else {
+			others = append(others, c)
+		}
+	}
+	if !found {
+		return nil, usagef("--cluster %q is not a member of this federation", target)
+	}
+	say := func(format string, a ...any) {
+		if g.output == "table" {
+			fmt.Fprintf(g.out, "  - "+format+"\n", a...)
+		}
+	}
+	// targetUp reports, over every replica of every other cluster, whether
+	// all see the target up (want=true) or all see it down (want=false).
+	allSee := func(want bool) bool {
+		for _, c := range others {
+			for _, gw := range c.Gateways {
+				gs, err := localfed.GatewayState(ctx, gw.Admin)
+				if err != nil {
+					return false
+				}
+				for _, cs := range gs.Clusters {
+					if cs.Cluster == target && cs.Up != want {
+						return false
+					}
+				}
+			}
+		}
+		return true
+	}
+	waitFor := func(want bool, timeout time.Duration) (time.Duration, error) {
+		start := time.Now()
+		for !allSee(want) {
+			if time.Since(start) > timeout {
+				return time.Since(start), fmt.Errorf("not reached within %s", timeout)
+			}
+			select {
+			case <-ctx.Done():
+				return 0, ctx.Err()
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+		return time.Since(start), nil
+	}
+	if _, err := waitFor(true, 10*time.Second); err != nil {
+		return nil, fmt.Errorf("gateways do not all see %s up before the drill: %w", target, err)
+	}
+	say("cutting %s off the WAN (every link to it drops all packets)", target)
+	healed := false
+	heal := func() error {
+		var errs []error
+		for _, c := range others {
+			errs = append(errs, localfed.SetWAN(context.Background(), st.Dir, c.Name, target, faultnet.Faults{}))
+		}
+		healed = true
+		return errors.Join(errs...)
+	}
+	defer func() {
+		if !healed {
+			heal()
+		}
+	}()
+	for _, c := range others {
+		if err := localfed.SetWAN(ctx, st.Dir, c.Name, target, faultnet.Faults{Partition: true}); err != nil {
+			return nil, err
+		}
+	}
+	detect, detectErr := waitFor(false, maxDetect+10*time.Second)
+	say("every other cluster's gateways declared %s dead after %s", target, detect.Round(time.Millisecond))
+	time.Sleep(hold)
+	say("healing the WAN")
+	if err := heal(); err != nil {
+		return nil, err
+	}
+	recovered, recoverErr := waitFor(true, maxRecover+10*time.Second)
+	say("links to %s up again after %s", target, recovered.Round(time.Millisecond))
+
+	r := &DrillReport{Scenario: "wan-partition", Target: target, Passed: true}
+	r.add("detection (every gateway declares it dead)", detect, maxDetect, detectErr)
+	r.add("recovery (every gateway links up after heal)", recovered, maxRecover, recoverErr)
+	return r, nil
+}
+
+func (r *DrillReport) add(figure string, d, limit time.Duration, err error) {
+	met := err == nil && d <= limit
+	r.Results = append(r.Results, DrillResult{Figure: figure, Value: float64(d.Microseconds()) / 1000, Unit: "ms",
+		Objective: "<= " + limit.String(), Met: met})
+	r.Passed = r.Passed && met
+}
+
+// report prints a drill's results and turns a missed objective into exit 1.
+func report(g *globals, rep *DrillReport, junit string) error {
+	if g.output == "table" {
+		renderDrill(g, rep)
+	} else if err := printObject(g.out, rep, g.output); err != nil {
+		return err
+	}
+	if junit != "" {
+		if err := writeJUnit(junit, rep); err != nil {
+			return err
+		}
+	}
+	if !rep.Passed {
+		return errors.New("drill missed an objective")
+	}
+	return nil
 }

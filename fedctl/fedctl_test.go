@@ -21,7 +21,7 @@ func TestUpStatusDrillDown(t *testing.T) {
 		t.Skip("needs /proc")
 	}
 	bin := t.TempDir()
-	for _, c := range []string{"fedctl", "fedmesh-controller", "fedmesh-issuer"} {
+	for _, c := range []string{"fedctl", "fedmesh-controller", "fedmesh-issuer", "fedmesh-gateway"} {
 		if out, err := exec.Command("go", "build", "-o", filepath.Join(bin, c), "github.com/fedmesh/fedmesh/cmd/"+c).CombinedOutput(); err != nil {
 			t.Fatalf("build %s: %v\n%s", c, err, out)
 		}
@@ -75,6 +75,14 @@ func TestUpStatusDrillDown(t *testing.T) {
 		if !c.Reachable || c.Controller.Leader == "" || len(c.Peers) != 1 || !c.Peers[0].Reachable || c.Trust == nil || c.Trust.Roots == 0 {
 			t.Errorf("cluster %s: %+v", c.Context, c)
 		}
+		if len(c.Gateways) != localfed.GatewayReplicas {
+			t.Errorf("cluster %s: %d gateway replicas, want %d", c.Context, len(c.Gateways), localfed.GatewayReplicas)
+		}
+		for _, g := range c.Gateways {
+			if g.Error != "" || len(g.Peers) != 1 || !g.Peers[0].Up || g.Peers[0].Replicas != localfed.GatewayReplicas {
+				t.Errorf("cluster %s gateway %+v: want its one peer cluster up on every replica", c.Context, g)
+			}
+		}
 	}
 	if len(st.Services) != 1 || st.Services[0].Name != "echo" || strings.Join(st.Services[0].ExportedBy, ",") != "east,west" || len(st.Services[0].Imports) != 2 {
 		t.Errorf("services %+v", st.Services)
@@ -103,6 +111,18 @@ func TestUpStatusDrillDown(t *testing.T) {
 	}
 	if !strings.Contains(readFile(filepath.Join(dir, "drill.xml")), `<testsuite name="fedctl drill peer-apiserver-down" tests="4" failures="0">`) {
 		t.Errorf("junit file: %s", readFile(filepath.Join(dir, "drill.xml")))
+	}
+
+	out, code = run("drill", "wan-partition", "--cluster", "west", "--hold", "500ms", "-o", "json")
+	if code != 0 {
+		t.Fatalf("wan-partition drill: exit %d\n%s", code, out)
+	}
+	rep = fedctl.DrillReport{}
+	if err := json.Unmarshal([]byte(out), &rep); err != nil || !rep.Passed || len(rep.Results) != 2 {
+		t.Errorf("wan-partition report %+v (%v)", rep, err)
+	}
+	for _, r := range rep.Results {
+		t.Logf("drill: %s = %.1f %s (objective %s)", r.Figure, r.Value, r.Unit, r.Objective)
 	}
 
 	state, err := localfed.ReadState(dir)

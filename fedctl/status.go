@@ -26,6 +26,7 @@ import (
 	"github.com/fedmesh/fedmesh/controlplane"
 	"github.com/fedmesh/fedmesh/federation"
 	"github.com/fedmesh/fedmesh/federation/about"
+	"github.com/fedmesh/fedmesh/localfed"
 )
 
 // Status is what `fedctl status -o json` prints.
@@ -45,6 +46,7 @@ type ClusterStatus struct {
 	Controller ControllerStatus        `json:"controller"`
 	Peers      []federation.PeerStatus `json:"peers,omitempty"`
 	Trust      *TrustStatus            `json:"trust,omitempty"`
+	Gateways   []GatewayStatus         `json:"gateways,omitempty"`
 	Exports    int                     `json:"exports"`
 	Imports    int                     `json:"imports"`
 }
@@ -53,6 +55,23 @@ type ClusterStatus struct {
 type ControllerStatus struct {
 	Leader  string    `json:"leader,omitempty"`
 	Renewed time.Time `json:"renewed,omitzero"`
+}
+
+// GatewayStatus is one gateway replica as its admin endpoint reports it.
+type GatewayStatus struct {
+	Admin       string              `json:"admin"`
+	Error       string              `json:"error,omitempty"`
+	OpenStreams int64               `json:"openStreams"`
+	Peers       []GatewayPeerStatus `json:"peers,omitempty"`
+}
+
+// GatewayPeerStatus is a replica's view of one remote cluster.
+type GatewayPeerStatus struct {
+	Cluster  string  `json:"cluster"`
+	Up       bool    `json:"up"`
+	Replicas int     `json:"replicasUp"`
+	RTTP50MS float64 `json:"rttP50ms"`
+	RTTP99MS float64 `json:"rttP99ms"`
 }
 
 // TrustStatus is the cluster's trust domain and bundle.
@@ -192,6 +211,9 @@ func gatherCluster(ctx context.Context, m member, cs *ClusterStatus, svc func(ns
 	if m.local != nil {
 		cs.Peers = controllerPeers(ctx, m.local.ControllerAdmin)
 		cs.Trust = trust(m.local.TrustDomain, m.local.Bundle, cs.Peers)
+		for _, g := range m.local.Gateways {
+			cs.Gateways = append(cs.Gateways, gatewayStatus(ctx, g.Admin))
+		}
 	}
 	exps, err := mcs.MulticlusterV1beta1().ServiceExports("").List(ctx, metav1.ListOptions{})
 	if err != nil {
@@ -271,6 +293,30 @@ func controllerPeers(ctx context.Context, admin string) []federation.PeerStatus 
 	return ps
 }
 
+func gatewayStatus(ctx context.Context, admin string) GatewayStatus {
+	gs := GatewayStatus{Admin: admin}
+	st, err := localfed.GatewayState(ctx, admin)
+	if err != nil {
+		gs.Error = err.Error()
+		return gs
+	}
+	for _, n := range st.Streams {
+		gs.OpenStreams += n
+	}
+	for _, c := range st.Clusters {
+		p := GatewayPeerStatus{Cluster: c.Cluster, Up: c.Up}
+		for _, r := range c.Replicas {
+			if r.Up {
+				p.Replicas++
+				p.RTTP50MS = max(p.RTTP50MS, r.RTTP50MS)
+				p.RTTP99MS = max(p.RTTP99MS, r.RTTP99MS)
+			}
+		}
+		gs.Peers = append(gs.Peers, p)
+	}
+	return gs
+}
+
 func trust(td, bundlePath string, peers []federation.PeerStatus) *TrustStatus {
 	t := &TrustStatus{TrustDomain: td}
 	id, err := spiffeid.TrustDomainFromString(td)
@@ -335,6 +381,7 @@ func renderStatus(w io.Writer, st *Status, c colors, now time.Time) {
 			orDefault(strings.Join(peers, ", "), "-"), td, roots, cl.Exports, cl.Imports)
 	}
 	tw.Flush()
+	renderGateways(w, st, c)
 	fmt.Fprintln(w)
 	if len(st.Services) == 0 {
 		fmt.Fprintln(w, "No exported services. Export one with: fedctl export NAME -n NAMESPACE --context CONTEXT")
@@ -387,6 +434,38 @@ func renderStatus(w io.Writer, st *Status, c colors, now time.Time) {
 	}
 	tw.Flush()
 	fmt.Fprintln(w, "\nIn each cluster: ready endpoints per exporting cluster (source:count).")
+}
+
+func renderGateways(w io.Writer, st *Status, c colors) {
+	any := false
+	for _, cl := range st.Clusters {
+		any = any || len(cl.Gateways) > 0
+	}
+	if !any {
+		return
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "GATEWAY	ADMIN	STREAMS	PEER CLUSTERS (replicas up, RTT p50/p99)")
+	for _, cl := range st.Clusters {
+		for i, g := range cl.Gateways {
+			name := fmt.Sprintf("%s/%d", cl.ClusterID, i)
+			if g.Error != "" {
+				fmt.Fprintf(tw, "%s\t%s\t-\t%s\n", name, g.Admin, c.bad("DOWN: "+firstLine(g.Error)))
+				continue
+			}
+			var peers []string
+			for _, p := range g.Peers {
+				s := fmt.Sprintf("%s %d up %.2f/%.2f ms", p.Cluster, p.Replicas, p.RTTP50MS, p.RTTP99MS)
+				if !p.Up {
+					s = c.bad(p.Cluster + " UNREACHABLE")
+				}
+				peers = append(peers, s)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", name, g.Admin, g.OpenStreams, strings.Join(peers, ", "))
+		}
+	}
+	tw.Flush()
 }
 
 func sortedMapKeys(m map[string]int) []string {

@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -51,7 +52,7 @@ type Cluster struct {
 	Bundle            string `json:"bundleFile"`
 	ControllerAdmin   string `json:"controllerAdmin"`
 	// Gateways and Workloads are filled in as those components land.
-	Gateways  []string   `json:"gateways"`
+	Gateways  []Gateway  `json:"gateways"`
 	Workloads []Workload `json:"workloads"`
 }
 
@@ -129,4 +130,13 @@ func FindBinary(name string) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("%s not found next to this program or on PATH: run `make build` and use bin/fedctl", name)
+}
+
+func freeUDPPort() (int, error) {
+	c, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("find a free udp port: %w", err)
+	}
+	defer c.Close()
+	return c.LocalAddr().(*net.UDPAddr).Port, nil
 }

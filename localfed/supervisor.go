@@ -27,6 +27,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/fedmesh/fedmesh/controlplane"
+	"github.com/fedmesh/fedmesh/gateway/faultnet"
 )
 
 // Options configure the supervisor.
@@ -50,6 +51,7 @@ type member struct {
 	dir        string
 	issuer     *controlplane.Process
 	controller *controlplane.Process
+	gateways   []*controlplane.Process
 }
 
 // Supervise starts the local federation, writes its state, serves the
@@ -92,6 +94,10 @@ func Supervise(ctx context.Context, opts Options) (err error) {
 	if err != nil {
 		return err
 	}
+	gatewayBin, err := FindBinary("fedmesh-gateway")
+	if err != nil {
+		return err
+	}
 
 	start := time.Now()
 	step("starting etcd and %d kube-apiservers (%s)", len(opts.Clusters), strings.Join(opts.Clusters, ", "))
@@ -120,13 +126,13 @@ func Supervise(ctx context.Context, opts Options) (err error) {
 			Name: c.Name, Context: ContextName(c.Name), APIServer: c.URL, TrustDomain: TrustDomain(c.Name),
 			WorkloadAPISocket: filepath.Join(m.dir, "workload.sock"),
 			Bundle:            filepath.Join(m.dir, "issuer", "bundle.spiffe.json"),
-			Gateways:          []string{}, Workloads: []Workload{},
+			Gateways:          []Gateway{}, Workloads: []Workload{},
 		}
 		members[i] = m
 	}
 	defer func() {
 		for _, m := range members {
-			for _, p := range []*controlplane.Process{m.controller, m.issuer} {
+			for _, p := range append([]*controlplane.Process{m.controller, m.issuer}, m.gateways...) {
 				if p != nil {
 					p.Stop()
 				}
@@ -145,7 +151,16 @@ func Supervise(ctx context.Context, opts Options) (err error) {
 	if err := waitPeers(ctx, members, 30*time.Second); err != nil {
 		return err
 	}
-	step("every controller reaches every peer; exporting the sample service demo/echo from each cluster")
+	step("starting %d gateway replicas per cluster, linked through the WAN fault relays", GatewayReplicas)
+	w, err := startGateways(ctx, gatewayBin, members)
+	if err != nil {
+		return err
+	}
+	defer w.close()
+	if err := waitGateways(ctx, members, 30*time.Second); err != nil {
+		return err
+	}
+	step("every controller reaches every peer and every gateway every peer cluster; exporting the sample service demo/echo from each cluster")
 	for _, m := range members {
 		if err := exportSample(ctx, m.cp.Config); err != nil {
 			return fmt.Errorf("cluster %s: %w", m.state.Name, err)
@@ -156,7 +171,7 @@ func Supervise(ctx context.Context, opts Options) (err error) {
 	for _, m := range members {
 		st.Clusters = append(st.Clusters, m.state)
 	}
-	srv, err := serveControl(opts.Dir, members, log)
+	srv, err := serveControl(opts.Dir, members, w, log)
 	if err != nil {
 		return err
 	}
@@ -178,7 +193,11 @@ func Supervise(ctx context.Context, opts Options) (err error) {
 			return nil
 		case <-t.C:
 			for _, m := range members {
-				for what, p := range map[string]*controlplane.Process{"controller": m.controller, "issuer": m.issuer} {
+				procs := map[string]*controlplane.Process{"controller": m.controller, "issuer": m.issuer}
+				for i, g := range m.gateways {
+					procs[fmt.Sprintf("gateway-%d", i)] = g
+				}
+				for what, p := range procs {
 					key := m.state.Name + "/" + what
 					if p != nil && p.Exited() && !reported[key] {
 						reported[key] = true
@@ -335,7 +354,7 @@ func waitFile(ctx context.Context, path string, timeout time.Duration, p *contro
 
 // serveControl serves the drills' requests on a unix socket in the state
 // directory: kill or start a cluster's API server.
-func serveControl(dir string, ms []*member, log *slog.Logger) (*http.Server, error) {
+func serveControl(dir string, ms []*member, w *wan, log *slog.Logger) (*http.Server, error) {
 	path := filepath.Join(dir, SocketFile)
 	os.Remove(path)
 	ln, err := net.Listen("unix", path)
@@ -374,6 +393,19 @@ func serveControl(dir string, ms []*member, log *slog.Logger) (*http.Server, err
 		log.Info("drill action", "cluster", name, "apiserver", action)
 		fmt.Fprintln(w, "ok")
 	})
+	mux.HandleFunc("POST /wan/{a}/{b}", func(rw http.ResponseWriter, r *http.Request) {
+		var f faultnet.Faults
+		if err := json.NewDecoder(io.LimitReader(r.Body, 4096)).Decode(&f); err != nil {
+			http.Error(rw, "faults: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		if err := w.setFaults(r.PathValue("a"), r.PathValue("b"), f); err != nil {
+			http.Error(rw, err.Error(), http.StatusNotFound)
+			return
+		}
+		log.Info("wan faults", "a", r.PathValue("a"), "b", r.PathValue("b"), "faults", fmt.Sprintf("%+v", f))
+		fmt.Fprintln(rw, "ok")
+	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -383,13 +415,27 @@ func serveControl(dir string, ms []*member, log *slog.Logger) (*http.Server, err
 	return srv, nil
 }
 
-// Control sends a drill action to the supervisor of dir.
+// Control sends a drill action to the supervisor of dir: "kill" or "start"
+// a cluster's API server.
 func Control(ctx context.Context, dir, cluster, action string) error {
+	return post(ctx, dir, "/clusters/"+cluster+"/apiserver/"+action, nil)
+}
+
+// SetWAN sets the faults on the WAN link between two clusters, both ways.
+func SetWAN(ctx context.Context, dir, a, b string, f faultnet.Faults) error {
+	body, err := json.Marshal(f)
+	if err != nil {
+		return err
+	}
+	return post(ctx, dir, "/wan/"+a+"/"+b, body)
+}
+
+func post(ctx context.Context, dir, path string, body []byte) error {
 	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", filepath.Join(dir, SocketFile))
 	}}, Timeout: 90 * time.Second}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://supervisor/clusters/"+cluster+"/apiserver/"+action, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://supervisor"+path, strings.NewReader(string(body)))
 	if err != nil {
 		return err
 	}
@@ -398,13 +444,12 @@ func Control(ctx context.Context, dir, cluster, action string) error {
 		return fmt.Errorf("reach the local federation's supervisor: %w", err)
 	}
 	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("supervisor: %s", strings.TrimSpace(string(body)))
+		return fmt.Errorf("supervisor: %s", strings.TrimSpace(string(msg)))
 	}
 	return nil
 }
-
 // waitPeers waits until every controller reports every peer reachable.
 func waitPeers(ctx context.Context, ms []*member, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
