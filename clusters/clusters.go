@@ -6,6 +6,15 @@
 // (server-side dry-run), so a manifest cannot rot unnoticed.
 package clusters
 
+import _ "embed"
+
 // Names are the clusters that have a kind configuration (kind/<name>.yaml)
 // and an overlay (overlays/<name>).
 var Names = []string{"east", "west", "north"}
+
+// PeerReader is the ServiceAccount, ClusterRole and binding a peer's
+// controller uses in this cluster (namespace fedmesh-system). `fedctl link`
+// installs it when it is missing.
+//
+//go:embed base/controller/peer-reader.yaml
+var PeerReader []byte

@@ -99,3 +99,16 @@ func TestUsageErrors(t *testing.T) {
 		})
 	}
 }
+
+func TestLinkGolden(t *testing.T) {
+	out, err := renderLink(&LinkInput{
+		ClusterID: "west", APIServer: "https://127.0.0.1:6443", CAData: []byte("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"),
+		Token: "eyJhbGciOiJFUzI1NiJ9.e30.c2ln", TokenExpires: time.Date(2027, 11, 21, 12, 0, 0, 0, time.UTC),
+		TrustDomain: "west.fedmesh.test", Bundle: []byte(`{"keys":[]}`), BundleEndpoint: "https://127.0.0.1:8443",
+		Gateways: []string{"127.0.0.1:15443", "127.0.0.1:15453"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "link.golden", out)
+}
