@@ -46,8 +46,9 @@ type app struct {
 	name string
 	ln   net.Listener
 	srv  *http.Server
-	hits atomic.Int64
-	fail atomic.Int32
+	hits  atomic.Int64
+	fail  atomic.Int32
+	delay atomic.Int64 // nanoseconds before answering
 }
 
 func startApp(t testing.TB, name, addr string) *app {
@@ -63,6 +64,9 @@ func startApp(t testing.TB, name, addr string) *app {
 	body := bytes.Repeat([]byte("x"), 1024)
 	a.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		a.hits.Add(1)
+		if d := a.delay.Load(); d > 0 {
+			time.Sleep(time.Duration(d))
+		}
 		w.Header().Set("X-Served-By", name)
 		if code := a.fail.Load(); code != 0 {
 			w.WriteHeader(int(code))

@@ -143,7 +143,12 @@ func TestBadRemoteEndpointEjectedAlone(t *testing.T) {
 	for _, n := range []string{"east-1", "east-2", "east-3"} {
 		bs = append(bs, startBackend(t, east, n, []spiffeid.TrustDomain{west.TD}, nil))
 	}
+	// The bad pod fails fast, the good ones take 2ms: latency-aware
+	// balancing alone would favour the bad one (a black hole), so only
+	// outlier detection keeps traffic away from it.
 	bs[1].app.fail.Store(500)
+	bs[0].app.delay.Store(int64(2 * time.Millisecond))
+	bs[2].app.delay.Store(int64(2 * time.Millisecond))
 	src := &endpoints.Static{}
 	src.Update(endpoints.Set{Namespace: "shop", Service: "checkout", Port: 8080, Clusters: []endpoints.Cluster{
 		{Name: "west"}, // no local endpoints

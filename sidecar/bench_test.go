@@ -1,0 +1,540 @@
+package sidecar_test
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/fedmesh/fedmesh/gateway"
+	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/sidecar"
+	"github.com/fedmesh/fedmesh/sidecar/endpoints"
+)
+
+// Benchmark shape, from issue 5.
+const (
+	benchRate  = 2000 // req/s, fixed-rate runs
+	benchConns = 16
+	fixedFor   = 3 * time.Second
+	maxFor     = 2 * time.Second
+)
+
+var benchReq = []byte("GET / HTTP/1.1\r\nHost: checkout\r\nUser-Agent: fedmesh-bench\r\n\r\n")
+
+// loadConn is one persistent HTTP/1.1 client connection of the generator.
+type loadConn struct {
+	addr string
+	c    net.Conn
+	br   *bufio.Reader
+}
+
+func (lc *loadConn) do() (by string, err error) {
+	if lc.c == nil {
+		if lc.c, err = net.DialTimeout("tcp", lc.addr, 2*time.Second); err != nil {
+			return "", err
+		}
+		lc.br = bufio.NewReaderSize(lc.c, 8192)
+	}
+	_ = lc.c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err = lc.c.Write(benchReq); err == nil {
+		var resp *http.Response
+		if resp, err = http.ReadResponse(lc.br, nil); err == nil {
+			_, err = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			by = resp.Header.Get("X-Served-By")
+			if err == nil && resp.StatusCode != 200 {
+				err = fmt.Errorf("status %d", resp.StatusCode)
+			}
+		}
+	}
+	if err != nil {
+		lc.c.Close()
+		lc.c = nil
+	}
+	return by, err
+}
+
+// fixedRate is an open-loop generator: each of conns connections sends on
+// its own fixed schedule; latency counts from the scheduled time, so a
+// stall is not hidden (no coordinated omission). Bounded by d.
+func fixedRate(addr string, rate, conns int, d time.Duration, each func(at time.Time, by string, err error)) (lat []time.Duration, failed int) {
+	interval := time.Duration(int64(time.Second) * int64(conns) / int64(rate))
+	start := time.Now().Add(20 * time.Millisecond)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for w := range conns {
+		wg.Go(func() {
+			lc := &loadConn{addr: addr}
+			defer func() {
+				if lc.c != nil {
+					lc.c.Close()
+				}
+			}()
+			local := make([]time.Duration, 0, int(d/interval)+1)
+			bad := 0
+			for k := 0; ; k++ {
+				at := start.Add(time.Duration(k)*interval + time.Duration(w)*interval/time.Duration(conns))
+				if at.Sub(start) >= d {
+					break
+				}
+				if wait := time.Until(at); wait > 0 {
+					time.Sleep(wait)
+				}
+				by, err := lc.do()
+				done := time.Now()
+				if each != nil {
+					each(done, by, err)
+				}
+				if err != nil {
+					bad++
+					continue
+				}
+				local = append(local, done.Sub(at))
+			}
+			mu.Lock()
+			lat = append(lat, local...)
+			failed += bad
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	slices.Sort(lat)
+	return lat, failed
+}
+
+// maxRate is a closed loop: conns connections as fast as they go for d.
+func maxRate(addr string, conns int, d time.Duration) (rps float64, failed int) {
+	var ok, bad atomic.Int64
+	stop := time.Now().Add(d)
+	var wg sync.WaitGroup
+	for range conns {
+		wg.Go(func() {
+			lc := &loadConn{addr: addr}
+			for time.Now().Before(stop) {
+				if _, err := lc.do(); err != nil {
+					bad.Add(1)
+				} else {
+					ok.Add(1)
+				}
+			}
+			if lc.c != nil {
+				lc.c.Close()
+			}
+		})
+	}
+	wg.Wait()
+	return float64(ok.Load()) / d.Seconds(), int(bad.Load())
+}
+
+func pct(lat []time.Duration, p float64) float64 {
+	if len(lat) == 0 {
+		return 0
+	}
+	return float64(lat[min(len(lat)-1, int(float64(len(lat))*p))]) / 1e6
+}
+
+func freePort(t testing.TB) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+func waitListening(t testing.TB, addr string, p *proc) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not listening after 10s; %s says:\n%s", addr, p.cmd.Path, p.log)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// proc is a child process whose memory and CPU we read from /proc.
+type proc struct {
+	cmd *exec.Cmd
+	log *bytes.Buffer
+}
+
+func startProc(t testing.TB, name string, args ...string) *proc {
+	t.Helper()
+	p := &proc{cmd: exec.Command(name, args...), log: &bytes.Buffer{}}
+	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
+	p.cmd.Env = append(os.Environ(), "GOMAXPROCS=2")
+	if err := p.cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", name, err)
+	}
+	t.Cleanup(func() {
+		_ = p.cmd.Process.Kill()
+		_ = p.cmd.Wait()
+	})
+	return p
+}
+
+// pids is the process and, for a master/worker program, its children.
+func (p *proc) pids() []int {
+	out := []int{p.cmd.Process.Pid}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", p.cmd.Process.Pid, p.cmd.Process.Pid))
+	if err == nil {
+		for f := range strings.FieldsSeq(string(b)) {
+			if n, err := strconv.Atoi(f); err == nil {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
+}
+
+func statusKB(pid int, field string) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
+			n, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+			return n
+		}
+	}
+	return 0
+}
+
+// rssMB is the resident set in MB; peak uses VmHWM.
+func (p *proc) rssMB(peak bool) float64 {
+	field := "VmRSS"
+	if peak {
+		field = "VmHWM"
+	}
+	sum := 0.0
+	for _, pid := range p.pids() {
+		sum += statusKB(pid, field)
+	}
+	return sum / 1024
+}
+
+// cpu is the CPU time of every thread, from schedstat (ns, not 10ms ticks).
+func (p *proc) cpu() time.Duration {
+	var sum int64
+	for _, pid := range p.pids() {
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
+		for _, f := range tasks {
+			b, err := os.ReadFile(f)
+			if err != nil {
+				continue
+			}
+			n, _ := strconv.ParseInt(strings.Fields(string(b))[0], 10, 64)
+			sum += n
+		}
+	}
+	return time.Duration(sum)
+}
+
+func buildSidecar(b *testing.B) string {
+	bin := filepath.Join(b.TempDir(), "fedmesh-sidecar")
+	cmd := exec.Command("go", "build", "-o", bin, "github.com/fedmesh/fedmesh/cmd/fedmesh-sidecar")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		b.Fatalf("build sidecar: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// haproxyBin returns haproxy's path, installing Debian's package when it is
+// missing and we are root, or "" with the reason.
+func haproxyBin() (string, string) {
+	if p, err := exec.LookPath("haproxy"); err == nil {
+		return p, ""
+	}
+	if os.Getuid() != 0 {
+		return "", "haproxy is not installed and we are not root to apt-get install it"
+	}
+	if out, err := exec.Command("apt-get", "install", "-y", "haproxy").CombinedOutput(); err != nil {
+		return "", fmt.Sprintf("apt-get install -y haproxy: %v: %s", err, out)
+	}
+	p, err := exec.LookPath("haproxy")
+	if err != nil {
+		return "", "haproxy not found after install"
+	}
+	return p, ""
+}
+
+// pemFiles writes the workload's SVID (chain then key) and its trust bundle.
+func pemFiles(b *testing.B, dom *gatewaytest.Domain, dir string) (crt, ca string) {
+	src := dom.Source(b, "web")
+	svid, err := src.GetX509SVID()
+	if err != nil {
+		b.Fatal(err)
+	}
+	certs, key, err := svid.Marshal()
+	if err != nil {
+		b.Fatal(err)
+	}
+	crt = filepath.Join(dir, "svid.pem")
+	if err := os.WriteFile(crt, append(certs, key...), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	bundle, err := src.GetX509BundleForTrustDomain(dom.TD)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var buf bytes.Buffer
+	for _, c := range bundle.X509Authorities() {
+		_ = pem.Encode(&buf, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+	}
+	ca = filepath.Join(dir, "ca.pem")
+	if err := os.WriteFile(ca, buf.Bytes(), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	return crt, ca
+}
+
+// startHAProxyPair runs client-side A (plain in, TLS 1.3 with a client
+// certificate out) and server-side B (TLS in, verifying the client
+// certificate, plain to the app), in mode http or tcp.
+func startHAProxyPair(b *testing.B, bin, mode, dir, crt, ca, app string) (front string, a, bb *proc) {
+	front, mid := freePort(b), freePort(b)
+	reuse := ""
+	if mode == "http" {
+		reuse = "  http-reuse always\n"
+	}
+	common := "global\n  maxconn 4000\n  nbthread 2\ndefaults\n  mode " + mode + "\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n" + reuse
+	cfgA := common + fmt.Sprintf("frontend fa\n  bind %s\n  default_backend ba\nbackend ba\n%s  server b %s ssl crt %s ca-file %s verify required ssl-min-ver TLSv1.3 alpn http/1.1\n",
+		front, reuse, mid, crt, ca)
+	cfgB := common + fmt.Sprintf("frontend fb\n  bind %s ssl crt %s ca-file %s verify required ssl-min-ver TLSv1.3 alpn http/1.1\n  default_backend bb\nbackend bb\n%s  server app %s\n",
+		mid, crt, ca, reuse, app)
+	for name, cfg := range map[string]string{"a-" + mode: cfgA, "b-" + mode: cfgB} {
+		if err := os.WriteFile(filepath.Join(dir, name+".cfg"), []byte(cfg), 0o600); err != nil {
+			b.Fatal(err)
+		}
+	}
+	bb = startProc(b, bin, "-db", "-f", filepath.Join(dir, "b-"+mode+".cfg"))
+	a = startProc(b, bin, "-db", "-f", filepath.Join(dir, "a-"+mode+".cfg"))
+	waitListening(b, mid, bb)
+	waitListening(b, front, a)
+	return front, a, bb
+}
+
+type pathFigures struct {
+	p50, p99, rps float64
+	cpu           time.Duration // of both proxies over the fixed-rate run
+	failed        int
+}
+
+func measure(b *testing.B, addr string, procs ...*proc) pathFigures {
+	for range 50 { // warm connections and pools
+		lc := &loadConn{addr: addr}
+		if _, err := lc.do(); err != nil {
+			b.Fatalf("warm-up request to %s: %v", addr, err)
+		}
+		lc.c.Close()
+	}
+	var cpu0 time.Duration
+	for _, p := range procs {
+		cpu0 += p.cpu()
+	}
+	lat, failed := fixedRate(addr, benchRate, benchConns, fixedFor, nil)
+	var cpu1 time.Duration
+	for _, p := range procs {
+		cpu1 += p.cpu()
+	}
+	rps, f2 := maxRate(addr, benchConns, maxFor)
+	return pathFigures{p50: pct(lat, 0.5), p99: pct(lat, 0.99), rps: rps, cpu: cpu1 - cpu0, failed: failed + f2}
+}
+
+// benchPaths measures one protocol's paths side by side in one run:
+// direct, through two fedmesh sidecars (child processes, mTLS between
+// them), and through two HAProxy instances.
+func benchPaths(b *testing.B, proto string) {
+	if testing.Short() {
+		b.Skip("short")
+	}
+	bin := buildSidecar(b)
+	doms := gatewaytest.Start(b, []string{"west"}, nil)
+	west := doms["west"]
+	dir := b.TempDir()
+	a := startApp(b, "app", "")
+
+	serverIn, clientOut, serverAdmin, clientAdmin := freePort(b), freePort(b), freePort(b), freePort(b)
+	epFile := filepath.Join(dir, "endpoints.json")
+	set := fmt.Sprintf(`[{"namespace":"shop","service":"checkout","port":8080,"clusters":[{"name":"west","endpoints":[{"name":"s","addr":%q,"ready":true}]}]}]`, serverIn)
+	if err := os.WriteFile(epFile, []byte(set), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	server := startProc(b, bin, "--cluster", "west", "--workload-api", west.Addr("web"), "--log-level", "warn",
+		"--inbound", serverIn, "--app", a.addr(), "--admin", serverAdmin)
+	client := startProc(b, bin, "--cluster", "west", "--workload-api", west.Addr("web"), "--log-level", "warn",
+		"--endpoints", epFile, "--upstream", "shop/checkout:8080="+clientOut+","+proto, "--admin", clientAdmin)
+	waitListening(b, serverIn, server)
+	waitListening(b, clientOut, client)
+	time.Sleep(time.Second) // settle before reading idle memory
+	idleRSS := max(client.rssMB(false), server.rssMB(false))
+
+	direct := measure(b, a.addr())
+	side := measure(b, clientOut, client, server)
+	loadRSS := max(client.rssMB(true), server.rssMB(true))
+	if side.failed > 0 {
+		b.Errorf("%d requests failed through the sidecars\nclient: %s\nserver: %s", side.failed, client.log, server.log)
+	}
+	perK := func(cpu time.Duration) float64 { // % of a core per proxy per 1,000 req/s
+		return cpu.Seconds() / fixedFor.Seconds() / 2 / (benchRate / 1000.0) * 100
+	}
+	b.ReportMetric(direct.p50, "direct-p50-ms")
+	b.ReportMetric(direct.p99, "direct-p99-ms")
+	b.ReportMetric(direct.rps, "direct-max-rps")
+	b.ReportMetric(side.p50-direct.p50, "added-p50-ms")
+	b.ReportMetric(side.p99-direct.p99, "added-p99-ms")
+	b.ReportMetric(side.rps, "max-rps")
+	b.ReportMetric(idleRSS, "rss-idle-mb")
+	b.ReportMetric(loadRSS, "rss-2000rps-mb")
+	b.ReportMetric(perK(side.cpu), "cpu-pct-per-1k-rps")
+
+	hp, why := haproxyBin()
+	if hp == "" {
+		b.Logf("HAProxy comparison skipped: %s", why)
+		return
+	}
+	crt, ca := pemFiles(b, west, dir)
+	front, ha, hb := startHAProxyPair(b, hp, proto, dir, crt, ca, a.addr())
+	hap := measure(b, front, ha, hb)
+	if hap.failed > 0 {
+		b.Logf("%d requests failed through HAProxy\nA: %s\nB: %s", hap.failed, ha.log, hb.log)
+	}
+	hAdd50, hAdd99 := hap.p50-direct.p50, hap.p99-direct.p99
+	b.ReportMetric(hAdd50, "haproxy-added-p50-ms")
+	b.ReportMetric(hAdd99, "haproxy-added-p99-ms")
+	b.ReportMetric(hap.rps, "haproxy-max-rps")
+	b.ReportMetric(max(ha.rssMB(true), hb.rssMB(true)), "haproxy-rss-mb")
+	b.ReportMetric(perK(hap.cpu), "haproxy-cpu-pct-per-1k-rps")
+	b.ReportMetric((side.p50-direct.p50)/hAdd50, "added-p50-vs-haproxy")
+	b.ReportMetric((side.p99-direct.p99)/hAdd99, "added-p99-vs-haproxy")
+	b.ReportMetric(side.rps/hap.rps, "max-rps-vs-haproxy")
+}
+
+// BenchmarkSidecarHTTP: client -> sidecar -> sidecar (mTLS) -> server,
+// HTTP/1.1, against direct and an HAProxy pair.
+func BenchmarkSidecarHTTP(b *testing.B) {
+	for b.Loop() {
+		benchPaths(b, "http")
+	}
+}
+
+// BenchmarkSidecarTCP: the same path with the upstream in opaque TCP mode.
+func BenchmarkSidecarTCP(b *testing.B) {
+	for b.Loop() {
+		benchPaths(b, "tcp")
+	}
+}
+
+// BenchmarkSidecarFailover: at a fixed 2,000 req/s through a client sidecar
+// (in process) with two west backends and two east backends behind a real
+// gateway pair, kill both west backends; time from the kill to the first
+// answer from east, and failed requests. Three rounds, with failback
+// between them.
+func BenchmarkSidecarFailover(b *testing.B) {
+	for b.Loop() {
+		benchFailover(b)
+	}
+}
+
+func benchFailover(b *testing.B) {
+	doms := gatewaytest.Start(b, []string{"west", "east"}, [][2]string{{"west", "east"}})
+	west, east := doms["west"], doms["east"]
+	w1 := startBackend(b, west, "west-1", []spiffeid.TrustDomain{east.TD}, nil)
+	w2 := startBackend(b, west, "west-2", []spiffeid.TrustDomain{east.TD}, nil)
+	e1 := startBackend(b, east, "east-1", []spiffeid.TrustDomain{west.TD}, nil)
+	e2 := startBackend(b, east, "east-2", []spiffeid.TrustDomain{west.TD}, nil)
+	eastCat := &gateway.StaticCatalog{}
+	eastCat.Set("shop", "checkout", 8080, gwEndpoints(e1, e2)...)
+	eastGW := startGateway(b, east, eastCat, nil, []spiffeid.TrustDomain{west.TD})
+	westGW := startGateway(b, west, &gateway.StaticCatalog{}, []gateway.Peer{{
+		Cluster: "east", TrustDomain: east.TD, Addrs: []string{eastGW.TunnelAddr().String()},
+	}}, nil)
+	waitFor(b, "west gateway connected to east", 10*time.Second, func() bool { return westGW.ClusterUp("east") })
+	src := &endpoints.Static{}
+	src.Update(endpoints.Set{Namespace: "shop", Service: "checkout", Port: 8080, Clusters: []endpoints.Cluster{
+		{Name: "east", Gateway: true, RTT: endpoints.Duration(time.Millisecond), Endpoints: []endpoints.Endpoint{{Name: "east-1", Ready: true}, {Name: "east-2", Ready: true}}},
+		{Name: "west", Endpoints: eps(w1, w2)},
+	}})
+	client := startSidecar(b, "client", sidecar.Config{
+		Cluster: "west", TrustDomain: west.TD, Federated: []spiffeid.TrustDomain{east.TD},
+		Source: west.Source(b, "web"), Endpoints: src, GatewayEgress: westGW.EgressAddr().String(),
+		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 8080, Listen: "127.0.0.1:0"}},
+	})
+	waitFor(b, "client ready", 5*time.Second, client.Ready)
+	addr := client.UpstreamAddr(0).String()
+
+	var worst time.Duration
+	var failedTotal int
+	for round := range 3 {
+		var mu sync.Mutex
+		var killedAt, firstEast time.Time
+		var fromWestAfterKill int
+		each := func(at time.Time, by string, err error) {
+			mu.Lock()
+			defer mu.Unlock()
+			if killedAt.IsZero() || err != nil {
+				return
+			}
+			if strings.HasPrefix(by, "east-") && firstEast.IsZero() {
+				firstEast = at
+			}
+			if strings.HasPrefix(by, "west-") && at.After(killedAt.Add(50*time.Millisecond)) {
+				fromWestAfterKill++
+			}
+		}
+		done := make(chan int, 1)
+		go func() {
+			_, failed := fixedRate(addr, benchRate, benchConns, 2*time.Second, each)
+			done <- failed
+		}()
+		time.Sleep(700 * time.Millisecond)
+		mu.Lock()
+		killedAt = time.Now()
+		mu.Unlock()
+		w1.kill()
+		w2.kill()
+		failed := <-done
+		failedTotal += failed
+		mu.Lock()
+		if firstEast.IsZero() {
+			b.Fatalf("round %d: no answer from east after the kill", round)
+		}
+		worst = max(worst, firstEast.Sub(killedAt))
+		mu.Unlock()
+		w1 = w1.restart()
+		w2 = w2.restart()
+		waitFor(b, "failback", 10*time.Second, func() bool {
+			lc := &loadConn{addr: addr}
+			by, err := lc.do()
+			if lc.c != nil {
+				lc.c.Close()
+			}
+			return err == nil && strings.HasPrefix(by, "west-") && client.State().Upstreams[0].Loads[0] == 1
+		})
+	}
+	b.ReportMetric(float64(worst)/1e6, "first-remote-ms")
+	b.ReportMetric(float64(failedTotal), "failed-requests")
+}
