@@ -116,7 +116,7 @@ func Start(ctx context.Context, opts Options) (*Federation, error) {
 	if err := validateNames(opts.Clusters); err != nil {
 		return nil, err
 	}
-	kas, err := findKubeAPIServer(opts.KubeAPIServer)
+	kas, err := FindKubeAPIServer(opts.KubeAPIServer)
 	if err != nil {
 		return nil, err
 	}
@@ -228,8 +228,15 @@ func tmpRoot() string {
 	return os.TempDir()
 }
 
-func findKubeAPIServer(explicit string) (string, error) {
+// FindKubeAPIServer returns the kube-apiserver binary to run: explicit if
+// given, else $FEDMESH_KUBE_APISERVER, else bin/kube-apiserver-<KubeVersion>
+// next to the running program or in a bin/ directory above the working
+// directory.
+func FindKubeAPIServer(explicit string) (string, error) {
 	candidates := []string{explicit, os.Getenv("FEDMESH_KUBE_APISERVER")}
+	if exe, err := os.Executable(); err == nil {
+		candidates = append(candidates, filepath.Join(filepath.Dir(exe), "kube-apiserver-"+KubeVersion))
+	}
 	if wd, err := os.Getwd(); err == nil {
 		for dir := wd; ; dir = filepath.Dir(dir) {
 			candidates = append(candidates, filepath.Join(dir, "bin", "kube-apiserver-"+KubeVersion))

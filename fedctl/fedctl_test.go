@@ -88,6 +88,9 @@ func TestUpStatusDrillDown(t *testing.T) {
 		t.Errorf("services %+v", st.Services)
 	}
 
+	if out, code := run("check"); code != 0 || !strings.Contains(out, "federation controller leads") || strings.Contains(out, "FAILED") {
+		t.Errorf("check on a healthy federation: exit %d\n%s", code, out)
+	}
 	if out, code := run("export", "nope", "-n", "demo", "--context", "fedmesh-east"); code != 1 || !strings.Contains(out, "does not exist") {
 		t.Errorf("export of a missing service: exit %d, %q", code, out)
 	}

@@ -234,8 +234,8 @@ func renderLink(in *LinkInput) ([]byte, error) {
 	if len(in.Bundle) > 0 {
 		docs = append(docs, map[string]any{
 			"apiVersion": "v1", "kind": "ConfigMap",
-			"metadata":   map[string]any{"name": "trust-bundle-" + in.ClusterID, "namespace": controlplane.SystemNamespace},
-			"data":       map[string]string{"bundle.spiffe": string(in.Bundle)},
+			"metadata": map[string]any{"name": "trust-bundle-" + in.ClusterID, "namespace": controlplane.SystemNamespace},
+			"data":     map[string]string{"bundle.spiffe": string(in.Bundle)},
 		})
 		if in.BundleEndpoint != "" {
 			docs = append(docs, map[string]any{

@@ -74,7 +74,7 @@ member cluster.`,
 	pf.StringVar(&g.kubeconfig, "kubeconfig", "", "kubeconfig of a federation not started by fedctl up (default: the local federation's)")
 	pf.StringSliceVar(&g.contexts, "context", nil, "kubeconfig contexts of the member clusters (repeatable; default: every context)")
 	root.AddCommand(newUpCommand(g), newDownCommand(g), newSuperviseCommand(g), newStatusCommand(g),
-		newExportCommand(g), newUnexportCommand(g), newDrillCommand(g), newLinkCommand(g))
+		newExportCommand(g), newUnexportCommand(g), newDrillCommand(g), newLinkCommand(g), newCheckCommand(g))
 	return root
 }
 
