@@ -43,9 +43,9 @@ func (s *syncBuffer) String() string {
 // app is a workload's HTTP server on loopback. It answers 1 KiB with the
 // header X-Served-By, or the status in fail when that is not zero.
 type app struct {
-	name string
-	ln   net.Listener
-	srv  *http.Server
+	name  string
+	ln    net.Listener
+	srv   *http.Server
 	hits  atomic.Int64
 	fail  atomic.Int32
 	delay atomic.Int64 // nanoseconds before answering

@@ -21,6 +21,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -190,8 +191,9 @@ type Sidecar struct {
 	gw     *gateway.Client
 	gwErr  error
 
-	mu    sync.Mutex
-	conns map[net.Conn]struct{} // every proxied connection, closed on shutdown
+	closed atomic.Bool
+	mu     sync.Mutex
+	conns  map[net.Conn]struct{} // every proxied connection, closed on shutdown
 }
 
 // New validates cfg and binds the sidecar's listeners; Run serves them.
@@ -307,6 +309,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 }
 
 func (s *Sidecar) closeAll() {
+	s.closed.Store(true)
 	for _, u := range s.upstreams {
 		_ = u.ln.Close()
 		u.closeIdle()

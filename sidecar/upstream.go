@@ -91,6 +91,9 @@ func (u *upstream) apply(set endpoints.Set) {
 			t = &balancer.Target{Name: name, Cluster: c.Name, Addr: addr, Gateway: c.Gateway, Outlier: g.Add(name)}
 			t.Data = &pool{max: u.s.cfg.MaxIdlePerTarget}
 			u.targets[key] = t
+			if c.Gateway && c.Name != local {
+				go u.prewarm(t)
+			}
 		}
 		t.Priority = prio
 		t.Ready.Store(ready)
@@ -126,6 +129,23 @@ func (u *upstream) apply(set endpoints.Set) {
 	u.picker.Set(list)
 	u.ready.Store(true)
 	u.s.log.Info("endpoints updated", "upstream", u.cfg.String(), "targets", len(list))
+}
+
+// prewarm opens one connection to a remote cluster through the gateway
+// ahead of need: the QUIC connection to the gateway and the end-to-end
+// handshake are then already done when the local endpoints fail.
+func (u *upstream) prewarm(t *balancer.Target) {
+	c, err := u.dial(context.Background(), t)
+	if err != nil {
+		u.s.log.Debug("prewarm", "upstream", u.cfg.String(), "cluster", t.Cluster, "err", err)
+		return
+	}
+	uc := &upConn{Conn: c, br: bufio.NewReaderSize(c, 4096), bw: bufio.NewWriterSize(c, 4096)}
+	if u.s.closed.Load() {
+		_ = c.Close()
+		return
+	}
+	t.Data.(*pool).put(uc)
 }
 
 func (u *upstream) outlierConfig(cluster string) health.Config {

@@ -1,0 +1,153 @@
+// Package discoverysource makes the federation controller's discovery API
+// an endpoints.Source for the sidecar: one gRPC Watch stream per service,
+// mapped onto the sidecar's Set, reconnected with jittered backoff. While the
+// controller is away the sidecar keeps the last Set it received: a broken
+// stream is never turned into "no endpoints".
+package discoverysource
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"strconv"
+	"time"
+
+	"google.golang.org/grpc"
+
+	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
+	"github.com/fedmesh/fedmesh/sidecar/endpoints"
+)
+
+// Source is an endpoints.Source backed by a discovery API connection.
+type Source struct {
+	client pb.DiscoveryClient
+	log    *slog.Logger
+	// Backoff bounds between reconnections; zero values mean 100ms and 5s.
+	MinBackoff, MaxBackoff time.Duration
+}
+
+var _ endpoints.Source = (*Source)(nil)
+
+// New wraps a gRPC connection to the controller (its credentials are the
+// caller's business: SPIFFE mTLS in a real deployment).
+func New(conn grpc.ClientConnInterface, log *slog.Logger) *Source {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Source{client: pb.NewDiscoveryClient(conn), log: log}
+}
+
+// Watch implements endpoints.Source.
+func (s *Source) Watch(ctx context.Context, ns, name string) (<-chan endpoints.Set, error) {
+	out := make(chan endpoints.Set, 1)
+	go s.run(ctx, ns, name, out)
+	return out, nil
+}
+
+func (s *Source) run(ctx context.Context, ns, name string, out chan endpoints.Set) {
+	minB, maxB := s.MinBackoff, s.MaxBackoff
+	if minB <= 0 {
+		minB = 100 * time.Millisecond
+	}
+	if maxB <= 0 {
+		maxB = 5 * time.Second
+	}
+	backoff := minB
+	for ctx.Err() == nil {
+		received, err := s.stream(ctx, ns, name, out)
+		if ctx.Err() != nil {
+			return
+		}
+		if received {
+			backoff = minB
+		}
+		s.log.Warn("discovery stream ended; keeping the last endpoints and reconnecting",
+			"service", ns+"/"+name, "err", err, "backoff", backoff)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff/2 + rand.N(backoff/2+1)):
+		}
+		backoff = min(2*backoff, maxB)
+	}
+}
+
+// stream runs one Watch; it reports whether any set arrived.
+func (s *Source) stream(ctx context.Context, ns, name string, out chan endpoints.Set) (bool, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	st, err := s.client.Watch(ctx, &pb.WatchRequest{Namespace: ns, Service: name})
+	if err != nil {
+		return false, err
+	}
+	received := false
+	for {
+		set, err := st.Recv()
+		if err != nil {
+			return received, err
+		}
+		received = true
+		publish(out, Convert(set))
+	}
+}
+
+// publish replaces whatever the reader has not taken yet: newest wins.
+func publish(out chan endpoints.Set, set endpoints.Set) {
+	for {
+		select {
+		case out <- set:
+			return
+		default:
+			select {
+			case <-out:
+			default:
+			}
+		}
+	}
+}
+
+// Convert maps a discovery EndpointSet onto the sidecar's Set. The service
+// port is the first port of the set (sidecars address one port per
+// upstream). Local endpoints are dialed at their address and the target port
+// of that service port (matched by name, else the endpoint's first port);
+// remote clusters are reached through the local gateway, so their endpoints
+// only carry readiness.
+func Convert(in *pb.EndpointSet) endpoints.Set {
+	out := endpoints.Set{Namespace: in.GetNamespace(), Service: in.GetService()}
+	var portName string
+	if len(in.GetPorts()) > 0 {
+		out.Port = uint16(in.GetPorts()[0].GetPort())
+		portName = in.GetPorts()[0].GetName()
+	}
+	for _, cl := range in.GetClusters() {
+		c := endpoints.Cluster{Name: cl.GetName(), Gateway: !cl.GetLocal(), Endpoints: []endpoints.Endpoint{}}
+		for i, e := range cl.GetEndpoints() {
+			ep := endpoints.Endpoint{Name: fmt.Sprintf("%s/%d", cl.GetName(), i), Ready: e.GetReady() && !e.GetTerminating()}
+			if cl.GetLocal() {
+				if port := targetPort(e, portName); port > 0 {
+					ep.Addr = net.JoinHostPort(e.GetAddress(), strconv.Itoa(int(port)))
+				} else {
+					continue // no port to dial
+				}
+				ep.Name = ep.Addr
+			}
+			c.Endpoints = append(c.Endpoints, ep)
+		}
+		out.Clusters = append(out.Clusters, c)
+	}
+	return out
+}
+
+func targetPort(e *pb.Endpoint, name string) int32 {
+	for _, p := range e.GetPorts() {
+		if p.GetName() == name {
+			return p.GetPort()
+		}
+	}
+	if len(e.GetPorts()) > 0 {
+		return e.GetPorts()[0].GetPort()
+	}
+	return 0
+}

@@ -1,0 +1,125 @@
+package discoverysource
+
+import (
+	"context"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
+	"github.com/fedmesh/fedmesh/sidecar/endpoints"
+)
+
+func TestConvert(t *testing.T) {
+	in := &pb.EndpointSet{Namespace: "demo", Service: "echo", LocalCluster: "east", Imported: true,
+		Ports: []*pb.Port{{Name: "http", Protocol: "TCP", Port: 80}},
+		Clusters: []*pb.Cluster{
+			{Name: "east", Local: true, Endpoints: []*pb.Endpoint{
+				{Address: "127.0.0.10", Ready: true, Ports: []*pb.Port{{Name: "metrics", Port: 9090}, {Name: "http", Port: 15006}}},
+				{Address: "127.0.0.11", Ready: true, Terminating: true, Ports: []*pb.Port{{Name: "http", Port: 15006}}},
+				{Address: "127.0.0.12", Ready: true}, // no port: cannot be dialed
+			}},
+			{Name: "west", Stale: true, Endpoints: []*pb.Endpoint{{Address: "10.2.0.1", Ready: true}, {Address: "10.2.0.2"}}},
+		}}
+	want := endpoints.Set{Namespace: "demo", Service: "echo", Port: 80, Clusters: []endpoints.Cluster{
+		{Name: "east", Endpoints: []endpoints.Endpoint{
+			{Name: "127.0.0.10:15006", Addr: "127.0.0.10:15006", Ready: true},
+			{Name: "127.0.0.11:15006", Addr: "127.0.0.11:15006", Ready: false},
+		}},
+		{Name: "west", Gateway: true, Endpoints: []endpoints.Endpoint{{Name: "west/0", Ready: true}, {Name: "west/1"}}},
+	}}
+	if diff := cmp.Diff(want, Convert(in)); diff != "" {
+		t.Errorf("(-want +got):\n%s", diff)
+	}
+}
+
+// server is a discovery server on a real gRPC listener whose sets the test
+// pushes.
+type server struct {
+	pb.UnimplementedDiscoveryServer
+	sets chan *pb.EndpointSet
+}
+
+func (s *server) Watch(_ *pb.WatchRequest, st pb.Discovery_WatchServer) error {
+	for {
+		select {
+		case <-st.Context().Done():
+			return nil
+		case set, ok := <-s.sets:
+			if !ok {
+				return nil
+			}
+			if err := st.Send(set); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func serve(t *testing.T, addr string, s *server) (*grpc.Server, string) {
+	t.Helper()
+	var ln net.Listener
+	var err error
+	for range 50 { // the port of a stopped server may take a moment to free
+		if ln, err = net.Listen("tcp", addr); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	pb.RegisterDiscoveryServer(g, s)
+	go g.Serve(ln)
+	return g, ln.Addr().String()
+}
+
+// TestKeepsLastSetAcrossOutage: sets arrive; the controller goes away and
+// nothing is delivered (not an empty set); it comes back and the new set
+// arrives on the same channel.
+func TestKeepsLastSetAcrossOutage(t *testing.T) {
+	srv := &server{sets: make(chan *pb.EndpointSet, 4)}
+	g, addr := serve(t, "127.0.0.1:0", srv)
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	src := New(conn, nil)
+	src.MinBackoff, src.MaxBackoff = 20*time.Millisecond, 100*time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	ch, _ := src.Watch(ctx, "demo", "echo")
+
+	mk := func(ready bool) *pb.EndpointSet {
+		return &pb.EndpointSet{Namespace: "demo", Service: "echo", Ports: []*pb.Port{{Name: "http", Port: 80}},
+			Clusters: []*pb.Cluster{{Name: "east", Local: true, Endpoints: []*pb.Endpoint{{Address: "127.0.0.1", Ready: ready, Ports: []*pb.Port{{Name: "http", Port: 8080}}}}}}}
+	}
+	srv.sets <- mk(true)
+	if got := <-ch; !got.Clusters[0].Endpoints[0].Ready {
+		t.Fatalf("first set %+v", got)
+	}
+	g.Stop()
+	select {
+	case got := <-ch:
+		t.Fatalf("a set was delivered while the controller was away: %+v", got)
+	case <-time.After(300 * time.Millisecond):
+	}
+	srv2 := &server{sets: make(chan *pb.EndpointSet, 4)}
+	g2, _ := serve(t, addr, srv2)
+	defer g2.Stop()
+	srv2.sets <- mk(false)
+	select {
+	case got := <-ch:
+		if got.Clusters[0].Endpoints[0].Ready {
+			t.Fatalf("after reconnect: %+v", got)
+		}
+	case <-ctx.Done():
+		t.Fatal("no set after the controller came back")
+	}
+}
