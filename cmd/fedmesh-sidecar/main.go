@@ -5,6 +5,14 @@
 package main
 
 import (
+	"net"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/fedmesh/fedmesh/sidecar/discoverysource"
+
 	"context"
 	"errors"
 	"flag"
@@ -66,6 +74,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		federated  = fs.String("federated", "", "comma-separated federated trust domains")
 		wapi       = fs.String("workload-api", "", "Workload API address (default $"+mtls.EndpointSocketEnv+")")
 		epFile     = fs.String("endpoints", "", "JSON file of endpoint sets (static source)")
+		disco      = fs.String("discovery", "", "federation controller's discovery API (host:port); SPIFFE mTLS unless the address is loopback")
 		inbound    = fs.String("inbound", "", "mTLS inbound listen address; empty disables inbound")
 		app        = fs.String("app", "", "app address on localhost, e.g. 127.0.0.1:8080")
 		egress     = fs.String("gateway-egress", "", "local gateway egress address (UDP)")
@@ -122,6 +131,9 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		}
 		cfg.Upstreams = append(cfg.Upstreams, u)
 	}
+	if *epFile != "" && *disco != "" {
+		return errors.New("--endpoints and --discovery are exclusive: give one source of endpoints")
+	}
 	if *epFile != "" {
 		if cfg.Endpoints, err = endpoints.FromFile(*epFile); err != nil {
 			return err
@@ -139,9 +151,32 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	defer src.Close()
 	cfg.Source = src
+	if *disco != "" {
+		creds := insecure.NewCredentials()
+		if !isLoopback(*disco) {
+			creds = credentials.NewTLS(mtls.ClientConfig(src, mtls.MemberOf(cfg.TrustDomain)))
+		}
+		conn, err := grpc.NewClient(*disco, grpc.WithTransportCredentials(creds))
+		if err != nil {
+			return fmt.Errorf("--discovery: %w", err)
+		}
+		defer conn.Close()
+		cfg.Endpoints = discoverysource.New(conn, log)
+	}
 	sc, err := sidecar.New(cfg)
 	if err != nil {
 		return err
 	}
 	return sc.Run(ctx)
+}
+
+// isLoopback reports whether a host:port names a loopback address, the only
+// place the discovery API may be reached without SPIFFE mTLS.
+func isLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	ip := net.ParseIP(host)
+	return host == "localhost" || (ip != nil && ip.IsLoopback())
 }
