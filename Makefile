@@ -13,12 +13,12 @@ export FEDMESH_KUBE_APISERVER := $(KUBE_APISERVER)
 
 all: build
 
-## deps: install etcd (Debian etcd-server) and build kube-apiserver $(KUBE_VERSION) into bin/ (cached by version).
-deps: $(KUBE_APISERVER) etcd
+## deps: install etcd and iproute2 (Debian packages) and build kube-apiserver $(KUBE_VERSION) into bin/ (cached by version).
+deps: $(KUBE_APISERVER) debian-deps
 
-.PHONY: etcd
-etcd:
-	@command -v etcd >/dev/null 2>&1 || scripts/install-etcd.sh
+.PHONY: debian-deps
+debian-deps:
+	@scripts/install-deps.sh
 
 $(KUBE_APISERVER): tools/kube-apiserver/go.mod tools/kube-apiserver/go.sum
 	@mkdir -p $(BIN)
@@ -65,10 +65,11 @@ e2e: deps
 demo: deps build
 	@$(BIN)/fedctl down >/dev/null 2>&1 || true
 	$(BIN)/fedctl up
-	$(BIN)/fedctl drill peer-apiserver-down --cluster west
+	$(BIN)/fedctl drill kill-local-endpoints --cluster east
 	$(BIN)/fedctl status
 	@echo
-	@echo "The federation keeps running. Try: bin/fedctl status, bin/fedctl --help; stop it with: bin/fedctl down"
+	@echo "The federation keeps running. Try: curl http://198.18.1.100:8080/ (east's client sidecar; as root),"
+	@echo "bin/fedctl status, bin/fedctl drill --help; stop it with: bin/fedctl down"
 
 clean:
 	rm -rf $(BIN) .cache

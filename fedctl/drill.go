@@ -65,7 +65,7 @@ with the sidecar.`,
 		Example: `  fedctl drill peer-apiserver-down --cluster west
   fedctl drill peer-apiserver-down --cluster north --max-detection 1s -o json --junit drill.xml`,
 	}
-	cmd.AddCommand(newPeerAPIServerDownDrill(g), newWANPartitionDrill(g))
+	cmd.AddCommand(newPeerAPIServerDownDrill(g), newWANPartitionDrill(g), newKillLocalEndpointsDrill(g))
 	return cmd
 }
 

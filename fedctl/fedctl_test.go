@@ -3,6 +3,8 @@ package fedctl_test
 import (
 	"bytes"
 	"encoding/json"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,7 +23,7 @@ func TestUpStatusDrillDown(t *testing.T) {
 		t.Skip("needs /proc")
 	}
 	bin := t.TempDir()
-	for _, c := range []string{"fedctl", "fedmesh-controller", "fedmesh-issuer", "fedmesh-gateway"} {
+	for _, c := range []string{"fedctl", "fedmesh-controller", "fedmesh-issuer", "fedmesh-gateway", "fedmesh-sidecar", "fedmesh-echo"} {
 		if out, err := exec.Command("go", "build", "-o", filepath.Join(bin, c), "github.com/fedmesh/fedmesh/cmd/"+c).CombinedOutput(); err != nil {
 			t.Fatalf("build %s: %v\n%s", c, err, out)
 		}
@@ -128,6 +130,41 @@ func TestUpStatusDrillDown(t *testing.T) {
 		t.Logf("drill: %s = %.1f %s (objective %s)", r.Figure, r.Value, r.Unit, r.Objective)
 	}
 
+	if os.Geteuid() == 0 {
+		// Pod networks exist: traffic through the mesh, and the failover drill.
+		state, err := localfed.ReadState(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range state.Clusters {
+			if len(c.Workloads) == 0 || c.Workloads[0].Outbound == "" {
+				t.Fatalf("cluster %s has no client sidecar: %+v", c.Name, c.Workloads)
+			}
+			resp, err := http.Get(c.Workloads[0].Outbound + "/")
+			if err != nil {
+				t.Fatalf("curl through %s's client sidecar: %v", c.Name, err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 || !strings.Contains(string(body), `"cluster":"`+c.Name+`"`) {
+				t.Errorf("through %s's client sidecar: %d %s (want an answer from %s)", c.Name, resp.StatusCode, body, c.Name)
+			}
+		}
+		out, code = run("drill", "kill-local-endpoints", "--cluster", "east", "--hold", "2s", "-o", "json")
+		if code != 0 {
+			t.Fatalf("kill-local-endpoints drill: exit %d\n%s", code, out)
+		}
+		rep = fedctl.DrillReport{}
+		if err := json.Unmarshal([]byte(out), &rep); err != nil || !rep.Passed {
+			t.Errorf("kill-local-endpoints report %+v (%v)", rep, err)
+		}
+		for _, r := range rep.Results {
+			t.Logf("drill: %s = %.1f %s (objective %s)", r.Figure, r.Value, r.Unit, r.Objective)
+		}
+	} else {
+		t.Log("not root: no pod networks, so no sample workloads and no kill-local-endpoints drill")
+	}
+
 	state, err := localfed.ReadState(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -140,6 +177,9 @@ func TestUpStatusDrillDown(t *testing.T) {
 	}
 	if _, err := os.Stat(state.EtcdDir); !os.IsNotExist(err) {
 		t.Errorf("etcd data %s left after down (%v)", state.EtcdDir, err)
+	}
+	if ns := localfed.Namespaces(dir); len(ns) != 0 {
+		t.Errorf("network namespaces left after down: %v", ns)
 	}
 	if _, err := os.Stat(filepath.Join(dir, localfed.SocketFile)); !os.IsNotExist(err) {
 		t.Errorf("control socket left after down")

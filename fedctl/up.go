@@ -94,6 +94,15 @@ func runUp(ctx context.Context, g *globals, clusters []string, timeout time.Dura
 			fmt.Fprintf(g.out, "Federation ready in %s.\n\n", time.Since(start).Round(100*time.Millisecond))
 			fmt.Fprintf(g.out, "  kubeconfig:  %s (contexts %s)\n", filepath.Join(dir, localfed.KubeconfigFile), contexts(clusters))
 			fmt.Fprintf(g.out, "  components:  %s\n", filepath.Join(dir, localfed.StateFile))
+			if st, err := localfed.ReadState(dir); err == nil {
+				for _, c := range st.Clusters {
+					for _, w := range c.Workloads {
+						if w.Outbound != "" {
+							fmt.Fprintf(g.out, "  %-11s  curl %s/   (demo/echo through %s's client sidecar)\n", "mesh:", w.Outbound, c.Name)
+						}
+					}
+				}
+			}
 			fmt.Fprintf(g.out, "  next:        fedctl status --dir %s\n", dir)
 			return nil
 		}
@@ -203,6 +212,9 @@ func newDownCommand(g *globals) *cobra.Command {
 			}
 			if left := localfed.KillLeftovers(dir, st); len(left) > 0 {
 				return fmt.Errorf("could not stop processes %v", left)
+			}
+			if left := localfed.DeleteNamespaces(dir); len(left) > 0 {
+				return fmt.Errorf("could not delete network namespaces %v", left)
 			}
 			if st != nil && st.EtcdDir != "" && strings.HasPrefix(st.EtcdDir, "/dev/shm/") {
 				os.RemoveAll(st.EtcdDir)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"path/filepath"
 	"strconv"
@@ -80,10 +81,10 @@ func startGateways(ctx context.Context, bin string, ms []*member) (*wan, error) 
 		for range GatewayReplicas {
 			var p ports
 			var err error
-			if p.tunnel, err = freeUDPPort(); err != nil {
+			if p.tunnel, err = freeUDPPort("127.0.0.1"); err != nil {
 				return nil, err
 			}
-			if p.egress, err = freeUDPPort(); err != nil {
+			if p.egress, err = freeUDPPort(m.listenAddr()); err != nil {
 				return nil, err
 			}
 			if p.admin, err = controlplane.FreePort("127.0.0.1"); err != nil {
@@ -123,7 +124,7 @@ func startGateways(ctx context.Context, bin string, ms []*member) (*wan, error) 
 		}
 		var egress []string
 		for i, p := range alloc[m.state.Name] {
-			g := Gateway{Tunnel: "127.0.0.1:" + strconv.Itoa(p.tunnel), Egress: "127.0.0.1:" + strconv.Itoa(p.egress), Admin: "http://127.0.0.1:" + strconv.Itoa(p.admin)}
+			g := Gateway{Tunnel: "127.0.0.1:" + strconv.Itoa(p.tunnel), Egress: net.JoinHostPort(m.listenAddr(), strconv.Itoa(p.egress)), Admin: "http://127.0.0.1:" + strconv.Itoa(p.admin)}
 			args := append([]string{
 				"--cluster", m.state.Name, "--trust-domain", m.state.TrustDomain,
 				"--kubeconfig", m.cp.Kubeconfig,

@@ -36,7 +36,9 @@ func Leftovers(dir string, st *State) []int {
 			continue
 		}
 		cmd := strings.ReplaceAll(string(b), "\x00", " ")
-		if slices.ContainsFunc(marks, func(m string) bool { return strings.Contains(cmd, m) }) {
+		env, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "environ"))
+		inherited := slices.Contains(strings.Split(string(env), "\x00"), dirEnv+"="+dir)
+		if inherited || slices.ContainsFunc(marks, func(m string) bool { return strings.Contains(cmd, m) }) {
 			out = append(out, pid)
 		}
 	}

@@ -51,17 +51,27 @@ type Cluster struct {
 	BundleEndpoint    string `json:"bundleEndpoint"`
 	Bundle            string `json:"bundleFile"`
 	ControllerAdmin   string `json:"controllerAdmin"`
+	Discovery         string `json:"discovery"`
+	// PodNetwork and NetworkNamespace are set when the sample pods run in
+	// a network namespace of their own (root only).
+	PodNetwork       string `json:"podNetwork,omitempty"`
+	NetworkNamespace string `json:"networkNamespace,omitempty"`
 	// Gateways and Workloads are filled in as those components land.
 	Gateways  []Gateway  `json:"gateways"`
 	Workloads []Workload `json:"workloads"`
 }
 
-// Workload is a sample workload and the host address of its sidecar's
-// outbound listener.
+// Workload is a sample workload: the client's sidecar outbound listener
+// (curl it to go through the mesh) or an echo pod's sidecar inbound.
 type Workload struct {
 	Name     string `json:"name"`
-	Outbound string `json:"outbound"`
+	Outbound string `json:"outbound,omitempty"`
+	Inbound  string `json:"inbound,omitempty"`
 }
+
+// dirEnv names the federation's directory in the environment of every
+// process the supervisor starts.
+const dirEnv = "FEDMESH_LOCALFED_DIR"
 
 // ErrNotRunning says there is no local federation in the directory.
 var ErrNotRunning = errors.New("no local federation is running")
@@ -132,8 +142,8 @@ func FindBinary(name string) (string, error) {
 	return "", fmt.Errorf("%s not found next to this program or on PATH: run `make build` and use bin/fedctl", name)
 }
 
-func freeUDPPort() (int, error) {
-	c, err := net.ListenPacket("udp", "127.0.0.1:0")
+func freeUDPPort(host string) (int, error) {
+	c, err := net.ListenPacket("udp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		return 0, fmt.Errorf("find a free udp port: %w", err)
 	}

@@ -52,6 +52,17 @@ type member struct {
 	issuer     *controlplane.Process
 	controller *controlplane.Process
 	gateways   []*controlplane.Process
+	discovery  string // host:port of the controller's discovery API
+	net        *netns // the cluster's pod network; nil without root
+}
+
+// listenAddr is where components that pods must reach listen: the host end
+// of the cluster's veth pair, or loopback when there is no pod network.
+func (m *member) listenAddr() string {
+	if m.net != nil {
+		return m.net.hostAddr()
+	}
+	return "127.0.0.1"
 }
 
 // Supervise starts the local federation, writes its state, serves the
@@ -77,6 +88,9 @@ func Supervise(ctx context.Context, opts Options) (err error) {
 	if pid := RunningPID(opts.Dir); pid != 0 && pid != os.Getpid() {
 		return fmt.Errorf("a local federation is already running in %s (supervisor pid %d)", opts.Dir, pid)
 	}
+	// Every child inherits this, so fedctl down can find any process of this
+	// federation, even one in a network namespace.
+	os.Setenv(dirEnv, opts.Dir)
 	pidPath := filepath.Join(opts.Dir, PIDFile)
 	if err := os.WriteFile(pidPath, []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
 		return err
@@ -94,10 +108,13 @@ func Supervise(ctx context.Context, opts Options) (err error) {
 	if err != nil {
 		return err
 	}
-	gatewayBin, err := FindBinary("fedmesh-gateway")
-	if err != nil {
-		return err
+	bins := map[string]string{}
+	for _, b := range []string{"fedmesh-gateway", "fedmesh-sidecar", "fedmesh-echo"} {
+		if bins[b], err = FindBinary(b); err != nil {
+			return err
+		}
 	}
+	gatewayBin := bins["fedmesh-gateway"]
 
 	start := time.Now()
 	step("starting etcd and %d kube-apiservers (%s)", len(opts.Clusters), strings.Join(opts.Clusters, ", "))
@@ -140,6 +157,23 @@ func Supervise(ctx context.Context, opts Options) (err error) {
 		}
 	}()
 
+	if canNetns() {
+		slot, err := freeSlot(len(members))
+		if err != nil {
+			return err
+		}
+		for i, m := range members {
+			if m.net, err = createNetns(opts.Dir, slot, i, podHosts()); err != nil {
+				return fmt.Errorf("cluster %s: pod network: %w", m.state.Name, err)
+			}
+			defer m.net.delete()
+			m.state.PodNetwork = m.net.prefix + "0/24"
+			m.state.NetworkNamespace = m.net.name
+		}
+		step("pod networks: one network namespace per cluster, 198.18.%d.0/24 onwards", 8*slot+1)
+	} else {
+		step("not root (or no iproute2): no pod networks, so no sample workloads; everything else runs on loopback")
+	}
 	step("starting SPIFFE issuers (trust domains %s)", strings.Join(trustDomains(members), ", "))
 	if err := startIssuers(ctx, issuerBin, members); err != nil {
 		return err
@@ -166,12 +200,28 @@ func Supervise(ctx context.Context, opts Options) (err error) {
 			return fmt.Errorf("cluster %s: %w", m.state.Name, err)
 		}
 	}
+	var wls []*workloads
+	if members[0].net != nil {
+		step("starting sample workloads: %d echo pods and a client per cluster, each with a sidecar, in the pod networks", EchoReplicas)
+		wls, err = startWorkloads(ctx, members, bins)
+		defer func() {
+			for _, w := range wls {
+				w.stopAll()
+			}
+		}()
+		if err != nil {
+			return err
+		}
+		if err := waitSidecars(ctx, wls, 30*time.Second); err != nil {
+			return err
+		}
+	}
 
 	st := &State{Dir: opts.Dir, ClusterSet: opts.ClusterSet, Kubeconfig: kcPath, Supervisor: os.Getpid(), EtcdDir: cp.EtcdDir()}
 	for _, m := range members {
 		st.Clusters = append(st.Clusters, m.state)
 	}
-	srv, err := serveControl(opts.Dir, members, w, log)
+	srv, err := serveControl(opts.Dir, members, w, wls, log)
 	if err != nil {
 		return err
 	}
@@ -229,6 +279,7 @@ func startIssuers(ctx context.Context, bin string, ms []*member) error {
 		m.state.BundleEndpoint = "https://127.0.0.1:" + strconv.Itoa(port)
 		entries := map[string]any{"entries": []map[string]any{
 			{"spiffeID": "spiffe://" + m.state.TrustDomain + "/ns/fedmesh-system/sa/gateway", "socket": filepath.Join(m.dir, "gateway.sock")},
+			{"spiffeID": "spiffe://" + m.state.TrustDomain + "/ns/fedmesh-system/sa/fedmesh-controller", "socket": filepath.Join(m.dir, "controller.sock")},
 			{"spiffeID": "spiffe://" + m.state.TrustDomain + "/ns/demo/sa/echo", "socket": filepath.Join(m.dir, "echo.sock")},
 			{"spiffeID": "spiffe://" + m.state.TrustDomain + "/ns/demo/sa/client", "socket": filepath.Join(m.dir, "client.sock")},
 		}}
@@ -294,7 +345,14 @@ func startControllers(ctx context.Context, bin string, ms []*member) error {
 			return err
 		}
 		m.state.ControllerAdmin = "http://127.0.0.1:" + strconv.Itoa(port)
-		a := []string{"--kubeconfig", m.cp.Kubeconfig, "--metrics-addr", "127.0.0.1:" + strconv.Itoa(port),
+		dport, err := controlplane.FreePort(m.listenAddr())
+		if err != nil {
+			return err
+		}
+		m.discovery = net.JoinHostPort(m.listenAddr(), strconv.Itoa(dport))
+		m.state.Discovery = m.discovery
+		a := []string{"--kubeconfig", m.cp.Kubeconfig, "--metrics-addr", "127.0.0.1:" + strconv.Itoa(port), "--discovery-addr", m.discovery,
+			"--spiffe-socket", "unix://" + filepath.Join(m.dir, "controller.sock"),
 			"--peer-probe-interval", "500ms", "--leader-election-identity", m.state.Name + "-0"}
 		for _, p := range ms {
 			if p != m {
@@ -354,7 +412,7 @@ func waitFile(ctx context.Context, path string, timeout time.Duration, p *contro
 
 // serveControl serves the drills' requests on a unix socket in the state
 // directory: kill or start a cluster's API server.
-func serveControl(dir string, ms []*member, w *wan, log *slog.Logger) (*http.Server, error) {
+func serveControl(dir string, ms []*member, w *wan, wls []*workloads, log *slog.Logger) (*http.Server, error) {
 	path := filepath.Join(dir, SocketFile)
 	os.Remove(path)
 	ln, err := net.Listen("unix", path)
@@ -406,6 +464,34 @@ func serveControl(dir string, ms []*member, w *wan, log *slog.Logger) (*http.Ser
 		log.Info("wan faults", "a", r.PathValue("a"), "b", r.PathValue("b"), "faults", fmt.Sprintf("%+v", f))
 		fmt.Fprintln(rw, "ok")
 	})
+	mux.HandleFunc("POST /clusters/{name}/echo/{action}", func(rw http.ResponseWriter, r *http.Request) {
+		var wl *workloads
+		for _, x := range wls {
+			if x.m.state.Name == r.PathValue("name") {
+				wl = x
+			}
+		}
+		if wl == nil {
+			http.Error(rw, fmt.Sprintf("no cluster %q in this federation", r.PathValue("name")), http.StatusNotFound)
+			return
+		}
+		var err error
+		switch r.PathValue("action") {
+		case "kill":
+			err = wl.setEcho(r.Context(), false)
+		case "start":
+			err = wl.setEcho(r.Context(), true)
+		default:
+			http.Error(rw, "unknown action (kill, start)", http.StatusBadRequest)
+			return
+		}
+		if err != nil {
+			http.Error(rw, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		log.Info("drill action", "cluster", r.PathValue("name"), "echo", r.PathValue("action"))
+		fmt.Fprintln(rw, "ok")
+	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -413,6 +499,11 @@ func serveControl(dir string, ms []*member, w *wan, log *slog.Logger) (*http.Ser
 		}
 	}()
 	return srv, nil
+}
+
+// EchoControl kills or starts every echo pod of a cluster ("kill", "start").
+func EchoControl(ctx context.Context, dir, cluster, action string) error {
+	return post(ctx, dir, "/clusters/"+cluster+"/echo/"+action, nil)
 }
 
 // Control sends a drill action to the supervisor of dir: "kill" or "start"
@@ -450,6 +541,7 @@ func post(ctx context.Context, dir, path string, body []byte) error {
 	}
 	return nil
 }
+
 // waitPeers waits until every controller reports every peer reachable.
 func waitPeers(ctx context.Context, ms []*member, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
@@ -521,6 +613,38 @@ func exportSample(ctx context.Context, cfg *rest.Config) error {
 	se := &mcsv1beta1.ServiceExport{ObjectMeta: metav1.ObjectMeta{Name: "echo", Namespace: "demo"}}
 	if _, err := mcs.MulticlusterV1beta1().ServiceExports("demo").Create(ctx, se, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		return err
+	}
+	return nil
+}
+
+// waitSidecars waits until every sidecar answers /ready on its admin address.
+func waitSidecars(ctx context.Context, wls []*workloads, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for _, w := range wls {
+		for _, p := range append(append([]*pod{}, w.echo...), w.client) {
+			url := "http://" + net.JoinHostPort(p.addr, strconv.Itoa(adminPort)) + "/ready"
+			for {
+				req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+				resp, err := http.DefaultClient.Do(req)
+				if err == nil {
+					resp.Body.Close()
+					if resp.StatusCode == http.StatusOK {
+						break
+					}
+				}
+				if p.sidecar.Exited() {
+					return fmt.Errorf("sidecar of %s/%s exited: %s", w.m.state.Name, p.name, p.sidecar.Tail())
+				}
+				if time.Now().After(deadline) {
+					return fmt.Errorf("sidecar of %s/%s not ready after %s: %s", w.m.state.Name, p.name, timeout, p.sidecar.Tail())
+				}
+				select {
+				case <-ctx.Done():
+					return ctx.Err()
+				case <-time.After(50 * time.Millisecond):
+				}
+			}
+		}
 	}
 	return nil
 }

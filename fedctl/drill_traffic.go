@@ -1,0 +1,214 @@
+package fedctl
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/fedmesh/fedmesh/localfed"
+)
+
+// sample is one request of a drill's load.
+type sample struct {
+	start, end time.Time
+	ok         bool
+	servedBy   string
+}
+
+// load sends GETs at a fixed rate to url until ctx ends, at most max in
+// flight, each with a timeout; it returns every sample.
+func load(ctx context.Context, url string, rate int, timeout time.Duration) []sample {
+	client := &http.Client{Timeout: timeout, Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	defer client.CloseIdleConnections()
+	var (
+		mu   sync.Mutex
+		out  []sample
+		wg   sync.WaitGroup
+		sem  = make(chan struct{}, 64)
+		tick = time.NewTicker(time.Second / time.Duration(rate))
+	)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			wg.Wait()
+			slices.SortFunc(out, func(a, b sample) int { return a.start.Compare(b.start) })
+			return out
+		case <-tick.C:
+		}
+		select {
+		case sem <- struct{}{}:
+		default:
+			mu.Lock()
+			out = append(out, sample{start: time.Now(), end: time.Now()}) // overloaded: counted as failed
+			mu.Unlock()
+			continue
+		}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			s := sample{start: time.Now()}
+			resp, err := client.Get(url)
+			if err == nil {
+				var a struct {
+					Cluster string `json:"cluster"`
+				}
+				body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+				resp.Body.Close()
+				s.ok = resp.StatusCode == http.StatusOK && json.Unmarshal(body, &a) == nil && a.Cluster != ""
+				s.servedBy = a.Cluster
+			}
+			s.end = time.Now()
+			mu.Lock()
+			out = append(out, s)
+			mu.Unlock()
+		})
+	}
+}
+
+func newKillLocalEndpointsDrill(g *globals) *cobra.Command {
+	var target, junit string
+	var rate int
+	var maxFailover, maxFailback, hold time.Duration
+	cmd := &cobra.Command{
+		Use:   "kill-local-endpoints",
+		Short: "Kill every local echo pod under load; measure failed requests, failover to a remote cluster and failback",
+		Long: `kill-local-endpoints sends a steady load of idempotent GETs through the
+client sidecar of --cluster to demo/echo, kills (as a crash) every echo pod of
+that cluster and marks them not ready, holds, restarts them, and measures:
+failed requests (objective: none), time from the kill to the first answer
+from another cluster, p99 latency during the fault, and time from the restart
+to the first answer from the own cluster again (failback).`,
+		Example: `  fedctl drill kill-local-endpoints --cluster east
+  fedctl drill kill-local-endpoints --cluster west --rate 500 -o json --junit drill.xml`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if g.output != "table" && g.output != "json" && g.output != "yaml" {
+				return usagef("-o must be table, json or yaml, got %q", g.output)
+			}
+			if g.kubeconfig != "" {
+				return usagef("this drill kills the local federation's sample pods; drop --kubeconfig")
+			}
+			if rate < 1 || rate > 5000 {
+				return usagef("--rate must be 1..5000 requests per second")
+			}
+			rep, err := drillKillLocal(cmd.Context(), g, target, rate, hold, maxFailover, maxFailback)
+			if err != nil {
+				return err
+			}
+			return report(g, rep, junit)
+		},
+	}
+	cmd.Flags().StringVar(&target, "cluster", "east", "the cluster whose echo pods die")
+	cmd.Flags().IntVar(&rate, "rate", 200, "requests per second")
+	cmd.Flags().DurationVar(&hold, "hold", 3*time.Second, "how long the pods stay dead")
+	cmd.Flags().DurationVar(&maxFailover, "max-failover", time.Second, "objective: first remote answer within this time after the kill")
+	cmd.Flags().DurationVar(&maxFailback, "max-failback", 5*time.Second, "objective: first local answer within this time after the restart")
+	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
+	cmd.Flags().StringVar(&junit, "junit", "", "also write the results as a JUnit XML file")
+	return cmd
+}
+
+func drillKillLocal(ctx context.Context, g *globals, target string, rate int, hold, maxFailover, maxFailback time.Duration) (*DrillReport, error) {
+	st, err := localfed.ReadState(g.dir)
+	if err != nil {
+		return nil, err
+	}
+	var url string
+	for _, c := range st.Clusters {
+		if c.Name == target {
+			for _, w := range c.Workloads {
+				if w.Outbound != "" {
+					url = w.Outbound + "/drill"
+				}
+			}
+		}
+	}
+	if url == "" {
+		return nil, usagef("--cluster %q has no client sidecar in this federation", target)
+	}
+	say := func(format string, a ...any) {
+		if g.output == "table" {
+			fmt.Fprintf(g.out, "  - "+format+"\n", a...)
+		}
+	}
+	// The own cluster must answer before anything is broken.
+	wctx, cancel := context.WithTimeout(ctx, 1500*time.Millisecond)
+	warm := load(wctx, url, 20, 2*time.Second)
+	cancel()
+	if !slices.ContainsFunc(warm, func(s sample) bool { return s.ok && s.servedBy == target }) {
+		return nil, fmt.Errorf("before the drill no request through %s answered from %s (%d tried): is the federation healthy? run fedctl check", url, target, len(warm))
+	}
+	lctx, stopLoad := context.WithCancel(ctx)
+	defer stopLoad()
+	done := make(chan []sample, 1)
+	go func() { done <- load(lctx, url, rate, 5*time.Second) }()
+	say("load: %d GET/s through %s's client sidecar to demo/echo", rate, target)
+	time.Sleep(time.Second)
+	killAt := time.Now()
+	say("killing every echo pod of %s", target)
+	if err := localfed.EchoControl(ctx, st.Dir, target, "kill"); err != nil {
+		return nil, err
+	}
+	restarted := false
+	defer func() {
+		if !restarted {
+			localfed.EchoControl(context.Background(), st.Dir, target, "start")
+		}
+	}()
+	time.Sleep(hold)
+	startAt := time.Now()
+	say("restarting them")
+	if err := localfed.EchoControl(ctx, st.Dir, target, "start"); err != nil {
+		return nil, err
+	}
+	restarted = true
+	time.Sleep(3 * time.Second)
+	stopLoad()
+	samples := <-done
+
+	var failed, total int
+	failover, failback := time.Duration(-1), time.Duration(-1)
+	var during []time.Duration
+	for _, s := range samples {
+		total++
+		if !s.ok {
+			failed++
+			continue
+		}
+		if s.start.After(killAt) && s.end.Before(startAt) {
+			during = append(during, s.end.Sub(s.start))
+		}
+		if s.servedBy != target && s.end.After(killAt) && (failover < 0 || s.end.Sub(killAt) < failover) {
+			failover = s.end.Sub(killAt)
+		}
+		if s.servedBy == target && s.start.After(startAt) && (failback < 0 || s.end.Sub(startAt) < failback) {
+			failback = s.end.Sub(startAt)
+		}
+	}
+	say("%d requests, %d failed", total, failed)
+	r := &DrillReport{Scenario: "kill-local-endpoints", Target: target, Passed: true}
+	r.Results = append(r.Results, DrillResult{Figure: "failed requests", Value: float64(failed), Unit: fmt.Sprintf("of %d", total), Objective: "0", Met: failed == 0})
+	r.Passed = r.Passed && failed == 0
+	var ferr, berr error
+	if failover < 0 {
+		ferr = fmt.Errorf("no answer from another cluster")
+	}
+	if failback < 0 {
+		berr = fmt.Errorf("no answer from %s after the restart", target)
+	}
+	r.add("failover (kill to first remote answer)", max(failover, 0), maxFailover, ferr)
+	if len(during) > 0 {
+		slices.Sort(during)
+		p99 := during[min(len(during)-1, len(during)*99/100)]
+		r.Results = append(r.Results, DrillResult{Figure: "p99 latency during the fault", Value: float64(p99.Microseconds()) / 1000, Unit: "ms", Objective: "-", Met: true})
+	}
+	r.add("failback (restart to first local answer)", max(failback, 0), maxFailback, berr)
+	return r, nil
+}
