@@ -58,14 +58,20 @@ Scenarios available today (local federation only):
                         drops all packets): every other cluster's gateways must
                         declare it dead within the bound, and see it again after
                         the heal.
+  kill-local-endpoints  kill every echo pod of a cluster under load: no request
+                        may fail; traffic fails over to another cluster through
+                        the gateways and comes home after the restart.
+  controller-restart    kill a cluster's federation controller under load: no
+                        request may fail; it must lead again in time.
 
-The scenarios that need traffic through sidecars (kill-local-endpoints,
-gateway-replica-loss, wan-degraded, controller-restart, svid-rotation) arrive
-with the sidecar.`,
+  gateway-replica-loss  lose a gateway replica of every other cluster while a
+                        cluster is served remotely: no request may fail.
+
+Not built yet: wan-degraded, svid-rotation.`,
 		Example: `  fedctl drill peer-apiserver-down --cluster west
   fedctl drill peer-apiserver-down --cluster north --max-detection 1s -o json --junit drill.xml`,
 	}
-	cmd.AddCommand(newPeerAPIServerDownDrill(g), newWANPartitionDrill(g), newKillLocalEndpointsDrill(g))
+	cmd.AddCommand(newPeerAPIServerDownDrill(g), newWANPartitionDrill(g), newKillLocalEndpointsDrill(g), newControllerRestartDrill(g), newGatewayReplicaLossDrill(g))
 	return cmd
 }
 

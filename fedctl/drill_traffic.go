@@ -212,3 +212,235 @@ func drillKillLocal(ctx context.Context, g *globals, target string, rate int, ho
 	r.add("failback (restart to first local answer)", max(failback, 0), maxFailback, berr)
 	return r, nil
 }
+
+func newControllerRestartDrill(g *globals) *cobra.Command {
+	var target, junit string
+	var rate int
+	var hold, maxBack time.Duration
+	cmd := &cobra.Command{
+		Use:   "controller-restart",
+		Short: "Kill a cluster's federation controller under load; traffic must not notice, and it must come back",
+		Long: `controller-restart sends a steady load of GETs through the client sidecar of
+--cluster, kills that cluster's federation controller (its discovery API
+goes with it), holds, and starts it again. Sidecars keep serving from their
+last endpoint sets, so no request may fail; the controller must lead again
+within the objective.`,
+		Example: `  fedctl drill controller-restart --cluster east`,
+		Args:    noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if g.output != "table" && g.output != "json" && g.output != "yaml" {
+				return usagef("-o must be table, json or yaml, got %q", g.output)
+			}
+			if g.kubeconfig != "" {
+				return usagef("this drill kills the local federation's controller; drop --kubeconfig")
+			}
+			rep, err := drillControllerRestart(cmd.Context(), g, target, rate, hold, maxBack)
+			if err != nil {
+				return err
+			}
+			return report(g, rep, junit)
+		},
+	}
+	cmd.Flags().StringVar(&target, "cluster", "east", "the cluster whose controller dies")
+	cmd.Flags().IntVar(&rate, "rate", 200, "requests per second")
+	cmd.Flags().DurationVar(&hold, "hold", 3*time.Second, "how long the controller stays dead")
+	cmd.Flags().DurationVar(&maxBack, "max-recovery", 10*time.Second, "objective: the restarted controller leads within this time")
+	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
+	cmd.Flags().StringVar(&junit, "junit", "", "also write the results as a JUnit XML file")
+	return cmd
+}
+
+func drillControllerRestart(ctx context.Context, g *globals, target string, rate int, hold, maxBack time.Duration) (*DrillReport, error) {
+	st, err := localfed.ReadState(g.dir)
+	if err != nil {
+		return nil, err
+	}
+	var url, admin string
+	for _, c := range st.Clusters {
+		if c.Name == target {
+			admin = c.ControllerAdmin
+			for _, w := range c.Workloads {
+				if w.Outbound != "" {
+					url = w.Outbound + "/drill"
+				}
+			}
+		}
+	}
+	if url == "" {
+		return nil, usagef("--cluster %q has no client sidecar in this federation", target)
+	}
+	say := func(format string, a ...any) {
+		if g.output == "table" {
+			fmt.Fprintf(g.out, "  - "+format+"\n", a...)
+		}
+	}
+	lctx, stopLoad := context.WithCancel(ctx)
+	defer stopLoad()
+	done := make(chan []sample, 1)
+	go func() { done <- load(lctx, url, rate, 5*time.Second) }()
+	say("load: %d GET/s through %s's client sidecar to demo/echo", rate, target)
+	time.Sleep(time.Second)
+	say("killing %s's federation controller", target)
+	if err := localfed.Control(ctx, st.Dir, target, "kill-controller"); err != nil {
+		return nil, err
+	}
+	restarted := false
+	defer func() {
+		if !restarted {
+			localfed.Control(context.Background(), st.Dir, target, "start-controller")
+		}
+	}()
+	time.Sleep(hold)
+	say("starting it again")
+	startAt := time.Now()
+	if err := localfed.Control(ctx, st.Dir, target, "start-controller"); err != nil {
+		return nil, err
+	}
+	restarted = true
+	// It is back when its admin endpoint answers and every peer is reachable.
+	var back time.Duration
+	var backErr error
+	for {
+		ps := controllerPeers(ctx, admin)
+		up := len(ps) == len(st.Clusters)-1
+		for _, p := range ps {
+			up = up && p.Reachable
+		}
+		if up {
+			back = time.Since(startAt)
+			break
+		}
+		if time.Since(startAt) > maxBack+10*time.Second {
+			back, backErr = time.Since(startAt), fmt.Errorf("not leading with every peer reachable")
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	say("leading again with every peer after %s", back.Round(time.Millisecond))
+	time.Sleep(time.Second)
+	stopLoad()
+	samples := <-done
+	failed := 0
+	for _, s := range samples {
+		if !s.ok {
+			failed++
+		}
+	}
+	r := &DrillReport{Scenario: "controller-restart", Target: target, Passed: failed == 0}
+	r.Results = append(r.Results, DrillResult{Figure: "failed requests", Value: float64(failed), Unit: fmt.Sprintf("of %d", len(samples)), Objective: "0", Met: failed == 0})
+	r.add("controller back (restart to leading, peers reachable)", back, maxBack, backErr)
+	return r, nil
+}
+
+func newGatewayReplicaLossDrill(g *globals) *cobra.Command {
+	var target, junit string
+	var rate int
+	var hold time.Duration
+	cmd := &cobra.Command{
+		Use:   "gateway-replica-loss",
+		Short: "Lose a gateway replica of every other cluster while --cluster is served remotely; no request may fail",
+		Long: `gateway-replica-loss kills every echo pod of --cluster so its client's requests
+are served by other clusters through the gateways, then, under load, kills
+the first gateway replica of every other cluster (as a crash). Peers spread
+streams over replicas and move new ones to the survivors without a control
+plane round trip, and the sidecar retries idempotent requests whose stream
+died, so no request may fail. Everything is restored afterwards.`,
+		Example: `  fedctl drill gateway-replica-loss --cluster east`,
+		Args:    noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if g.output != "table" && g.output != "json" && g.output != "yaml" {
+				return usagef("-o must be table, json or yaml, got %q", g.output)
+			}
+			if g.kubeconfig != "" {
+				return usagef("this drill kills the local federation's gateways; drop --kubeconfig")
+			}
+			rep, err := drillGatewayReplicaLoss(cmd.Context(), g, target, rate, hold)
+			if err != nil {
+				return err
+			}
+			return report(g, rep, junit)
+		},
+	}
+	cmd.Flags().StringVar(&target, "cluster", "east", "the cluster whose clients are served remotely during the drill")
+	cmd.Flags().IntVar(&rate, "rate", 200, "requests per second")
+	cmd.Flags().DurationVar(&hold, "hold", 3*time.Second, "how long the replicas stay dead")
+	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
+	cmd.Flags().StringVar(&junit, "junit", "", "also write the results as a JUnit XML file")
+	return cmd
+}
+
+func drillGatewayReplicaLoss(ctx context.Context, g *globals, target string, rate int, hold time.Duration) (*DrillReport, error) {
+	st, err := localfed.ReadState(g.dir)
+	if err != nil {
+		return nil, err
+	}
+	var url string
+	var others []string
+	for _, c := range st.Clusters {
+		if c.Name != target {
+			others = append(others, c.Name)
+			continue
+		}
+		for _, w := range c.Workloads {
+			if w.Outbound != "" {
+				url = w.Outbound + "/drill"
+			}
+		}
+	}
+	if url == "" {
+		return nil, usagef("--cluster %q has no client sidecar in this federation", target)
+	}
+	say := func(format string, a ...any) {
+		if g.output == "table" {
+			fmt.Fprintf(g.out, "  - "+format+"\n", a...)
+		}
+	}
+	bg := context.Background()
+	say("killing every echo pod of %s, so its requests are served remotely", target)
+	if err := localfed.EchoControl(ctx, st.Dir, target, "kill"); err != nil {
+		return nil, err
+	}
+	defer localfed.EchoControl(bg, st.Dir, target, "start")
+	lctx, stopLoad := context.WithCancel(ctx)
+	defer stopLoad()
+	done := make(chan []sample, 1)
+	go func() { done <- load(lctx, url, rate, 5*time.Second) }()
+	say("load: %d GET/s through %s's client sidecar", rate, target)
+	time.Sleep(1500 * time.Millisecond)
+	killAt := time.Now()
+	say("killing gateway replica 0 of %v", others)
+	for _, o := range others {
+		if err := localfed.Control(ctx, st.Dir, o, "kill-gateway-0"); err != nil {
+			return nil, err
+		}
+		defer localfed.Control(bg, st.Dir, o, "start-gateway-0")
+	}
+	time.Sleep(hold)
+	say("restarting them")
+	for _, o := range others {
+		if err := localfed.Control(ctx, st.Dir, o, "start-gateway-0"); err != nil {
+			return nil, err
+		}
+	}
+	time.Sleep(time.Second)
+	stopLoad()
+	samples := <-done
+	failed, remote, after := 0, 0, 0
+	for _, s := range samples {
+		switch {
+		case !s.ok:
+			failed++
+		case s.servedBy != target:
+			remote++
+			if s.start.After(killAt) {
+				after++
+			}
+		}
+	}
+	say("%d requests, %d served remotely (%d after the replicas died), %d failed", len(samples), remote, after, failed)
+	r := &DrillReport{Scenario: "gateway-replica-loss", Target: target, Passed: failed == 0 && after > 0}
+	r.Results = append(r.Results,
+		DrillResult{Figure: "failed requests", Value: float64(failed), Unit: fmt.Sprintf("of %d", len(samples)), Objective: "0", Met: failed == 0},
+		DrillResult{Figure: "remote answers after the replicas died", Value: float64(after), Unit: "requests", Objective: "> 0", Met: after > 0})
+	return r, nil
+}

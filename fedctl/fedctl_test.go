@@ -46,7 +46,7 @@ func TestUpStatusDrillDown(t *testing.T) {
 	if out, code := run("down"); code != 1 || !strings.Contains(out, "no local federation is running") {
 		t.Errorf("down on nothing: exit %d, %q", code, out)
 	}
-	out, code := run("up", "--clusters", "east,west")
+	out, code := run("up")
 	if code != 0 {
 		t.Fatalf("up: exit %d\n%s\n%s", code, out, readFile(filepath.Join(dir, localfed.LogFile)))
 	}
@@ -58,7 +58,7 @@ func TestUpStatusDrillDown(t *testing.T) {
 	if !strings.Contains(out, "Federation ready in") {
 		t.Errorf("up did not say it is ready:\n%s", out)
 	}
-	if out, code := run("up", "--clusters", "east,west"); code != 1 || !strings.Contains(out, "already running") {
+	if out, code := run("up"); code != 1 || !strings.Contains(out, "already running") {
 		t.Errorf("second up: exit %d, %q", code, out)
 	}
 
@@ -70,23 +70,28 @@ func TestUpStatusDrillDown(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		t.Fatalf("status -o json: %v\n%s", err, out)
 	}
-	if len(st.Clusters) != 2 {
+	if len(st.Clusters) != 3 {
 		t.Fatalf("clusters %+v", st.Clusters)
 	}
 	for _, c := range st.Clusters {
-		if !c.Reachable || c.Controller.Leader == "" || len(c.Peers) != 1 || !c.Peers[0].Reachable || c.Trust == nil || c.Trust.Roots == 0 {
+		if !c.Reachable || c.Controller.Leader == "" || len(c.Peers) != 2 || !c.Peers[0].Reachable || !c.Peers[1].Reachable || c.Trust == nil || c.Trust.Roots == 0 {
 			t.Errorf("cluster %s: %+v", c.Context, c)
 		}
 		if len(c.Gateways) != localfed.GatewayReplicas {
 			t.Errorf("cluster %s: %d gateway replicas, want %d", c.Context, len(c.Gateways), localfed.GatewayReplicas)
 		}
 		for _, g := range c.Gateways {
-			if g.Error != "" || len(g.Peers) != 1 || !g.Peers[0].Up || g.Peers[0].Replicas != localfed.GatewayReplicas {
-				t.Errorf("cluster %s gateway %+v: want its one peer cluster up on every replica", c.Context, g)
+			if g.Error != "" || len(g.Peers) != 2 {
+				t.Errorf("cluster %s gateway %+v: want both peer clusters", c.Context, g)
+			}
+			for _, p := range g.Peers {
+				if !p.Up || p.Replicas != localfed.GatewayReplicas {
+					t.Errorf("cluster %s gateway %s: peer %+v not up on every replica", c.Context, g.Admin, p)
+				}
 			}
 		}
 	}
-	if len(st.Services) != 1 || st.Services[0].Name != "echo" || strings.Join(st.Services[0].ExportedBy, ",") != "east,west" || len(st.Services[0].Imports) != 2 {
+	if len(st.Services) != 1 || st.Services[0].Name != "echo" || strings.Join(st.Services[0].ExportedBy, ",") != "east,north,west" || len(st.Services[0].Imports) != 3 {
 		t.Errorf("services %+v", st.Services)
 	}
 
@@ -150,16 +155,25 @@ func TestUpStatusDrillDown(t *testing.T) {
 				t.Errorf("through %s's client sidecar: %d %s (want an answer from %s)", c.Name, resp.StatusCode, body, c.Name)
 			}
 		}
-		out, code = run("drill", "kill-local-endpoints", "--cluster", "east", "--hold", "2s", "-o", "json")
-		if code != 0 {
-			t.Fatalf("kill-local-endpoints drill: exit %d\n%s", code, out)
-		}
-		rep = fedctl.DrillReport{}
-		if err := json.Unmarshal([]byte(out), &rep); err != nil || !rep.Passed {
-			t.Errorf("kill-local-endpoints report %+v (%v)", rep, err)
-		}
-		for _, r := range rep.Results {
-			t.Logf("drill: %s = %.1f %s (objective %s)", r.Figure, r.Value, r.Unit, r.Objective)
+		for _, drill := range [][]string{
+			{"kill-local-endpoints", "--cluster", "east", "--hold", "2s"},
+			{"controller-restart", "--cluster", "west", "--hold", "2s"},
+			{"gateway-replica-loss", "--cluster", "north", "--hold", "2s"},
+		} {
+			out, code = run(append(append([]string{"drill"}, drill...), "-o", "json")...)
+			if code != 0 {
+				t.Fatalf("%s drill: exit %d\n%s", drill[0], code, out)
+			}
+			rep = fedctl.DrillReport{}
+			if err := json.Unmarshal([]byte(out), &rep); err != nil || !rep.Passed {
+				t.Errorf("%s report %+v (%v)", drill[0], rep, err)
+			}
+			for _, r := range rep.Results {
+				if r.Figure == "failed requests" && r.Value != 0 {
+					t.Errorf("%s: %v failed requests", drill[0], r.Value)
+				}
+				t.Logf("drill %s: %s = %.1f %s (objective %s)", drill[0], r.Figure, r.Value, r.Unit, r.Objective)
+			}
 		}
 	} else {
 		t.Log("not root: no pod networks, so no sample workloads and no kill-local-endpoints drill")

@@ -137,6 +137,7 @@ func startGateways(ctx context.Context, bin string, ms []*member) (*wan, error) 
 				return nil, fmt.Errorf("start gateway %d of %s: %w", i, m.state.Name, err)
 			}
 			m.gateways = append(m.gateways, proc)
+			m.gatewayCmds = append(m.gatewayCmds, append([]string{bin}, args...))
 			m.state.Gateways = append(m.state.Gateways, g)
 			egress = append(egress, g.Egress)
 		}

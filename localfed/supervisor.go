@@ -53,7 +53,11 @@ type member struct {
 	controller *controlplane.Process
 	gateways   []*controlplane.Process
 	discovery  string // host:port of the controller's discovery API
-	net        *netns // the cluster's pod network; nil without root
+	// controllerCmd restarts the controller for the controller-restart drill.
+	controllerCmd []string
+	gatewayCmds   [][]string
+	mu            sync.Mutex // guards controller and gateways, which drills replace
+	net           *netns     // the cluster's pod network; nil without root
 }
 
 // listenAddr is where components that pods must reach listen: the host end
@@ -149,7 +153,10 @@ func Supervise(ctx context.Context, opts Options) (err error) {
 	}
 	defer func() {
 		for _, m := range members {
-			for _, p := range append([]*controlplane.Process{m.controller, m.issuer}, m.gateways...) {
+			m.mu.Lock()
+			procs := append([]*controlplane.Process{m.controller, m.issuer}, m.gateways...)
+			m.mu.Unlock()
+			for _, p := range procs {
 				if p != nil {
 					p.Stop()
 				}
@@ -243,12 +250,14 @@ func Supervise(ctx context.Context, opts Options) (err error) {
 			return nil
 		case <-t.C:
 			for _, m := range members {
+				m.mu.Lock()
 				procs := map[string]*controlplane.Process{"controller": m.controller, "issuer": m.issuer}
 				for i, g := range m.gateways {
 					procs[fmt.Sprintf("gateway-%d", i)] = g
 				}
+				m.mu.Unlock()
 				for what, p := range procs {
-					key := m.state.Name + "/" + what
+					key := fmt.Sprintf("%s/%s/%d", m.state.Name, what, p.PID())
 					if p != nil && p.Exited() && !reported[key] {
 						reported[key] = true
 						log.Error("component exited", "cluster", m.state.Name, "component", what, "log", p.Tail())
@@ -359,6 +368,7 @@ func startControllers(ctx context.Context, bin string, ms []*member) error {
 				a = append(a, "--peer-kubeconfig", p.state.Name+"="+p.cp.Kubeconfig)
 			}
 		}
+		m.controllerCmd = append([]string{bin}, a...)
 		if m.controller, err = controlplane.StartProcess(bin, filepath.Join(m.dir, "controller.log"), a...); err != nil {
 			return fmt.Errorf("start controller for %s: %w", m.state.Name, err)
 		}
@@ -422,7 +432,7 @@ func serveControl(dir string, ms []*member, w *wan, wls []*workloads, log *slog.
 	os.Chmod(path, 0o600)
 	var mu sync.Mutex
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /clusters/{name}/apiserver/{action}", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("POST /clusters/{name}/component/{action}", func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
 		defer mu.Unlock()
 		name, action := r.PathValue("name"), r.PathValue("action")
@@ -437,6 +447,39 @@ func serveControl(dir string, ms []*member, w *wan, wls []*workloads, log *slog.
 			return
 		}
 		switch action {
+		case "kill-controller":
+			m.mu.Lock()
+			m.controller.Kill()
+			m.mu.Unlock()
+		case "start-controller":
+			m.mu.Lock()
+			if m.controller.Exited() {
+				p, err := controlplane.StartProcess(m.controllerCmd[0], filepath.Join(m.dir, "controller.log"), m.controllerCmd[1:]...)
+				if err != nil {
+					m.mu.Unlock()
+					http.Error(w, err.Error(), http.StatusInternalServerError)
+					return
+				}
+				m.controller = p
+			}
+			m.mu.Unlock()
+		case "kill-gateway-0":
+			m.mu.Lock()
+			m.gateways[0].Kill()
+			m.mu.Unlock()
+		case "start-gateway-0":
+			m.mu.Lock()
+			if m.gateways[0].Exited() {
+				cmd := m.gatewayCmds[0]
+				p, err := controlplane.StartProcess(cmd[0], filepath.Join(m.dir, "gateway-0.log"), cmd[1:]...)
+				if err != nil {
+					m.mu.Unlock()
+					http.Error(w, err.Error(), http.StatusInternalServerError)
+					return
+				}
+				m.gateways[0] = p
+			}
+			m.mu.Unlock()
 		case "kill":
 			m.cp.KillAPIServer()
 		case "start":
@@ -445,7 +488,7 @@ func serveControl(dir string, ms []*member, w *wan, wls []*workloads, log *slog.
 				return
 			}
 		default:
-			http.Error(w, fmt.Sprintf("unknown action %q (kill, start)", action), http.StatusBadRequest)
+			http.Error(w, fmt.Sprintf("unknown action %q (kill, start, kill-controller, start-controller, kill-gateway-0, start-gateway-0)", action), http.StatusBadRequest)
 			return
 		}
 		log.Info("drill action", "cluster", name, "apiserver", action)
@@ -507,9 +550,11 @@ func EchoControl(ctx context.Context, dir, cluster, action string) error {
 }
 
 // Control sends a drill action to the supervisor of dir: "kill" or "start"
-// a cluster's API server.
+// a cluster's API server, "kill-controller" or "start-controller" its
+// federation controller, "kill-gateway-0" or "start-gateway-0" its first
+// gateway replica.
 func Control(ctx context.Context, dir, cluster, action string) error {
-	return post(ctx, dir, "/clusters/"+cluster+"/apiserver/"+action, nil)
+	return post(ctx, dir, "/clusters/"+cluster+"/component/"+action, nil)
 }
 
 // SetWAN sets the faults on the WAN link between two clusters, both ways.
