@@ -47,6 +47,7 @@ type ClusterStatus struct {
 	Peers      []federation.PeerStatus `json:"peers,omitempty"`
 	Trust      *TrustStatus            `json:"trust,omitempty"`
 	Gateways   []GatewayStatus         `json:"gateways,omitempty"`
+	Serving    []ServingStatus         `json:"serving,omitempty"`
 	Exports    int                     `json:"exports"`
 	Imports    int                     `json:"imports"`
 }
@@ -55,6 +56,16 @@ type ClusterStatus struct {
 type ControllerStatus struct {
 	Leader  string    `json:"leader,omitempty"`
 	Renewed time.Time `json:"renewed,omitzero"`
+}
+
+// ServingStatus is where one client sidecar's upstream is served right now:
+// the traffic share of its own cluster and of each remote cluster.
+type ServingStatus struct {
+	Workload string             `json:"workload"`
+	Upstream string             `json:"upstream"`
+	Shares   map[string]float64 `json:"shares"` // by cluster
+	Remote   bool               `json:"remote"` // some traffic leaves the cluster
+	Error    string             `json:"error,omitempty"`
 }
 
 // GatewayStatus is one gateway replica as its admin endpoint reports it.
@@ -214,6 +225,11 @@ func gatherCluster(ctx context.Context, m member, cs *ClusterStatus, svc func(ns
 		for _, g := range m.local.Gateways {
 			cs.Gateways = append(cs.Gateways, gatewayStatus(ctx, g.Admin))
 		}
+		for _, w := range m.local.Workloads {
+			if w.Outbound != "" && w.Admin != "" {
+				cs.Serving = append(cs.Serving, serving(ctx, id, w)...)
+			}
+		}
 	}
 	exps, err := mcs.MulticlusterV1beta1().ServiceExports("").List(ctx, metav1.ListOptions{})
 	if err != nil {
@@ -291,6 +307,57 @@ func controllerPeers(ctx context.Context, admin string) []federation.PeerStatus 
 		return []federation.PeerStatus{{Name: "?", Error: "controller admin endpoint: " + err.Error()}}
 	}
 	return ps
+}
+
+// serving reads a client sidecar's /state: the traffic share per priority,
+// spread over the clusters of that priority by their available endpoints.
+func serving(ctx context.Context, cluster string, w localfed.Workload) []ServingStatus {
+	var st struct {
+		Upstreams []struct {
+			Upstream  string    `json:"upstream"`
+			Loads     []float64 `json:"loads"`
+			Endpoints []struct {
+				Cluster   string `json:"cluster"`
+				Priority  int    `json:"priority"`
+				Available bool   `json:"available"`
+			} `json:"endpoints"`
+		} `json:"upstreams"`
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, w.Admin+"/state", nil)
+	if err == nil {
+		var resp *http.Response
+		if resp, err = http.DefaultClient.Do(req); err == nil {
+			err = json.NewDecoder(io.LimitReader(resp.Body, 4<<20)).Decode(&st)
+			resp.Body.Close()
+		}
+	}
+	if err != nil {
+		return []ServingStatus{{Workload: w.Name, Error: err.Error()}}
+	}
+	var out []ServingStatus
+	for _, u := range st.Upstreams {
+		s := ServingStatus{Workload: w.Name, Upstream: u.Upstream, Shares: map[string]float64{}}
+		for prio, load := range u.Loads {
+			avail := map[string]int{}
+			n := 0
+			for _, e := range u.Endpoints {
+				if e.Priority == prio && e.Available {
+					avail[e.Cluster]++
+					n++
+				}
+			}
+			for cl, k := range avail {
+				s.Shares[cl] += load * float64(k) / float64(n)
+			}
+		}
+		for cl, share := range s.Shares {
+			if cl != cluster && share > 0.001 {
+				s.Remote = true
+			}
+		}
+		out = append(out, s)
+	}
+	return out
 }
 
 func gatewayStatus(ctx context.Context, admin string) GatewayStatus {
@@ -434,6 +501,46 @@ func renderStatus(w io.Writer, st *Status, c colors, now time.Time) {
 	}
 	tw.Flush()
 	fmt.Fprintln(w, "\nIn each cluster: ready endpoints per exporting cluster (source:count).")
+	renderServing(w, st, c)
+}
+
+func renderServing(w io.Writer, st *Status, c colors) {
+	var lines []string
+	any := false
+	for _, cl := range st.Clusters {
+		for _, s := range cl.Serving {
+			any = true
+			if s.Error != "" {
+				lines = append(lines, fmt.Sprintf("  %s %s: %s", cl.ClusterID, s.Workload, c.bad("sidecar unreachable: "+firstLine(s.Error))))
+				continue
+			}
+			if !s.Remote {
+				continue
+			}
+			var parts []string
+			keys := make([]string, 0, len(s.Shares))
+			for k := range s.Shares {
+				keys = append(keys, k)
+			}
+			slices.Sort(keys)
+			for _, k := range keys {
+				if s.Shares[k] >= 0.005 {
+					parts = append(parts, fmt.Sprintf("%s %.0f%%", k, 100*s.Shares[k]))
+				}
+			}
+			lines = append(lines, fmt.Sprintf("  %s %s (%s): %s", cl.ClusterID, s.Workload, s.Upstream, c.bad(strings.Join(parts, ", "))))
+		}
+	}
+	if !any {
+		return
+	}
+	fmt.Fprintln(w, "\nServed remotely right now (client sidecars):")
+	if len(lines) == 0 {
+		fmt.Fprintln(w, c.good("  nothing: every client is served by its own cluster"))
+	}
+	for _, l := range lines {
+		fmt.Fprintln(w, l)
+	}
 }
 
 func renderGateways(w io.Writer, st *Status, c colors) {

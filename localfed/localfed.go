@@ -67,6 +67,7 @@ type Workload struct {
 	Name     string `json:"name"`
 	Outbound string `json:"outbound,omitempty"`
 	Inbound  string `json:"inbound,omitempty"`
+	Admin    string `json:"admin,omitempty"` // the sidecar's /state, /metrics
 }
 
 // dirEnv names the federation's directory in the environment of every

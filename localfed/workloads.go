@@ -205,9 +205,11 @@ func startWorkloads(ctx context.Context, ms []*member, bins map[string]string) (
 		}
 		all = append(all, w)
 		m.state.Workloads = append(m.state.Workloads,
-			Workload{Name: "demo/client -> demo/echo", Outbound: "http://" + net.JoinHostPort(w.client.addr, strconv.Itoa(outboundPort))})
+			Workload{Name: "demo/client -> demo/echo", Outbound: "http://" + net.JoinHostPort(w.client.addr, strconv.Itoa(outboundPort)),
+				Admin: "http://" + net.JoinHostPort(w.client.addr, strconv.Itoa(adminPort))})
 		for _, p := range w.echo {
-			m.state.Workloads = append(m.state.Workloads, Workload{Name: "demo/" + p.name, Inbound: net.JoinHostPort(p.addr, strconv.Itoa(inboundPort))})
+			m.state.Workloads = append(m.state.Workloads, Workload{Name: "demo/" + p.name, Inbound: net.JoinHostPort(p.addr, strconv.Itoa(inboundPort)),
+				Admin: "http://" + net.JoinHostPort(p.addr, strconv.Itoa(adminPort))})
 		}
 		if err := w.publish(ctx); err != nil {
 			return all, err
