@@ -67,11 +67,15 @@ Scenarios available today (local federation only):
   gateway-replica-loss  lose a gateway replica of every other cluster while a
                         cluster is served remotely: no request may fail.
 
-Not built yet: wan-degraded, svid-rotation.`,
+  wan-degraded          serve a cluster remotely over a WAN with delay, jitter
+                        and loss: no request may fail, p99 stays bounded.
+
+  svid-rotation         rotate every SVID of a cluster every few seconds under
+                        load: no request may fail.`,
 		Example: `  fedctl drill peer-apiserver-down --cluster west
   fedctl drill peer-apiserver-down --cluster north --max-detection 1s -o json --junit drill.xml`,
 	}
-	cmd.AddCommand(newPeerAPIServerDownDrill(g), newWANPartitionDrill(g), newKillLocalEndpointsDrill(g), newControllerRestartDrill(g), newGatewayReplicaLossDrill(g))
+	cmd.AddCommand(newPeerAPIServerDownDrill(g), newWANPartitionDrill(g), newKillLocalEndpointsDrill(g), newControllerRestartDrill(g), newGatewayReplicaLossDrill(g), newWANDegradedDrill(g), newSVIDRotationDrill(g))
 	return cmd
 }
 

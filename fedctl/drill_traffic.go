@@ -7,11 +7,13 @@ import (
 	"io"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/fedmesh/fedmesh/gateway/faultnet"
 	"github.com/fedmesh/fedmesh/localfed"
 )
 
@@ -443,4 +445,244 @@ func drillGatewayReplicaLoss(ctx context.Context, g *globals, target string, rat
 		DrillResult{Figure: "failed requests", Value: float64(failed), Unit: fmt.Sprintf("of %d", len(samples)), Objective: "0", Met: failed == 0},
 		DrillResult{Figure: "remote answers after the replicas died", Value: float64(after), Unit: "requests", Objective: "> 0", Met: after > 0})
 	return r, nil
+}
+
+func newWANDegradedDrill(g *globals) *cobra.Command {
+	var target, junit string
+	var rate int
+	var hold, delay, jitter, maxP99 time.Duration
+	var loss float64
+	cmd := &cobra.Command{
+		Use:   "wan-degraded",
+		Short: "Serve --cluster remotely over a WAN with delay, jitter and loss; no request may fail",
+		Long: `wan-degraded kills every echo pod of --cluster so its client's requests cross
+the WAN, then degrades every WAN link of that cluster (--delay, --jitter,
+--loss, both ways) under load. QUIC recovers lost packets and the sidecar
+retries what fails, so no request may fail; p99 latency must stay under
+--max-p99. Everything is restored afterwards.`,
+		Example: `  fedctl drill wan-degraded --cluster east
+  fedctl drill wan-degraded --cluster west --delay 50ms --loss 0.05 --max-p99 2s`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if g.output != "table" && g.output != "json" && g.output != "yaml" {
+				return usagef("-o must be table, json or yaml, got %q", g.output)
+			}
+			if g.kubeconfig != "" {
+				return usagef("this drill degrades the local federation's WAN; drop --kubeconfig")
+			}
+			if loss < 0 || loss >= 1 {
+				return usagef("--loss must be in [0, 1)")
+			}
+			rep, err := drillWANDegraded(cmd.Context(), g, target, rate, hold, faultnet.Faults{Delay: delay, Jitter: jitter, Loss: loss}, maxP99)
+			if err != nil {
+				return err
+			}
+			return report(g, rep, junit)
+		},
+	}
+	cmd.Flags().StringVar(&target, "cluster", "east", "the cluster whose clients are served over the degraded WAN")
+	cmd.Flags().IntVar(&rate, "rate", 100, "requests per second")
+	cmd.Flags().DurationVar(&hold, "hold", 4*time.Second, "how long the WAN stays degraded under load")
+	cmd.Flags().DurationVar(&delay, "delay", 25*time.Millisecond, "one-way delay added on the WAN")
+	cmd.Flags().DurationVar(&jitter, "jitter", 10*time.Millisecond, "extra random delay, up to this much")
+	cmd.Flags().Float64Var(&loss, "loss", 0.02, "probability that a WAN packet is dropped")
+	cmd.Flags().DurationVar(&maxP99, "max-p99", time.Second, "objective: p99 latency while degraded")
+	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
+	cmd.Flags().StringVar(&junit, "junit", "", "also write the results as a JUnit XML file")
+	return cmd
+}
+
+func drillWANDegraded(ctx context.Context, g *globals, target string, rate int, hold time.Duration, f faultnet.Faults, maxP99 time.Duration) (*DrillReport, error) {
+	st, err := localfed.ReadState(g.dir)
+	if err != nil {
+		return nil, err
+	}
+	var url string
+	var others []string
+	for _, c := range st.Clusters {
+		if c.Name != target {
+			others = append(others, c.Name)
+			continue
+		}
+		for _, w := range c.Workloads {
+			if w.Outbound != "" {
+				url = w.Outbound + "/drill"
+			}
+		}
+	}
+	if url == "" {
+		return nil, usagef("--cluster %q has no client sidecar in this federation", target)
+	}
+	say := func(format string, a ...any) {
+		if g.output == "table" {
+			fmt.Fprintf(g.out, "  - "+format+"\n", a...)
+		}
+	}
+	bg := context.Background()
+	say("killing every echo pod of %s, so its requests cross the WAN", target)
+	if err := localfed.EchoControl(ctx, st.Dir, target, "kill"); err != nil {
+		return nil, err
+	}
+	defer localfed.EchoControl(bg, st.Dir, target, "start")
+	say("degrading every WAN link of %s: delay %s, jitter %s, loss %.1f%%", target, f.Delay, f.Jitter, 100*f.Loss)
+	for _, o := range others {
+		if err := localfed.SetWAN(ctx, st.Dir, target, o, f); err != nil {
+			return nil, err
+		}
+		defer localfed.SetWAN(bg, st.Dir, target, o, faultnet.Faults{})
+	}
+	lctx, stopLoad := context.WithTimeout(ctx, hold)
+	defer stopLoad()
+	samples := load(lctx, url, rate, 10*time.Second)
+	failed, remote := 0, 0
+	var lat []time.Duration
+	for _, s := range samples {
+		if !s.ok {
+			failed++
+			continue
+		}
+		if s.servedBy != target {
+			remote++
+		}
+		lat = append(lat, s.end.Sub(s.start))
+	}
+	say("%d requests, %d served remotely, %d failed", len(samples), remote, failed)
+	r := &DrillReport{Scenario: "wan-degraded", Target: target, Passed: failed == 0 && remote > 0}
+	r.Results = append(r.Results,
+		DrillResult{Figure: "failed requests", Value: float64(failed), Unit: fmt.Sprintf("of %d", len(samples)), Objective: "0", Met: failed == 0},
+		DrillResult{Figure: "answers across the degraded WAN", Value: float64(remote), Unit: "requests", Objective: "> 0", Met: remote > 0})
+	if len(lat) > 0 {
+		slices.Sort(lat)
+		r.add("p99 latency while degraded", lat[min(len(lat)-1, len(lat)*99/100)], maxP99, nil)
+		r.Results = append(r.Results, DrillResult{Figure: "p50 latency while degraded", Value: float64(lat[len(lat)/2].Microseconds()) / 1000, Unit: "ms", Objective: "-", Met: true})
+	}
+	return r, nil
+}
+
+func newSVIDRotationDrill(g *globals) *cobra.Command {
+	var target, junit string
+	var rate, minIssued int
+	var hold, ttl time.Duration
+	cmd := &cobra.Command{
+		Use:   "svid-rotation",
+		Short: "Rotate every SVID of a cluster every few seconds under load; no request may fail",
+		Long: `svid-rotation restarts the issuer of --cluster with an SVID lifetime of --ttl
+(so every workload's SVID is renewed and pushed at half of it), sends a
+steady load through the cluster's client sidecar to its echo pods (mTLS
+between the sidecars) for --hold, and counts failed requests and SVIDs
+issued. Afterwards the issuer goes back to its normal lifetime. The CA is
+on disk, so trust never changes.`,
+		Example: `  fedctl drill svid-rotation --cluster west --ttl 4s --hold 12s`,
+		Args:    noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if g.output != "table" && g.output != "json" && g.output != "yaml" {
+				return usagef("-o must be table, json or yaml, got %q", g.output)
+			}
+			if g.kubeconfig != "" {
+				return usagef("this drill restarts the local federation's issuer; drop --kubeconfig")
+			}
+			if ttl < 2*time.Second || hold < ttl {
+				return usagef("--ttl must be at least 2s and --hold at least --ttl")
+			}
+			rep, err := drillSVIDRotation(cmd.Context(), g, target, rate, hold, ttl, minIssued)
+			if err != nil {
+				return err
+			}
+			return report(g, rep, junit)
+		},
+	}
+	cmd.Flags().StringVar(&target, "cluster", "east", "the cluster whose identities rotate")
+	cmd.Flags().IntVar(&rate, "rate", 200, "requests per second")
+	cmd.Flags().DurationVar(&ttl, "ttl", 6*time.Second, "SVID lifetime during the drill (renewed at half of it)")
+	cmd.Flags().DurationVar(&hold, "hold", 10*time.Second, "how long the load runs with rotating SVIDs")
+	cmd.Flags().IntVar(&minIssued, "min-issued", 12, "objective: SVIDs issued during the drill (the cluster has 6 identities)")
+	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
+	cmd.Flags().StringVar(&junit, "junit", "", "also write the results as a JUnit XML file")
+	return cmd
+}
+
+func drillSVIDRotation(ctx context.Context, g *globals, target string, rate int, hold, ttl time.Duration, minIssued int) (*DrillReport, error) {
+	st, err := localfed.ReadState(g.dir)
+	if err != nil {
+		return nil, err
+	}
+	var url, metrics string
+	for _, c := range st.Clusters {
+		if c.Name == target {
+			metrics = c.IssuerMetrics
+			for _, w := range c.Workloads {
+				if w.Outbound != "" {
+					url = w.Outbound + "/drill"
+				}
+			}
+		}
+	}
+	if url == "" || metrics == "" {
+		return nil, usagef("--cluster %q has no client sidecar or issuer metrics in this federation", target)
+	}
+	say := func(format string, a ...any) {
+		if g.output == "table" {
+			fmt.Fprintf(g.out, "  - "+format+"\n", a...)
+		}
+	}
+	say("restarting %s's issuer with %s SVIDs (renewed every %s)", target, ttl, ttl/2)
+	if err := localfed.IssuerTTL(ctx, st.Dir, target, ttl.String()); err != nil {
+		return nil, err
+	}
+	defer localfed.IssuerTTL(context.Background(), st.Dir, target, "")
+	lctx, stopLoad := context.WithTimeout(ctx, hold)
+	defer stopLoad()
+	say("load: %d GET/s through %s's client sidecar for %s", rate, target, hold)
+	samples := load(lctx, url, rate, 5*time.Second)
+	issued, err := counter(ctx, metrics+"/metrics", "fedmesh_issuer_x509_svids_issued_total")
+	if err != nil {
+		return nil, err
+	}
+	failed, local := 0, 0
+	for _, s := range samples {
+		if !s.ok {
+			failed++
+		} else if s.servedBy == target {
+			local++
+		}
+	}
+	say("%d requests (%d served in %s over rotating mTLS identities), %d failed; %d SVIDs issued", len(samples), local, target, failed, int(issued))
+	r := &DrillReport{Scenario: "svid-rotation", Target: target, Passed: failed == 0 && int(issued) >= minIssued}
+	r.Results = append(r.Results,
+		DrillResult{Figure: "failed requests", Value: float64(failed), Unit: fmt.Sprintf("of %d", len(samples)), Objective: "0", Met: failed == 0},
+		DrillResult{Figure: "SVIDs issued while under load", Value: issued, Unit: "SVIDs", Objective: fmt.Sprintf(">= %d", minIssued), Met: int(issued) >= minIssued})
+	return r, nil
+}
+
+// counter sums a Prometheus counter's samples from a /metrics page.
+func counter(ctx context.Context, url, name string) (float64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, fmt.Errorf("read %s: %w", url, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
+	if err != nil {
+		return 0, err
+	}
+	var sum float64
+	found := false
+	for _, l := range strings.Split(string(body), "\n") {
+		if strings.HasPrefix(l, name+" ") || strings.HasPrefix(l, name+"{") {
+			f := strings.Fields(l)
+			var v float64
+			if _, err := fmt.Sscan(f[len(f)-1], &v); err == nil {
+				sum += v
+				found = true
+			}
+		}
+	}
+	if !found {
+		return 0, fmt.Errorf("%s not found at %s", name, url)
+	}
+	return sum, nil
 }

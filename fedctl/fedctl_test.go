@@ -159,6 +159,8 @@ func TestUpStatusDrillDown(t *testing.T) {
 			{"kill-local-endpoints", "--cluster", "east", "--hold", "2s"},
 			{"controller-restart", "--cluster", "west", "--hold", "2s"},
 			{"gateway-replica-loss", "--cluster", "north", "--hold", "2s"},
+			{"wan-degraded", "--cluster", "west", "--hold", "3s"},
+			{"svid-rotation", "--cluster", "east", "--ttl", "4s", "--hold", "8s"},
 		} {
 			out, code = run(append(append([]string{"drill"}, drill...), "-o", "json")...)
 			if code != 0 {

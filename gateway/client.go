@@ -41,7 +41,9 @@ func NewClient(src mtls.Source, gatewayID spiffeid.ID, addr string) (*Client, er
 	}
 	_, _, _ = setUDPBuffers(uc, DesiredUDPBuffer)
 	q := DefaultQUICConfig()
-	q.KeepAlivePeriod = 5 * time.Second
+	// A gateway that vanished without a stateless reset is noticed within
+	// the idle timeout; keepalives keep a healthy idle connection open.
+	q.MaxIdleTimeout, q.KeepAlivePeriod = 3*time.Second, time.Second
 	return &Client{
 		addr: ua, tr: &quic.Transport{Conn: uc}, quic: q,
 		tls: mtls.QUICClientConfig(src, mtls.OneOf(gatewayID), tunnel.ALPNEgress),

@@ -95,6 +95,11 @@ type Config struct {
 	// QUIC overrides the QUIC config (flow-control windows etc.). The idle
 	// timeout and keepalive always come from DeadAfter.
 	QUIC *quic.Config
+	// StatelessResetKey, kept across restarts (see LoadStatelessResetKey),
+	// lets a restarted replica reset connections it no longer knows at once,
+	// so sidecars and peers redial in a round trip instead of waiting for
+	// an idle timeout. Nil: no stateless resets.
+	StatelessResetKey *quic.StatelessResetKey
 
 	Logger   *slog.Logger
 	Registry prometheus.Registerer // metrics; /metrics is served when it is also a Gatherer
@@ -251,7 +256,7 @@ func New(cfg Config) (*Gateway, error) {
 	if err != nil {
 		return nil, err
 	}
-	g.tunnelTr = &quic.Transport{Conn: g.tunnelConn}
+	g.tunnelTr = &quic.Transport{Conn: g.tunnelConn, StatelessResetKey: cfg.StatelessResetKey}
 	g.tunnelLn, err = g.tunnelTr.Listen(g.tunnelServerTLS(), g.quicConfig())
 	if err != nil {
 		return nil, fmt.Errorf("listen tunnel %s: %w", cfg.TunnelAddr, err)
@@ -261,7 +266,7 @@ func New(cfg Config) (*Gateway, error) {
 		if err != nil {
 			return nil, err
 		}
-		g.egressTr = &quic.Transport{Conn: g.egressConn}
+		g.egressTr = &quic.Transport{Conn: g.egressConn, StatelessResetKey: cfg.StatelessResetKey}
 		tlsCfg := mtls.QUICServerConfig(cfg.Source, markAuthz(mtls.MemberOf(cfg.TrustDomain)), tunnel.ALPNEgress)
 		g.countHandshakeFailures(tlsCfg, "egress")
 		g.egressLn, err = g.egressTr.Listen(tlsCfg, g.quicConfig())

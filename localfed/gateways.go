@@ -130,6 +130,7 @@ func startGateways(ctx context.Context, bin string, ms []*member) (*wan, error) 
 				"--kubeconfig", m.cp.Kubeconfig,
 				"--spiffe-socket", "unix://" + filepath.Join(m.dir, "gateway.sock"),
 				"--tunnel-addr", g.Tunnel, "--egress-addr", g.Egress, "--admin-addr", strings.TrimPrefix(g.Admin, "http://"),
+				"--stateless-reset-key-file", filepath.Join(m.dir, fmt.Sprintf("gateway-%d.resetkey", i)),
 			}, peers...)
 			proc, err := controlplane.StartProcess(bin, filepath.Join(m.dir, fmt.Sprintf("gateway-%d.log", i)), args...)
 			if err != nil {

@@ -52,6 +52,7 @@ type Cluster struct {
 	Bundle            string `json:"bundleFile"`
 	ControllerAdmin   string `json:"controllerAdmin"`
 	Discovery         string `json:"discovery"`
+	IssuerMetrics     string `json:"issuerMetrics"`
 	// PodNetwork and NetworkNamespace are set when the sample pods run in
 	// a network namespace of their own (root only).
 	PodNetwork       string `json:"podNetwork,omitempty"`

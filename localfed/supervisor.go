@@ -9,8 +9,10 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -56,7 +58,8 @@ type member struct {
 	// controllerCmd restarts the controller for the controller-restart drill.
 	controllerCmd []string
 	gatewayCmds   [][]string
-	mu            sync.Mutex // guards controller and gateways, which drills replace
+	issuerCmd     []string
+	mu            sync.Mutex // guards controller, gateways and issuer, which drills replace
 	net           *netns     // the cluster's pod network; nil without root
 }
 
@@ -251,7 +254,7 @@ func Supervise(ctx context.Context, opts Options) (err error) {
 		case <-t.C:
 			for _, m := range members {
 				m.mu.Lock()
-				procs := map[string]*controlplane.Process{"controller": m.controller, "issuer": m.issuer}
+				procs := map[string]*controlplane.Process{"controller": m.controller, "issuer": m.issuer} // replaced under mu by drills
 				for i, g := range m.gateways {
 					procs[fmt.Sprintf("gateway-%d", i)] = g
 				}
@@ -333,7 +336,13 @@ func startIssuers(ctx context.Context, bin string, ms []*member) error {
 	}
 	// Phase 2: federated.
 	for _, m := range ms {
-		p, err := controlplane.StartProcess(bin, filepath.Join(m.dir, "issuer.log"), args(m, true)...)
+		port, err := controlplane.FreePort("127.0.0.1")
+		if err != nil {
+			return err
+		}
+		m.state.IssuerMetrics = "http://127.0.0.1:" + strconv.Itoa(port)
+		m.issuerCmd = append([]string{bin}, append(args(m, true), "--metrics-addr", "127.0.0.1:"+strconv.Itoa(port))...)
+		p, err := controlplane.StartProcess(bin, filepath.Join(m.dir, "issuer.log"), m.issuerCmd[1:]...)
 		if err != nil {
 			return fmt.Errorf("start issuer for %s: %w", m.state.Name, err)
 		}
@@ -480,6 +489,31 @@ func serveControl(dir string, ms []*member, w *wan, wls []*workloads, log *slog.
 				m.gateways[0] = p
 			}
 			m.mu.Unlock()
+		case "issuer-ttl":
+			// Restart the issuer with another SVID lifetime ("" = default);
+			// its CA is on disk, so trust is unchanged, and workloads'
+			// X509Sources reconnect by themselves.
+			ttl := r.URL.Query().Get("ttl")
+			args := slices.Clone(m.issuerCmd[1:])
+			if ttl != "" {
+				if _, err := time.ParseDuration(ttl); err != nil {
+					http.Error(w, "ttl: "+err.Error(), http.StatusBadRequest)
+					return
+				}
+				args = append(args, "--svid-ttl", ttl, "--unsafe-min-svid-ttl", ttl)
+			}
+			m.mu.Lock()
+			m.issuer.Stop()
+			p, err := controlplane.StartProcess(m.issuerCmd[0], filepath.Join(m.dir, "issuer.log"), args...)
+			if err == nil {
+				m.issuer = p
+				err = waitFile(r.Context(), m.state.WorkloadAPISocket, 15*time.Second, p)
+			}
+			m.mu.Unlock()
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusInternalServerError)
+				return
+			}
 		case "kill":
 			m.cp.KillAPIServer()
 		case "start":
@@ -488,7 +522,7 @@ func serveControl(dir string, ms []*member, w *wan, wls []*workloads, log *slog.
 				return
 			}
 		default:
-			http.Error(w, fmt.Sprintf("unknown action %q (kill, start, kill-controller, start-controller, kill-gateway-0, start-gateway-0)", action), http.StatusBadRequest)
+			http.Error(w, fmt.Sprintf("unknown action %q (kill, start, kill-controller, start-controller, kill-gateway-0, start-gateway-0, issuer-ttl)", action), http.StatusBadRequest)
 			return
 		}
 		log.Info("drill action", "cluster", name, "apiserver", action)
@@ -542,6 +576,12 @@ func serveControl(dir string, ms []*member, w *wan, wls []*workloads, log *slog.
 		}
 	}()
 	return srv, nil
+}
+
+// IssuerTTL restarts a cluster's issuer with another SVID lifetime; "" goes
+// back to the default.
+func IssuerTTL(ctx context.Context, dir, cluster, ttl string) error {
+	return post(ctx, dir, "/clusters/"+cluster+"/component/issuer-ttl?ttl="+url.QueryEscape(ttl), nil)
 }
 
 // EchoControl kills or starts every echo pod of a cluster ("kill", "start").

@@ -4,6 +4,8 @@
 package main
 
 import (
+	"github.com/quic-go/quic-go"
+
 	"context"
 	"encoding/json"
 	"errors"
@@ -91,6 +93,7 @@ type options struct {
 	federate, gatewayPath, kubeconfig, catalog   string
 	logLevel, logFormat                          string
 	deadAfter, dialTimeout, headerTimeout, eject time.Duration
+	resetKeyFile                                 string
 	maxStreams                                   int
 	peers                                        peerFlags
 }
@@ -112,6 +115,7 @@ func parse(args []string, out io.Writer) (*options, error) {
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig of this cluster: exports and endpoints come from its ServiceExports and EndpointSlices")
 	fs.StringVar(&o.catalog, "catalog", "", "static catalog JSON file instead of --kubeconfig: {\"services\":[{\"namespace\":\"shop\",\"name\":\"checkout\",\"port\":8080,\"endpoints\":[\"10.0.0.1:9090\"]}]}")
 	fs.DurationVar(&o.deadAfter, "dead-after", time.Second, "declare a silent peer gateway dead after this long")
+	fs.StringVar(&o.resetKeyFile, "stateless-reset-key-file", "", "file with this replica's 32-byte QUIC stateless reset key, created if missing; keep it across restarts so a restarted replica resets stale sidecar and peer connections at once (empty: no stateless resets)")
 	fs.DurationVar(&o.dialTimeout, "dial-timeout", gateway.DefaultDialTimeout, "timeout of a dial to a local endpoint")
 	fs.DurationVar(&o.headerTimeout, "header-timeout", gateway.DefaultHeaderTimeout, "time a new stream has to send its header")
 	fs.DurationVar(&o.eject, "eject-for", gateway.DefaultEjectFor, "skip an endpoint whose dial failed for this long")
@@ -209,8 +213,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	var resetKey *quic.StatelessResetKey
+	if o.resetKeyFile != "" {
+		if resetKey, err = gateway.LoadStatelessResetKey(o.resetKeyFile); err != nil {
+			return err
+		}
+	}
 	g, err := gateway.New(gateway.Config{
-		Cluster: o.cluster, TrustDomain: td, Source: src, Federated: federated, GatewayPath: o.gatewayPath,
+		StatelessResetKey: resetKey,
+		Cluster:           o.cluster, TrustDomain: td, Source: src, Federated: federated, GatewayPath: o.gatewayPath,
 		Peers: o.peers, Catalog: catalog,
 		TunnelAddr: o.tunnelAddr, EgressAddr: o.egressAddr, AdminAddr: o.adminAddr,
 		DeadAfter: o.deadAfter, DialTimeout: o.dialTimeout, HeaderTimeout: o.headerTimeout, EjectFor: o.eject,

@@ -83,6 +83,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.cfg.SocketPath, "socket", "", "absolute path of the Workload API unix socket; workloads set SPIFFE_ENDPOINT_SOCKET=unix://<path> (required)")
 	fs.StringVar(&o.entriesFile, "entries", "", "registration entries file (YAML or JSON, see docs/identity.md); without it nobody gets an identity")
 	fs.DurationVar(&o.cfg.SVIDTTL, "svid-ttl", issuer.DefaultSVIDTTL, "X.509-SVID lifetime (at least 1m); SVIDs are renewed and pushed at half-life")
+	fs.DurationVar(&o.cfg.UnsafeMinSVIDTTL, "unsafe-min-svid-ttl", 0, "UNSAFE, drills only: lower the 1m floor of --svid-ttl/--jwt-svid-ttl (fedctl drill svid-rotation uses it on a local federation)")
 	fs.DurationVar(&o.cfg.JWTSVIDTTL, "jwt-svid-ttl", issuer.DefaultJWTSVIDTTL, "JWT-SVID lifetime (at least 1m)")
 	fs.DurationVar(&o.cfg.CATTL, "ca-ttl", issuer.DefaultCATTL, "lifetime of each CA; the next CA is published at 1/2 of it, signs from 3/4, and the old root stays in the bundle until it expires")
 	fs.StringVar(&o.cfg.BundleEndpointAddr, "bundle-endpoint", "", "TCP address for the SPIFFE bundle endpoint (https_spiffe), e.g. 127.0.0.1:8443; empty: not served")

@@ -72,6 +72,11 @@ type Config struct {
 	// Clock drives SVID renewal and CA rotation; default: the real clock.
 	Clock Clock
 
+	// UnsafeMinSVIDTTL lowers the MinSVIDTTL floor. Only failover drills on
+	// a local federation (rotation every few seconds under load) set it;
+	// never use it in production.
+	UnsafeMinSVIDTTL time.Duration
+
 	// minSVIDTTL lowers MinSVIDTTL; only tests and benchmarks set it.
 	minSVIDTTL time.Duration
 	// minRefresh is the shortest interval at which a peer is re-fetched,
@@ -117,6 +122,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.minSVIDTTL == 0 {
 		c.minSVIDTTL = MinSVIDTTL
+		if c.UnsafeMinSVIDTTL > 0 {
+			c.minSVIDTTL = c.UnsafeMinSVIDTTL
+		}
 	}
 	if c.minRefresh == 0 {
 		c.minRefresh = time.Second
