@@ -439,7 +439,47 @@ func drillWANPartition(ctx context.Context, g *globals, target string, maxDetect
 	if _, err := waitFor(true, 10*time.Second); err != nil {
 		return nil, fmt.Errorf("gateways do not all see %s up before the drill: %w", target, err)
 	}
+	// With sample pods, a client in another cluster whose own pods are down
+	// is served remotely through the drill; the drill picks one whose traffic
+	// goes to the target before the cut. After the detection not one of its
+	// requests may be answered by (so sent to) the cut-off cluster, and none
+	// may fail.
+	var client *localfed.Cluster
+	var done chan []sample
+	stopLoad := func() {}
+	for i := range others {
+		url := ""
+		for _, w := range others[i].Workloads {
+			if w.Outbound != "" {
+				url = w.Outbound + "/drill"
+			}
+		}
+		if url == "" {
+			continue
+		}
+		if err := localfed.EchoControl(ctx, st.Dir, others[i].Name, "kill"); err != nil {
+			return nil, err
+		}
+		lctx, stop := context.WithCancel(ctx)
+		ch := make(chan []sample, 1)
+		go func() { ch <- load(lctx, url, 200, 10*time.Second) }()
+		time.Sleep(1500 * time.Millisecond)
+		if sidecarSends(ctx, others[i], target) {
+			client, done, stopLoad = &others[i], ch, stop
+			say("%s's echo pods killed: its client is served remotely, partly by %s, under load", others[i].Name, target)
+			defer localfed.EchoControl(context.Background(), st.Dir, others[i].Name, "start")
+			break
+		}
+		stop()
+		<-ch
+		localfed.EchoControl(ctx, st.Dir, others[i].Name, "start")
+	}
+	defer stopLoad()
+	if client == nil && len(others) > 0 && len(others[0].Workloads) > 0 {
+		say("no client routes to %s right now; measuring the gateways only", target)
+	}
 	say("cutting %s off the WAN (every link to it drops all packets)", target)
+	cutAt := time.Now()
 	healed := false
 	heal := func() error {
 		var errs []error
@@ -462,6 +502,11 @@ func drillWANPartition(ctx context.Context, g *globals, target string, maxDetect
 	detect, detectErr := waitFor(false, maxDetect+10*time.Second)
 	say("every other cluster's gateways declared %s dead after %s", target, detect.Round(time.Millisecond))
 	time.Sleep(hold)
+	var samples []sample
+	if client != nil {
+		stopLoad()
+		samples = <-done
+	}
 	say("healing the WAN")
 	if err := heal(); err != nil {
 		return nil, err
@@ -472,6 +517,26 @@ func drillWANPartition(ctx context.Context, g *globals, target string, maxDetect
 	r := &DrillReport{Scenario: "wan-partition", Target: target, Passed: true}
 	r.add("detection (every gateway declares it dead)", detect, maxDetect, detectErr)
 	r.add("recovery (every gateway links up after heal)", recovered, maxRecover, recoverErr)
+	if client != nil {
+		detectedAt := cutAt.Add(detect)
+		failed, toTarget, after := 0, 0, 0
+		for _, s := range samples {
+			switch {
+			case !s.ok:
+				failed++
+			case s.start.After(detectedAt):
+				after++
+				if s.servedBy == target {
+					toTarget++
+				}
+			}
+		}
+		say("%s's client: %d requests, %d failed, %d answered by %s after the detection (of %d)", client.Name, len(samples), failed, toTarget, target, after)
+		r.Results = append(r.Results,
+			DrillResult{Figure: client.Name + "'s requests failed", Value: float64(failed), Unit: fmt.Sprintf("of %d", len(samples)), Objective: "0", Met: failed == 0},
+			DrillResult{Figure: "requests sent to " + target + " after detection", Value: float64(toTarget), Unit: fmt.Sprintf("of %d", after), Objective: "0", Met: toTarget == 0 && after > 0})
+		r.Passed = r.Passed && failed == 0 && toTarget == 0 && after > 0
+	}
 	return r, nil
 }
 
@@ -498,4 +563,20 @@ func report(g *globals, rep *DrillReport, junit string) error {
 		return errors.New("drill missed an objective")
 	}
 	return nil
+}
+
+// sidecarSends reports whether a cluster's client sidecar currently sends
+// some of its traffic to target (from its /state).
+func sidecarSends(ctx context.Context, c localfed.Cluster, target string) bool {
+	for _, w := range c.Workloads {
+		if w.Outbound == "" || w.Admin == "" {
+			continue
+		}
+		for _, s := range serving(ctx, c.Name, w) {
+			if s.Shares[target] > 0.01 {
+				return true
+			}
+		}
+	}
+	return false
 }

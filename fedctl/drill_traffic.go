@@ -17,23 +17,29 @@ import (
 	"github.com/fedmesh/fedmesh/localfed"
 )
 
-// sample is one request of a drill's load.
+// sample is one request of a drill's load. A request the generator could
+// not even send (too many in flight) is a failed sample with notSent set.
 type sample struct {
 	start, end time.Time
 	ok         bool
+	notSent    bool
 	servedBy   string
 }
 
-// load sends GETs at a fixed rate to url until ctx ends, at most max in
-// flight, each with a timeout; it returns every sample.
+// load sends GETs at a fixed rate to url until ctx ends, at most
+// maxInflight at once, each with a timeout; it returns every sample.
+// maxInflight bounds a drill's open requests: enough for a second of
+// stalled requests at the highest allowed rate.
+const maxInflight = 5000
+
 func load(ctx context.Context, url string, rate int, timeout time.Duration) []sample {
-	client := &http.Client{Timeout: timeout, Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	client := &http.Client{Timeout: timeout, Transport: &http.Transport{MaxIdleConnsPerHost: 256}}
 	defer client.CloseIdleConnections()
 	var (
 		mu   sync.Mutex
 		out  []sample
 		wg   sync.WaitGroup
-		sem  = make(chan struct{}, 64)
+		sem  = make(chan struct{}, maxInflight)
 		tick = time.NewTicker(time.Second / time.Duration(rate))
 	)
 	defer tick.Stop()
@@ -49,7 +55,7 @@ func load(ctx context.Context, url string, rate int, timeout time.Duration) []sa
 		case sem <- struct{}{}:
 		default:
 			mu.Lock()
-			out = append(out, sample{start: time.Now(), end: time.Now()}) // overloaded: counted as failed
+			out = append(out, sample{start: time.Now(), end: time.Now(), notSent: true}) // counted as failed
 			mu.Unlock()
 			continue
 		}

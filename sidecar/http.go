@@ -270,6 +270,7 @@ func (u *upstream) attempt(ctx context.Context, t *balancer.Target, req *http.Re
 				t.Outlier.Report(health.ServerFailure)
 			} else {
 				t.Outlier.Report(health.Success)
+				returnIfEjected(t)
 			}
 			t.End(time.Since(began), true)
 			return a, true, nil

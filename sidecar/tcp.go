@@ -45,6 +45,7 @@ func (u *upstream) serveTCP(ctx context.Context, c net.Conn) {
 			continue
 		}
 		t.Outlier.Report(health.Success)
+		returnIfEjected(t)
 		t.End(time.Since(now), true)
 		if len(exclude) > 1 && t.Priority > exclude[0].Priority {
 			u.s.m.failovers.WithLabelValues(svc, t.Cluster).Inc()

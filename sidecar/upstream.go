@@ -166,17 +166,22 @@ func (u *upstream) checkTargets() []health.Target {
 	defer u.mu.Unlock()
 	var ts []health.Target
 	for _, t := range u.targets {
-		if t.Addr != "" {
-			// The probe is a full mTLS handshake: the inbound accepts it
-			// only while the app accepts connections.
-			ts = append(ts, health.Target{Outlier: t.Outlier, Probe: func(ctx context.Context) error {
-				c, err := u.dial(ctx, t)
-				if err != nil {
-					return err
-				}
-				return c.Close()
-			}})
-		}
+		// The probe is a full mTLS handshake: the inbound accepts it only
+		// while the app accepts connections. A remote cluster behind the
+		// gateway is probed through it, but only while it is ejected: a
+		// healthy cluster costs no cross-cluster handshake per second, and
+		// an ejected one comes back as soon as it answers again.
+		gw := t.Addr == ""
+		ts = append(ts, health.Target{Outlier: t.Outlier, Probe: func(ctx context.Context) error {
+			if gw && !t.Outlier.Ejected(time.Now()) {
+				return nil
+			}
+			c, err := u.dial(ctx, t)
+			if err != nil {
+				return err
+			}
+			return c.Close()
+		}})
 	}
 	return ts
 }
@@ -257,6 +262,9 @@ func (u *upstream) dial(ctx context.Context, t *balancer.Target) (net.Conn, erro
 			var te *tunnel.Error
 			if errors.As(err, &te) {
 				u.s.m.tunnelRefusals.WithLabelValues(t.Cluster, te.Code.String()).Inc()
+				if te.Code == tunnel.CodeUnreachable || te.Code == tunnel.CodeUnknownCluster {
+					u.ejectCluster(t)
+				}
 			}
 			return nil, fmt.Errorf("dial %s in %s through gateway: %w", u.cfg, t.Cluster, err)
 		}
@@ -278,4 +286,27 @@ func (u *upstream) dial(ctx context.Context, t *balancer.Target) (net.Conn, erro
 		return nil, fmt.Errorf("mtls handshake with %s endpoint %s: %w", u.cfg, t.Name, err)
 	}
 	return tc, nil
+}
+
+// ejectCluster treats the gateway's "cluster unreachable" as one signal for
+// the whole cluster: every target of that cluster is ejected at once, as the
+// one that was dialed will be, so later requests go straight to the next
+// priority instead of each spending a retry on a cluster that is gone.
+func (u *upstream) ejectCluster(t *balancer.Target) {
+	for _, prio := range u.picker.Targets() {
+		for _, o := range prio {
+			if o != t && o.Gateway && o.Cluster == t.Cluster {
+				o.Outlier.Report(health.ConnectFailure)
+			}
+		}
+	}
+}
+
+// returnIfEjected ends a connect-failure ejection of a target that just
+// answered (it was picked in panic mode, with nothing else available): it
+// is reachable, so keeping it out only starves the upstream.
+func returnIfEjected(t *balancer.Target) {
+	if t.Outlier.Ejected(time.Now()) {
+		t.Outlier.Return()
+	}
 }
