@@ -86,26 +86,14 @@ func newPeerAPIServerDownDrill(g *globals) *cobra.Command {
 		Use:   "peer-apiserver-down",
 		Short: "Stop one cluster's API server; measure stale detection and resync",
 		Args:  noArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if g.output != "table" && g.output != "json" && g.output != "yaml" {
-				return usagef("-o must be table, json or yaml, got %q", g.output)
-			}
-			if g.kubeconfig != "" {
-				return usagef("this drill stops an API server, so it runs only on a local federation (fedctl up); drop --kubeconfig")
-			}
-			rep, err := drillPeerDown(cmd.Context(), g, target, maxDetect, maxRecover)
-			if err != nil {
-				return err
-			}
-			return report(g, rep, junit)
-		},
+		RunE: localDrill(g, &junit, func(ctx context.Context) (*DrillReport, error) {
+			return drillPeerDown(ctx, g, target, maxDetect, maxRecover)
+		}),
 	}
 	cmd.Flags().StringVar(&target, "cluster", "west", "the cluster whose API server goes down")
 	cmd.Flags().DurationVar(&maxDetect, "max-detection", 2*time.Second, "objective: every other cluster marks it stale within this time")
 	cmd.Flags().DurationVar(&maxRecover, "max-recovery", 10*time.Second, "objective: stale cleared everywhere within this time after it returns")
-	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
-	cmd.Flags().StringVar(&junit, "junit", "", "also write the results as a JUnit XML file")
-	return cmd
+	return withReportFlags(g, cmd, &junit)
 }
 
 type drillCluster struct {
@@ -149,11 +137,7 @@ func drillPeerDown(ctx context.Context, g *globals, target string, maxDetect, ma
 		return nil, usagef("--cluster %q is not a member of this federation", target)
 	}
 	const ns, name = "fedmesh-drill", "drill-peer-down"
-	say := func(format string, a ...any) {
-		if g.output == "table" {
-			fmt.Fprintf(g.out, "  - "+format+"\n", a...)
-		}
-	}
+	say := g.say
 	say("exporting %s/%s with 2 ready endpoints from %s", ns, name, target)
 	for _, c := range clusters {
 		if _, err := c.kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
@@ -359,27 +343,15 @@ func newWANPartitionDrill(g *globals) *cobra.Command {
 		Example: `  fedctl drill wan-partition --cluster west
   fedctl drill wan-partition --cluster north --max-detection 1500ms -o json`,
 		Args: noArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if g.output != "table" && g.output != "json" && g.output != "yaml" {
-				return usagef("-o must be table, json or yaml, got %q", g.output)
-			}
-			if g.kubeconfig != "" {
-				return usagef("this drill cuts the local federation's WAN; drop --kubeconfig")
-			}
-			rep, err := drillWANPartition(cmd.Context(), g, target, maxDetect, maxRecover, hold)
-			if err != nil {
-				return err
-			}
-			return report(g, rep, junit)
-		},
+		RunE: localDrill(g, &junit, func(ctx context.Context) (*DrillReport, error) {
+			return drillWANPartition(ctx, g, target, maxDetect, maxRecover, hold)
+		}),
 	}
 	cmd.Flags().StringVar(&target, "cluster", "west", "the cluster cut off")
 	cmd.Flags().DurationVar(&maxDetect, "max-detection", 2*time.Second, "objective: every other cluster's gateways declare it dead within this time")
 	cmd.Flags().DurationVar(&maxRecover, "max-recovery", 5*time.Second, "objective: links back up within this time after the heal")
 	cmd.Flags().DurationVar(&hold, "hold", 3*time.Second, "how long the partition lasts after detection")
-	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
-	cmd.Flags().StringVar(&junit, "junit", "", "also write the results as a JUnit XML file")
-	return cmd
+	return withReportFlags(g, cmd, &junit)
 }
 
 func drillWANPartition(ctx context.Context, g *globals, target string, maxDetect, maxRecover, hold time.Duration) (*DrillReport, error) {
@@ -399,11 +371,7 @@ func drillWANPartition(ctx context.Context, g *globals, target string, maxDetect
 	if !found {
 		return nil, usagef("--cluster %q is not a member of this federation", target)
 	}
-	say := func(format string, a ...any) {
-		if g.output == "table" {
-			fmt.Fprintf(g.out, "  - "+format+"\n", a...)
-		}
-	}
+	say := g.say
 	// targetUp reports, over every replica of every other cluster, whether
 	// all see the target up (want=true) or all see it down (want=false).
 	allSee := func(want bool) bool {
@@ -448,12 +416,7 @@ func drillWANPartition(ctx context.Context, g *globals, target string, maxDetect
 	var done chan []sample
 	stopLoad := func() {}
 	for i := range others {
-		url := ""
-		for _, w := range others[i].Workloads {
-			if w.Outbound != "" {
-				url = w.Outbound + "/drill"
-			}
-		}
+		url := clientOutbound(others[i])
 		if url == "" {
 			continue
 		}
@@ -579,4 +542,48 @@ func sidecarSends(ctx context.Context, c localfed.Cluster, target string) bool {
 		}
 	}
 	return false
+}
+
+// localDrill is the RunE of every drill: they act on the local federation's
+// processes, so --kubeconfig is refused; the report goes out as a table,
+// JSON or YAML (and JUnit), and a missed objective exits 1.
+func localDrill(g *globals, junit *string, run func(ctx context.Context) (*DrillReport, error)) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, _ []string) error {
+		if g.output != "table" && g.output != "json" && g.output != "yaml" {
+			return usagef("-o must be table, json or yaml, got %q", g.output)
+		}
+		if g.kubeconfig != "" {
+			return usagef("drills act on a local federation's processes (fedctl up); drop --kubeconfig")
+		}
+		rep, err := run(cmd.Context())
+		if err != nil {
+			return err
+		}
+		return report(g, rep, *junit)
+	}
+}
+
+// withReportFlags adds the output flags every drill has.
+func withReportFlags(g *globals, cmd *cobra.Command, junit *string) *cobra.Command {
+	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
+	cmd.Flags().StringVar(junit, "junit", "", "also write the results as a JUnit XML file")
+	return cmd
+}
+
+// say prints a drill's progress line, on the table output only.
+func (g *globals) say(format string, a ...any) {
+	if g.output == "table" {
+		fmt.Fprintf(g.out, "  - "+format+"\n", a...)
+	}
+}
+
+// clientOutbound is the URL of a cluster's client sidecar outbound listener
+// (with path), or "" without sample pods.
+func clientOutbound(c localfed.Cluster) string {
+	for _, w := range c.Workloads {
+		if w.Outbound != "" {
+			return w.Outbound + "/drill"
+		}
+	}
+	return ""
 }

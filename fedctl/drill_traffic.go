@@ -96,31 +96,19 @@ to the first answer from the own cluster again (failback).`,
 		Example: `  fedctl drill kill-local-endpoints --cluster east
   fedctl drill kill-local-endpoints --cluster west --rate 500 -o json --junit drill.xml`,
 		Args: noArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if g.output != "table" && g.output != "json" && g.output != "yaml" {
-				return usagef("-o must be table, json or yaml, got %q", g.output)
-			}
-			if g.kubeconfig != "" {
-				return usagef("this drill kills the local federation's sample pods; drop --kubeconfig")
-			}
+		RunE: localDrill(g, &junit, func(ctx context.Context) (*DrillReport, error) {
 			if rate < 1 || rate > 5000 {
-				return usagef("--rate must be 1..5000 requests per second")
+				return nil, usagef("--rate must be 1..5000 requests per second")
 			}
-			rep, err := drillKillLocal(cmd.Context(), g, target, rate, hold, maxFailover, maxFailback)
-			if err != nil {
-				return err
-			}
-			return report(g, rep, junit)
-		},
+			return drillKillLocal(ctx, g, target, rate, hold, maxFailover, maxFailback)
+		}),
 	}
 	cmd.Flags().StringVar(&target, "cluster", "east", "the cluster whose echo pods die")
 	cmd.Flags().IntVar(&rate, "rate", 200, "requests per second")
 	cmd.Flags().DurationVar(&hold, "hold", 3*time.Second, "how long the pods stay dead")
 	cmd.Flags().DurationVar(&maxFailover, "max-failover", time.Second, "objective: first remote answer within this time after the kill")
 	cmd.Flags().DurationVar(&maxFailback, "max-failback", 5*time.Second, "objective: first local answer within this time after the restart")
-	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
-	cmd.Flags().StringVar(&junit, "junit", "", "also write the results as a JUnit XML file")
-	return cmd
+	return withReportFlags(g, cmd, &junit)
 }
 
 func drillKillLocal(ctx context.Context, g *globals, target string, rate int, hold, maxFailover, maxFailback time.Duration) (*DrillReport, error) {
@@ -131,21 +119,13 @@ func drillKillLocal(ctx context.Context, g *globals, target string, rate int, ho
 	var url string
 	for _, c := range st.Clusters {
 		if c.Name == target {
-			for _, w := range c.Workloads {
-				if w.Outbound != "" {
-					url = w.Outbound + "/drill"
-				}
-			}
+			url = clientOutbound(c)
 		}
 	}
 	if url == "" {
 		return nil, usagef("--cluster %q has no client sidecar in this federation", target)
 	}
-	say := func(format string, a ...any) {
-		if g.output == "table" {
-			fmt.Fprintf(g.out, "  - "+format+"\n", a...)
-		}
-	}
+	say := g.say
 	// The own cluster must answer before anything is broken.
 	wctx, cancel := context.WithTimeout(ctx, 1500*time.Millisecond)
 	warm := load(wctx, url, 20, 2*time.Second)
@@ -235,27 +215,15 @@ last endpoint sets, so no request may fail; the controller must lead again
 within the objective.`,
 		Example: `  fedctl drill controller-restart --cluster east`,
 		Args:    noArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if g.output != "table" && g.output != "json" && g.output != "yaml" {
-				return usagef("-o must be table, json or yaml, got %q", g.output)
-			}
-			if g.kubeconfig != "" {
-				return usagef("this drill kills the local federation's controller; drop --kubeconfig")
-			}
-			rep, err := drillControllerRestart(cmd.Context(), g, target, rate, hold, maxBack)
-			if err != nil {
-				return err
-			}
-			return report(g, rep, junit)
-		},
+		RunE: localDrill(g, &junit, func(ctx context.Context) (*DrillReport, error) {
+			return drillControllerRestart(ctx, g, target, rate, hold, maxBack)
+		}),
 	}
 	cmd.Flags().StringVar(&target, "cluster", "east", "the cluster whose controller dies")
 	cmd.Flags().IntVar(&rate, "rate", 200, "requests per second")
 	cmd.Flags().DurationVar(&hold, "hold", 3*time.Second, "how long the controller stays dead")
 	cmd.Flags().DurationVar(&maxBack, "max-recovery", 10*time.Second, "objective: the restarted controller leads within this time")
-	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
-	cmd.Flags().StringVar(&junit, "junit", "", "also write the results as a JUnit XML file")
-	return cmd
+	return withReportFlags(g, cmd, &junit)
 }
 
 func drillControllerRestart(ctx context.Context, g *globals, target string, rate int, hold, maxBack time.Duration) (*DrillReport, error) {
@@ -267,21 +235,13 @@ func drillControllerRestart(ctx context.Context, g *globals, target string, rate
 	for _, c := range st.Clusters {
 		if c.Name == target {
 			admin = c.ControllerAdmin
-			for _, w := range c.Workloads {
-				if w.Outbound != "" {
-					url = w.Outbound + "/drill"
-				}
-			}
+			url = clientOutbound(c)
 		}
 	}
 	if url == "" {
 		return nil, usagef("--cluster %q has no client sidecar in this federation", target)
 	}
-	say := func(format string, a ...any) {
-		if g.output == "table" {
-			fmt.Fprintf(g.out, "  - "+format+"\n", a...)
-		}
-	}
+	say := g.say
 	lctx, stopLoad := context.WithCancel(ctx)
 	defer stopLoad()
 	done := make(chan []sample, 1)
@@ -355,26 +315,14 @@ plane round trip, and the sidecar retries idempotent requests whose stream
 died, so no request may fail. Everything is restored afterwards.`,
 		Example: `  fedctl drill gateway-replica-loss --cluster east`,
 		Args:    noArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if g.output != "table" && g.output != "json" && g.output != "yaml" {
-				return usagef("-o must be table, json or yaml, got %q", g.output)
-			}
-			if g.kubeconfig != "" {
-				return usagef("this drill kills the local federation's gateways; drop --kubeconfig")
-			}
-			rep, err := drillGatewayReplicaLoss(cmd.Context(), g, target, rate, hold)
-			if err != nil {
-				return err
-			}
-			return report(g, rep, junit)
-		},
+		RunE: localDrill(g, &junit, func(ctx context.Context) (*DrillReport, error) {
+			return drillGatewayReplicaLoss(ctx, g, target, rate, hold)
+		}),
 	}
 	cmd.Flags().StringVar(&target, "cluster", "east", "the cluster whose clients are served remotely during the drill")
 	cmd.Flags().IntVar(&rate, "rate", 200, "requests per second")
 	cmd.Flags().DurationVar(&hold, "hold", 3*time.Second, "how long the replicas stay dead")
-	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
-	cmd.Flags().StringVar(&junit, "junit", "", "also write the results as a JUnit XML file")
-	return cmd
+	return withReportFlags(g, cmd, &junit)
 }
 
 func drillGatewayReplicaLoss(ctx context.Context, g *globals, target string, rate int, hold time.Duration) (*DrillReport, error) {
@@ -389,20 +337,12 @@ func drillGatewayReplicaLoss(ctx context.Context, g *globals, target string, rat
 			others = append(others, c.Name)
 			continue
 		}
-		for _, w := range c.Workloads {
-			if w.Outbound != "" {
-				url = w.Outbound + "/drill"
-			}
-		}
+		url = clientOutbound(c)
 	}
 	if url == "" {
 		return nil, usagef("--cluster %q has no client sidecar in this federation", target)
 	}
-	say := func(format string, a ...any) {
-		if g.output == "table" {
-			fmt.Fprintf(g.out, "  - "+format+"\n", a...)
-		}
-	}
+	say := g.say
 	bg := context.Background()
 	say("killing every echo pod of %s, so its requests are served remotely", target)
 	if err := localfed.EchoControl(ctx, st.Dir, target, "kill"); err != nil {
@@ -469,22 +409,12 @@ retries what fails, so no request may fail; p99 latency must stay under
 		Example: `  fedctl drill wan-degraded --cluster east
   fedctl drill wan-degraded --cluster west --delay 50ms --loss 0.05 --max-p99 2s`,
 		Args: noArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if g.output != "table" && g.output != "json" && g.output != "yaml" {
-				return usagef("-o must be table, json or yaml, got %q", g.output)
-			}
-			if g.kubeconfig != "" {
-				return usagef("this drill degrades the local federation's WAN; drop --kubeconfig")
-			}
+		RunE: localDrill(g, &junit, func(ctx context.Context) (*DrillReport, error) {
 			if loss < 0 || loss >= 1 {
-				return usagef("--loss must be in [0, 1)")
+				return nil, usagef("--loss must be in [0, 1)")
 			}
-			rep, err := drillWANDegraded(cmd.Context(), g, target, rate, hold, faultnet.Faults{Delay: delay, Jitter: jitter, Loss: loss}, maxP99)
-			if err != nil {
-				return err
-			}
-			return report(g, rep, junit)
-		},
+			return drillWANDegraded(ctx, g, target, rate, hold, faultnet.Faults{Delay: delay, Jitter: jitter, Loss: loss}, maxP99)
+		}),
 	}
 	cmd.Flags().StringVar(&target, "cluster", "east", "the cluster whose clients are served over the degraded WAN")
 	cmd.Flags().IntVar(&rate, "rate", 100, "requests per second")
@@ -493,9 +423,7 @@ retries what fails, so no request may fail; p99 latency must stay under
 	cmd.Flags().DurationVar(&jitter, "jitter", 10*time.Millisecond, "extra random delay, up to this much")
 	cmd.Flags().Float64Var(&loss, "loss", 0.02, "probability that a WAN packet is dropped")
 	cmd.Flags().DurationVar(&maxP99, "max-p99", time.Second, "objective: p99 latency while degraded")
-	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
-	cmd.Flags().StringVar(&junit, "junit", "", "also write the results as a JUnit XML file")
-	return cmd
+	return withReportFlags(g, cmd, &junit)
 }
 
 func drillWANDegraded(ctx context.Context, g *globals, target string, rate int, hold time.Duration, f faultnet.Faults, maxP99 time.Duration) (*DrillReport, error) {
@@ -510,20 +438,12 @@ func drillWANDegraded(ctx context.Context, g *globals, target string, rate int, 
 			others = append(others, c.Name)
 			continue
 		}
-		for _, w := range c.Workloads {
-			if w.Outbound != "" {
-				url = w.Outbound + "/drill"
-			}
-		}
+		url = clientOutbound(c)
 	}
 	if url == "" {
 		return nil, usagef("--cluster %q has no client sidecar in this federation", target)
 	}
-	say := func(format string, a ...any) {
-		if g.output == "table" {
-			fmt.Fprintf(g.out, "  - "+format+"\n", a...)
-		}
-	}
+	say := g.say
 	bg := context.Background()
 	say("killing every echo pod of %s, so its requests cross the WAN", target)
 	if err := localfed.EchoControl(ctx, st.Dir, target, "kill"); err != nil {
@@ -580,31 +500,19 @@ issued. Afterwards the issuer goes back to its normal lifetime. The CA is
 on disk, so trust never changes.`,
 		Example: `  fedctl drill svid-rotation --cluster west --ttl 4s --hold 12s`,
 		Args:    noArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if g.output != "table" && g.output != "json" && g.output != "yaml" {
-				return usagef("-o must be table, json or yaml, got %q", g.output)
-			}
-			if g.kubeconfig != "" {
-				return usagef("this drill restarts the local federation's issuer; drop --kubeconfig")
-			}
+		RunE: localDrill(g, &junit, func(ctx context.Context) (*DrillReport, error) {
 			if ttl < 2*time.Second || hold < ttl {
-				return usagef("--ttl must be at least 2s and --hold at least --ttl")
+				return nil, usagef("--ttl must be at least 2s and --hold at least --ttl")
 			}
-			rep, err := drillSVIDRotation(cmd.Context(), g, target, rate, hold, ttl, minIssued)
-			if err != nil {
-				return err
-			}
-			return report(g, rep, junit)
-		},
+			return drillSVIDRotation(ctx, g, target, rate, hold, ttl, minIssued)
+		}),
 	}
 	cmd.Flags().StringVar(&target, "cluster", "east", "the cluster whose identities rotate")
 	cmd.Flags().IntVar(&rate, "rate", 200, "requests per second")
 	cmd.Flags().DurationVar(&ttl, "ttl", 6*time.Second, "SVID lifetime during the drill (renewed at half of it)")
 	cmd.Flags().DurationVar(&hold, "hold", 10*time.Second, "how long the load runs with rotating SVIDs")
 	cmd.Flags().IntVar(&minIssued, "min-issued", 12, "objective: SVIDs issued during the drill (the cluster has 6 identities)")
-	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
-	cmd.Flags().StringVar(&junit, "junit", "", "also write the results as a JUnit XML file")
-	return cmd
+	return withReportFlags(g, cmd, &junit)
 }
 
 func drillSVIDRotation(ctx context.Context, g *globals, target string, rate int, hold, ttl time.Duration, minIssued int) (*DrillReport, error) {
@@ -616,21 +524,13 @@ func drillSVIDRotation(ctx context.Context, g *globals, target string, rate int,
 	for _, c := range st.Clusters {
 		if c.Name == target {
 			metrics = c.IssuerMetrics
-			for _, w := range c.Workloads {
-				if w.Outbound != "" {
-					url = w.Outbound + "/drill"
-				}
-			}
+			url = clientOutbound(c)
 		}
 	}
 	if url == "" || metrics == "" {
 		return nil, usagef("--cluster %q has no client sidecar or issuer metrics in this federation", target)
 	}
-	say := func(format string, a ...any) {
-		if g.output == "table" {
-			fmt.Fprintf(g.out, "  - "+format+"\n", a...)
-		}
-	}
+	say := g.say
 	say("restarting %s's issuer with %s SVIDs (renewed every %s)", target, ttl, ttl/2)
 	if err := localfed.IssuerTTL(ctx, st.Dir, target, ttl.String()); err != nil {
 		return nil, err
