@@ -179,11 +179,11 @@ func newLineEcho(t testing.TB) *lineEcho {
 					if err != nil {
 						switch {
 						case errors.Is(err, io.EOF):
-							e.events <- "eof"
+							e.emit("eof")
 						case strings.Contains(err.Error(), "connection reset"):
-							e.events <- "reset"
+							e.emit("reset")
 						default:
-							e.events <- "error: " + err.Error()
+							e.emit("error: " + err.Error())
 						}
 						return
 					}
@@ -194,7 +194,7 @@ func newLineEcho(t testing.TB) *lineEcho {
 					case "rst": // reset the connection
 						_ = c.(*net.TCPConn).SetLinger(0)
 						_ = c.Close()
-						e.events <- "sent reset"
+						e.emit("sent reset")
 						return
 					default:
 						if _, err := c.Write([]byte(line)); err != nil {
@@ -207,6 +207,16 @@ func newLineEcho(t testing.TB) *lineEcho {
 	})
 	t.Cleanup(func() { ln.Close(); e.wg.Wait() })
 	return e
+}
+
+// emit records an event for tests that read them. Load tests end thousands
+// of connections and read none, so a full channel drops the event instead of
+// blocking the handler (and the cleanup that waits for it) forever.
+func (e *lineEcho) emit(ev string) {
+	select {
+	case e.events <- ev:
+	default:
+	}
 }
 
 func (e *lineEcho) endpoint() Endpoint {

@@ -545,13 +545,16 @@ func (g *Gateway) acceptTunnel(ctx context.Context, wg *sync.WaitGroup) {
 		g.mu.Unlock()
 		g.log.Info("peer gateway connected in", "peer_id", ic.ID, "remote", ic.Remote)
 		wg.Go(func() {
+			// Streams of this connection end with it: their splices abort.
+			cctx, done := connContext(ctx, conn)
+			defer done()
 			defer func() {
 				g.mu.Lock()
 				delete(g.inbound, conn)
 				g.mu.Unlock()
 			}()
 			for {
-				s, err := conn.AcceptStream(ctx)
+				s, err := conn.AcceptStream(cctx)
 				if err != nil {
 					g.log.Info("peer gateway connection ended", "peer_id", ic.ID, "err", context.Cause(conn.Context()))
 					return
@@ -559,7 +562,7 @@ func (g *Gateway) acceptTunnel(ctx context.Context, wg *sync.WaitGroup) {
 				ic.streams.Add(1)
 				wg.Go(func() {
 					defer ic.streams.Add(-1)
-					g.serveIngress(ctx, s, id)
+					g.serveIngress(cctx, s, id)
 				})
 			}
 		})
@@ -609,7 +612,7 @@ func (g *Gateway) serveIngress(ctx context.Context, s *quic.Stream, from spiffei
 		g.finish("ingress", tunnel.CodeOK)
 		return
 	}
-	err = splice(streamEnd{s}, tcpEnd{conn}, g.counter("ingress"))
+	err = splice(ctx, streamEnd{s}, tcpEnd{conn}, g.counter("ingress"))
 	g.finishSpliced("ingress", err)
 }
 
@@ -718,12 +721,14 @@ func (g *Gateway) acceptEgress(ctx context.Context, wg *sync.WaitGroup) {
 			continue
 		}
 		wg.Go(func() {
+			cctx, done := connContext(ctx, conn)
+			defer done()
 			for {
-				s, err := conn.AcceptStream(ctx)
+				s, err := conn.AcceptStream(cctx)
 				if err != nil {
 					return
 				}
-				wg.Go(func() { g.serveEgress(ctx, s, id) })
+				wg.Go(func() { g.serveEgress(cctx, s, id) })
 			}
 		})
 		go func() { // close sidecar connections at shutdown
@@ -784,7 +789,7 @@ func (g *Gateway) serveEgress(ctx context.Context, s *quic.Stream, caller spiffe
 		g.finish("egress", tunnel.CodeOK)
 		return
 	}
-	err = splice(streamEnd{s}, streamEnd{ps}, g.counter("egress"))
+	err = splice(ctx, streamEnd{s}, streamEnd{ps}, g.counter("egress"))
 	g.finishSpliced("egress", err)
 }
 

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -55,10 +56,17 @@ func (e tcpEnd) release() error { return e.c.Close() }
 
 // splice copies both ways between a and b until both directions end. An EOF
 // on one side half-closes the other; a read or write error (a reset) resets
-// both sides. count is called after each chunk with the direction (true for
-// a to b) and its size. It returns the first error, nil after two clean
-// half-closes.
-func splice(a, b end, count func(aToB bool, n int)) error {
+// both sides, and so does the end of ctx (the QUIC connection carrying the
+// stream died, or the gateway stops): a direction blocked reading a TCP peer
+// after the other one half-closed would otherwise never notice. count is
+// called after each chunk with the direction (true for a to b) and its size.
+// It returns the first error, nil after two clean half-closes.
+func splice(ctx context.Context, a, b end, count func(aToB bool, n int)) error {
+	stop := context.AfterFunc(ctx, func() {
+		a.abort()
+		b.abort()
+	})
+	defer stop()
 	errc := make(chan error, 1)
 	go func() { errc <- pipe(b, a, func(n int) { count(true, n) }) }()
 	err := pipe(a, b, func(n int) { count(false, n) })
@@ -113,4 +121,15 @@ func refuse(s *quic.Stream, code tunnel.Code, reason string) {
 	_ = tunnel.WriteResponse(s, code, reason)
 	_ = s.Close()
 	s.CancelRead(quic.StreamErrorCode(code))
+}
+
+// connContext ends with parent or when the QUIC connection ends, whichever
+// comes first; call the returned function when done with it.
+func connContext(parent context.Context, conn *quic.Conn) (context.Context, func()) {
+	ctx, cancel := context.WithCancel(parent)
+	stop := context.AfterFunc(conn.Context(), cancel)
+	return ctx, func() {
+		stop()
+		cancel()
+	}
 }
