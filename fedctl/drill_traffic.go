@@ -112,18 +112,9 @@ to the first answer from the own cluster again (failback).`,
 }
 
 func drillKillLocal(ctx context.Context, g *globals, target string, rate int, hold, maxFailover, maxFailback time.Duration) (*DrillReport, error) {
-	st, err := localfed.ReadState(g.dir)
+	st, _, _, url, err := g.drillTarget(target)
 	if err != nil {
 		return nil, err
-	}
-	var url string
-	for _, c := range st.Clusters {
-		if c.Name == target {
-			url = clientOutbound(c)
-		}
-	}
-	if url == "" {
-		return nil, usagef("--cluster %q has no client sidecar in this federation", target)
 	}
 	say := g.say
 	// The own cluster must answer before anything is broken.
@@ -227,20 +218,11 @@ within the objective.`,
 }
 
 func drillControllerRestart(ctx context.Context, g *globals, target string, rate int, hold, maxBack time.Duration) (*DrillReport, error) {
-	st, err := localfed.ReadState(g.dir)
+	st, tc, _, url, err := g.drillTarget(target)
 	if err != nil {
 		return nil, err
 	}
-	var url, admin string
-	for _, c := range st.Clusters {
-		if c.Name == target {
-			admin = c.ControllerAdmin
-			url = clientOutbound(c)
-		}
-	}
-	if url == "" {
-		return nil, usagef("--cluster %q has no client sidecar in this federation", target)
-	}
+	admin := tc.ControllerAdmin
 	say := g.say
 	lctx, stopLoad := context.WithCancel(ctx)
 	defer stopLoad()
@@ -326,21 +308,9 @@ died, so no request may fail. Everything is restored afterwards.`,
 }
 
 func drillGatewayReplicaLoss(ctx context.Context, g *globals, target string, rate int, hold time.Duration) (*DrillReport, error) {
-	st, err := localfed.ReadState(g.dir)
+	st, _, others, url, err := g.drillTarget(target)
 	if err != nil {
 		return nil, err
-	}
-	var url string
-	var others []string
-	for _, c := range st.Clusters {
-		if c.Name != target {
-			others = append(others, c.Name)
-			continue
-		}
-		url = clientOutbound(c)
-	}
-	if url == "" {
-		return nil, usagef("--cluster %q has no client sidecar in this federation", target)
 	}
 	say := g.say
 	bg := context.Background()
@@ -427,21 +397,9 @@ retries what fails, so no request may fail; p99 latency must stay under
 }
 
 func drillWANDegraded(ctx context.Context, g *globals, target string, rate int, hold time.Duration, f faultnet.Faults, maxP99 time.Duration) (*DrillReport, error) {
-	st, err := localfed.ReadState(g.dir)
+	st, _, others, url, err := g.drillTarget(target)
 	if err != nil {
 		return nil, err
-	}
-	var url string
-	var others []string
-	for _, c := range st.Clusters {
-		if c.Name != target {
-			others = append(others, c.Name)
-			continue
-		}
-		url = clientOutbound(c)
-	}
-	if url == "" {
-		return nil, usagef("--cluster %q has no client sidecar in this federation", target)
 	}
 	say := g.say
 	bg := context.Background()
@@ -516,19 +474,13 @@ on disk, so trust never changes.`,
 }
 
 func drillSVIDRotation(ctx context.Context, g *globals, target string, rate int, hold, ttl time.Duration, minIssued int) (*DrillReport, error) {
-	st, err := localfed.ReadState(g.dir)
+	st, tc, _, url, err := g.drillTarget(target)
 	if err != nil {
 		return nil, err
 	}
-	var url, metrics string
-	for _, c := range st.Clusters {
-		if c.Name == target {
-			metrics = c.IssuerMetrics
-			url = clientOutbound(c)
-		}
-	}
-	if url == "" || metrics == "" {
-		return nil, usagef("--cluster %q has no client sidecar or issuer metrics in this federation", target)
+	metrics := tc.IssuerMetrics
+	if metrics == "" {
+		return nil, usagef("--cluster %q has no issuer metrics in this federation", target)
 	}
 	say := g.say
 	say("restarting %s's issuer with %s SVIDs (renewed every %s)", target, ttl, ttl/2)
@@ -591,4 +543,28 @@ func counter(ctx context.Context, url, name string) (float64, error) {
 		return 0, fmt.Errorf("%s not found at %s", name, url)
 	}
 	return sum, nil
+}
+
+// drillTarget resolves a traffic drill's --cluster in the local federation:
+// its state, the cluster, the names of the others, and the URL of its client
+// sidecar (a usage error when it has none).
+func (g *globals) drillTarget(target string) (*localfed.State, localfed.Cluster, []string, string, error) {
+	st, err := localfed.ReadState(g.dir)
+	if err != nil {
+		return nil, localfed.Cluster{}, nil, "", err
+	}
+	var tc localfed.Cluster
+	var others []string
+	for _, c := range st.Clusters {
+		if c.Name == target {
+			tc = c
+		} else {
+			others = append(others, c.Name)
+		}
+	}
+	url := clientOutbound(tc)
+	if url == "" {
+		return nil, tc, nil, "", usagef("--cluster %q has no client sidecar in this federation", target)
+	}
+	return st, tc, others, url, nil
 }
