@@ -9,7 +9,7 @@ ETCD := $(shell command -v etcd 2>/dev/null)
 GO_TEST_FLAGS ?= -race -timeout 20m
 export FEDMESH_KUBE_APISERVER := $(KUBE_APISERVER)
 
-.PHONY: all build test lint bench e2e demo deps fuzz clean generate kind-e2e
+.PHONY: all build test lint bench e2e demo deps fuzz clean generate kind-e2e gateway-crds
 
 all: build
 
@@ -87,3 +87,8 @@ generate:
 ## Needs docker, kind, kubectl, openssl and stops at once naming what is missing. KIND_E2E_FLAGS=--no-tear-down keeps the clusters.
 kind-e2e:
 	clusters/kind-e2e.sh $(KIND_E2E_FLAGS)
+
+## gateway-crds: refresh the embedded Gateway API standard CRDs from the module version in go.mod.
+gateway-crds:
+	@dir=$$(go list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api) && for r in httproutes grpcroutes referencegrants; do \
+	  install -m 644 $$dir/config/crd/standard/gateway.networking.k8s.io_$$r.yaml federation/crds/gatewayapi/; done

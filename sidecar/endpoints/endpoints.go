@@ -17,6 +17,8 @@ import (
 	"os"
 	"sync"
 	"time"
+
+	"github.com/fedmesh/fedmesh/policy"
 )
 
 // Endpoint is one backend of a service, normally a pod's sidecar inbound
@@ -49,6 +51,9 @@ type Set struct {
 	Service   string    `json:"service"`
 	Port      uint16    `json:"port"`
 	Clusters  []Cluster `json:"clusters"`
+	// Policy is the traffic policy in force for the service (routes,
+	// authorization, rate limits, failover); nil means defaults.
+	Policy *policy.Service `json:"policy,omitempty"`
 }
 
 // Source delivers endpoint sets. Watch returns a channel that receives the

@@ -93,7 +93,11 @@ type EndpointSet struct {
 	// clusters are reached.
 	Egress []string `protobuf:"bytes,7,rep,name=egress,proto3" json:"egress,omitempty"`
 	// Increases with every message on a stream.
-	Version       uint64 `protobuf:"varint,8,opt,name=version,proto3" json:"version,omitempty"`
+	Version uint64 `protobuf:"varint,8,opt,name=version,proto3" json:"version,omitempty"`
+	// The traffic policy in force for the service (routes, authorization,
+	// rate limits, failover): JSON of package policy's Service, empty when
+	// none applies. See policy/policy.go for the schema.
+	Policy        []byte `protobuf:"bytes,9,opt,name=policy,proto3" json:"policy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -182,6 +186,13 @@ func (x *EndpointSet) GetVersion() uint64 {
 		return x.Version
 	}
 	return 0
+}
+
+func (x *EndpointSet) GetPolicy() []byte {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
 }
 
 type Port struct {
@@ -438,7 +449,7 @@ const file_federation_discovery_discoveryv1_discovery_proto_rawDesc = "" +
 	"0federation/discovery/discoveryv1/discovery.proto\x12\x14fedmesh.discovery.v1\"F\n" +
 	"\fWatchRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
-	"\aservice\x18\x02 \x01(\tR\aservice\"\xa5\x02\n" +
+	"\aservice\x18\x02 \x01(\tR\aservice\"\xbd\x02\n" +
 	"\vEndpointSet\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x12#\n" +
@@ -447,7 +458,8 @@ const file_federation_discovery_discoveryv1_discovery_proto_rawDesc = "" +
 	"\x05ports\x18\x05 \x03(\v2\x1a.fedmesh.discovery.v1.PortR\x05ports\x129\n" +
 	"\bclusters\x18\x06 \x03(\v2\x1d.fedmesh.discovery.v1.ClusterR\bclusters\x12\x16\n" +
 	"\x06egress\x18\a \x03(\tR\x06egress\x12\x18\n" +
-	"\aversion\x18\b \x01(\x04R\aversion\"m\n" +
+	"\aversion\x18\b \x01(\x04R\aversion\x12\x16\n" +
+	"\x06policy\x18\t \x01(\fR\x06policy\"m\n" +
 	"\x04Port\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\tR\bprotocol\x12\x12\n" +
