@@ -55,6 +55,16 @@ func TestStatusGolden(t *testing.T) {
 			{Namespace: "shop", Name: "cart", ExportedBy: []string{"east"}, Conflict: "PortConflict: ports of north differ",
 				Invalid: []string{"north: NoService"}, Imports: map[string]ImportSummary{"east": {Ready: false, ReadyEndpoints: map[string]int{}}}},
 		},
+		Policies: []PolicyStatus{
+			{Cluster: "east", Kind: "HTTPRoute", Namespace: "demo", Name: "echo-canary", Services: []string{"demo/echo"},
+				Backends: []string{"Service echo=90", "ServiceImport echo-v2=10"}, Accepted: true},
+			{Cluster: "east", Kind: "HTTPRoute", Namespace: "demo", Name: "broken", Services: []string{"demo/echo"},
+				Backends: []string{"Service nope=1"}, Reason: "ResolvedRefs=False BackendNotFound",
+				Message: "backendRef Service demo/nope not found; nothing of this route is in force"},
+			{Cluster: "north", Kind: "AuthorizationPolicy", Namespace: "demo", Name: "deny-all", Services: []string{"demo/*"}, Accepted: true},
+			{Cluster: "north", Kind: "RateLimitPolicy", Namespace: "demo", Name: "echo-rl", Services: []string{"demo/echo"}, Pending: true,
+				Reason: "no status from the fedmesh controller yet"},
+		},
 	}
 	var buf bytes.Buffer
 	renderStatus(&buf, st, colors{}, now)

@@ -33,6 +33,9 @@ import (
 type Status struct {
 	Clusters []ClusterStatus `json:"clusters"`
 	Services []ServiceStatus `json:"services"`
+	// Policies are the routes and traffic policies of every cluster, with
+	// whether its controller accepted them.
+	Policies []PolicyStatus `json:"policies,omitempty"`
 }
 
 // ClusterStatus is one member cluster.
@@ -171,7 +174,7 @@ func gatherStatus(ctx context.Context, g *globals) (*Status, error) {
 	for _, m := range ms {
 		cs := ClusterStatus{Context: m.context, APIServer: m.config.Host}
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		err := gatherCluster(cctx, m, &cs, svc)
+		err := gatherCluster(cctx, m, &cs, svc, &st.Policies)
 		cancel()
 		if err != nil {
 			cs.Error = err.Error()
@@ -192,7 +195,7 @@ func gatherStatus(ctx context.Context, g *globals) (*Status, error) {
 	return st, nil
 }
 
-func gatherCluster(ctx context.Context, m member, cs *ClusterStatus, svc func(ns, name string) *ServiceStatus) error {
+func gatherCluster(ctx context.Context, m member, cs *ClusterStatus, svc func(ns, name string) *ServiceStatus, pols *[]PolicyStatus) error {
 	kube, err := kubernetes.NewForConfig(m.config)
 	if err != nil {
 		return err
@@ -211,6 +214,11 @@ func gatherCluster(ctx context.Context, m member, cs *ClusterStatus, svc func(ns
 	}
 	cs.Reachable, cs.ClusterID = true, id
 	cs.ClusterSet, _ = about.Get(ctx, dyn, about.ClusterSetProperty)
+	ps, err := gatherPolicies(ctx, dyn, id)
+	*pols = append(*pols, ps...)
+	if err != nil {
+		return err
+	}
 	if l, err := kube.CoordinationV1().Leases(controlplane.SystemNamespace).Get(ctx, "fedmesh-federation-controller", metav1.GetOptions{}); err == nil {
 		if l.Spec.HolderIdentity != nil {
 			cs.Controller.Leader = *l.Spec.HolderIdentity
@@ -501,6 +509,7 @@ func renderStatus(w io.Writer, st *Status, c colors, now time.Time) {
 	}
 	tw.Flush()
 	fmt.Fprintln(w, "\nIn each cluster: ready endpoints per exporting cluster (source:count).")
+	renderPolicies(w, st, c)
 	renderServing(w, st, c)
 }
 
