@@ -71,11 +71,15 @@ Scenarios available today (local federation only):
                         and loss: no request may fail, p99 stays bounded.
 
   svid-rotation         rotate every SVID of a cluster every few seconds under
-                        load: no request may fail.`,
+                        load: no request may fail.
+
+  canary-shift          move an HTTPRoute's weight between the local Service
+                        and a ServiceImport served by another cluster under
+                        load: traffic follows fast, no request may fail.`,
 		Example: `  fedctl drill peer-apiserver-down --cluster west
   fedctl drill peer-apiserver-down --cluster north --max-detection 1s -o json --junit drill.xml`,
 	}
-	cmd.AddCommand(newPeerAPIServerDownDrill(g), newWANPartitionDrill(g), newKillLocalEndpointsDrill(g), newControllerRestartDrill(g), newGatewayReplicaLossDrill(g), newWANDegradedDrill(g), newSVIDRotationDrill(g))
+	cmd.AddCommand(newPeerAPIServerDownDrill(g), newWANPartitionDrill(g), newKillLocalEndpointsDrill(g), newControllerRestartDrill(g), newGatewayReplicaLossDrill(g), newWANDegradedDrill(g), newSVIDRotationDrill(g), newCanaryShiftDrill(g))
 	return cmd
 }
 
