@@ -2,7 +2,8 @@
 // an endpoints.Source for the sidecar: one gRPC Watch stream per service,
 // mapped onto the sidecar's Set, reconnected with jittered backoff. While the
 // controller is away the sidecar keeps the last Set it received: a broken
-// stream is never turned into "no endpoints".
+// stream is never turned into "no endpoints", and a policy it cannot decode
+// never turns into "no policy".
 package discoverysource
 
 import (
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/grpc"
 
 	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
+	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
 
@@ -55,8 +57,9 @@ func (s *Source) run(ctx context.Context, ns, name string, out chan endpoints.Se
 		maxB = 5 * time.Second
 	}
 	backoff := minB
+	var last *policy.Service // the last policy that decoded, kept across streams
 	for ctx.Err() == nil {
-		received, err := s.stream(ctx, ns, name, out)
+		received, err := s.stream(ctx, ns, name, out, &last)
 		if ctx.Err() != nil {
 			return
 		}
@@ -74,22 +77,35 @@ func (s *Source) run(ctx context.Context, ns, name string, out chan endpoints.Se
 	}
 }
 
-// stream runs one Watch; it reports whether any set arrived.
-func (s *Source) stream(ctx context.Context, ns, name string, out chan endpoints.Set) (bool, error) {
+// stream runs one Watch; it reports whether any set arrived. A policy that
+// does not decode is replaced by *last, the last good one, and logged once
+// per stream.
+func (s *Source) stream(ctx context.Context, ns, name string, out chan endpoints.Set, last **policy.Service) (bool, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	st, err := s.client.Watch(ctx, &pb.WatchRequest{Namespace: ns, Service: name})
 	if err != nil {
 		return false, err
 	}
-	received := false
+	received, logged := false, false
 	for {
-		set, err := st.Recv()
+		in, err := st.Recv()
 		if err != nil {
 			return received, err
 		}
 		received = true
-		publish(out, Convert(set))
+		set, perr := convert(in)
+		if perr != nil {
+			if !logged {
+				logged = true
+				s.log.Error("undecodable traffic policy; keeping the last good one",
+					"service", ns+"/"+name, "err", perr, "kept", *last != nil)
+			}
+			set.Policy = *last
+		} else {
+			*last = set.Policy
+		}
+		publish(out, set)
 	}
 }
 
@@ -113,9 +129,18 @@ func publish(out chan endpoints.Set, set endpoints.Set) {
 // upstream). Local endpoints are dialed at their address and the target port
 // of that service port (matched by name, else the endpoint's first port);
 // remote clusters are reached through the local gateway, so their endpoints
-// only carry readiness.
+// only carry readiness. The policy is decoded into Set.Policy; one that does
+// not decode is left out (nil).
 func Convert(in *pb.EndpointSet) endpoints.Set {
+	out, _ := convert(in)
+	return out
+}
+
+// convert is Convert that also returns why the policy did not decode.
+func convert(in *pb.EndpointSet) (endpoints.Set, error) {
 	out := endpoints.Set{Namespace: in.GetNamespace(), Service: in.GetService()}
+	p, perr := policy.Decode(in.GetPolicy())
+	out.Policy = p
 	var portName string
 	if len(in.GetPorts()) > 0 {
 		out.Port = uint16(in.GetPorts()[0].GetPort())
@@ -137,7 +162,7 @@ func Convert(in *pb.EndpointSet) endpoints.Set {
 		}
 		out.Clusters = append(out.Clusters, c)
 	}
-	return out
+	return out, perr
 }
 
 func targetPort(e *pb.Endpoint, name string) int32 {

@@ -2,7 +2,10 @@ package discoverysource
 
 import (
 	"context"
+	"log/slog"
 	"net"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -11,6 +14,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
+	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
 
@@ -122,4 +126,88 @@ func TestKeepsLastSetAcrossOutage(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("no set after the controller came back")
 	}
+}
+
+// TestGarbagePolicyKeepsLastGood: a policy that does not decode never turns
+// into "no policy": the set carries the last good policy, the failure is
+// logged once per stream, and an explicitly empty policy still clears it.
+func TestGarbagePolicyKeepsLastGood(t *testing.T) {
+	srv := &server{sets: make(chan *pb.EndpointSet, 8)}
+	g, addr := serve(t, "127.0.0.1:0", srv)
+	defer g.Stop()
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var logs syncBuf
+	src := New(conn, slog.New(slog.NewTextHandler(&logs, nil)))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	ch, _ := src.Watch(ctx, "demo", "echo")
+
+	good := &policy.Service{Namespace: "demo", Name: "echo", Rules: []policy.Rule{{Route: "HTTPRoute demo/r",
+		Backends: []policy.Backend{{Kind: policy.KindService, Namespace: "demo", Name: "echo-v2", Port: 80, Weight: 1}}}}}
+	enc, err := policy.Encode(good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mk := func(p []byte, n int) *pb.EndpointSet {
+		eps := make([]*pb.Endpoint, n)
+		for i := range eps {
+			eps[i] = &pb.Endpoint{Address: "127.0.0.1", Ready: true}
+		}
+		return &pb.EndpointSet{Namespace: "demo", Service: "echo", Policy: p, Clusters: []*pb.Cluster{{Name: "west", Endpoints: eps}}}
+	}
+	recv := func() endpoints.Set {
+		t.Helper()
+		select {
+		case s := <-ch:
+			return s
+		case <-ctx.Done():
+			t.Fatal("no set")
+		}
+		return endpoints.Set{}
+	}
+	srv.sets <- mk(enc, 1)
+	if got := recv(); cmp.Diff(good, got.Policy) != "" {
+		t.Fatalf("first policy: %s", cmp.Diff(good, got.Policy))
+	}
+	for i := range 2 {
+		srv.sets <- mk([]byte(`{"rules":[{"timeout":"forever"}]}`), 2+i)
+		got := recv()
+		if len(got.Clusters[0].Endpoints) != 2+i {
+			t.Fatalf("garbage policy %d: endpoints not updated: %+v", i, got)
+		}
+		if diff := cmp.Diff(good, got.Policy); diff != "" {
+			t.Fatalf("garbage policy %d replaced the last good one (-want +got):\n%s", i, diff)
+		}
+	}
+	if n := strings.Count(logs.String(), "undecodable traffic policy"); n != 1 {
+		t.Errorf("logged %d times, want once per stream:\n%s", n, logs.String())
+	}
+	if !strings.Contains(logs.String(), "duration") {
+		t.Errorf("the log does not say why: %s", logs.String())
+	}
+	srv.sets <- mk(nil, 1)
+	if got := recv(); got.Policy != nil {
+		t.Fatalf("empty policy did not clear it: %+v", got.Policy)
+	}
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

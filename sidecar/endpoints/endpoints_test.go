@@ -2,12 +2,15 @@ package endpoints
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/fedmesh/fedmesh/policy"
 )
 
 func TestFileRoundTrip(t *testing.T) {
@@ -62,5 +65,36 @@ func TestFileErrors(t *testing.T) {
 				t.Fatal("no error")
 			}
 		})
+	}
+}
+
+// TestFilePolicy: a set's traffic policy travels through the JSON file and
+// Static unchanged.
+func TestFilePolicy(t *testing.T) {
+	pol := &policy.Service{Namespace: "shop", Name: "checkout",
+		Rules: []policy.Rule{{Route: "HTTPRoute shop/split", Timeout: policy.Duration(time.Second),
+			Match:    policy.Match{Path: &policy.PathMatch{Type: policy.PathPrefix, Value: "/v2"}},
+			Backends: []policy.Backend{{Kind: policy.KindServiceImport, Namespace: "shop", Name: "checkout-v2", Port: 8080, Weight: 1}}}},
+		Authz:      &policy.Authorization{Policies: []string{"shop/a"}, Rules: []policy.AuthzRule{{Policy: "shop/a", TrustDomains: []string{"west.fedmesh.test"}}}},
+		RateLimits: []policy.RateLimit{{Policy: "shop/rl", RequestsPerSecond: 10, Burst: 5, PerCaller: true}},
+		Failover:   &policy.Failover{Policy: "shop/f", ClusterOrder: []string{"east"}, Overprovisioning: 2},
+	}
+	b, err := json.Marshal([]Set{{Namespace: "shop", Service: "checkout", Port: 8080, Policy: pol}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "eps.json")
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st, err := FromFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ch, _ := st.Watch(ctx, "shop", "checkout")
+	if diff := cmp.Diff(pol, (<-ch).Policy); diff != "" {
+		t.Fatalf("policy (-want +got):\n%s", diff)
 	}
 }
