@@ -20,11 +20,12 @@ import (
 	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
 )
 
-// canaryService is what the canary-shift drill exports from the canary
-// cluster: the same echo pods under another name, so the target cluster can
-// route a share of demo/echo to a ServiceImport served only there.
 const (
-	canaryService = "echo-canary"
+	// CanaryService is what the canary-shift drill exports from the canary
+	// cluster (in namespace demo): the same echo pods under another name, so
+	// the target cluster can route a share of demo/echo to a ServiceImport
+	// served only there.
+	CanaryService = "echo-canary"
 	canaryRoute   = "echo-canary-shift"
 	echoPort      = 8080
 )
@@ -99,13 +100,13 @@ func drillCanaryShift(ctx context.Context, g *globals, target, canary string, ra
 	}
 	say := g.say
 
-	cleanup, err := exportCanary(ctx, ccfg)
+	cleanup, err := ExportCanary(ctx, ccfg)
 	defer cleanup()
 	if err != nil {
-		return nil, fmt.Errorf("export demo/%s from %s: %w", canaryService, canary, err)
+		return nil, fmt.Errorf("export demo/%s from %s: %w", CanaryService, canary, err)
 	}
-	say("exported demo/%s from %s (its echo pods under another name)", canaryService, canary)
-	if err := waitImportReady(ctx, tcfg, canaryService, 30*time.Second); err != nil {
+	say("exported demo/%s from %s (its echo pods under another name)", CanaryService, canary)
+	if err := waitImportReady(ctx, tcfg, CanaryService, 30*time.Second); err != nil {
 		return nil, fmt.Errorf("%s: %w", target, err)
 	}
 	gw, err := gwclient.NewForConfig(tcfg)
@@ -122,7 +123,7 @@ func drillCanaryShift(ctx context.Context, g *globals, target, canary string, ra
 	if err := waitRouteAccepted(ctx, gw, 1, 15*time.Second); err != nil {
 		return nil, fmt.Errorf("%s: %w", target, err)
 	}
-	say("HTTPRoute demo/%s accepted in %s: demo/echo -> Service echo %d%%, ServiceImport %s %d%%", canaryRoute, target, 100-from, canaryService, from)
+	say("HTTPRoute demo/%s accepted in %s: demo/echo -> Service echo %d%%, ServiceImport %s %d%%", canaryRoute, target, 100-from, CanaryService, from)
 
 	lctx, stopLoad := context.WithCancel(ctx)
 	defer stopLoad()
@@ -253,7 +254,7 @@ func canaryHTTPRoute(canaryWeight int) *gatewayv1.HTTPRoute {
 			CommonRouteSpec: gatewayv1.CommonRouteSpec{ParentRefs: []gatewayv1.ParentReference{{Group: &coreGroup, Kind: &svcKind, Name: "echo", Port: &port}}},
 			Rules: []gatewayv1.HTTPRouteRule{{BackendRefs: []gatewayv1.HTTPBackendRef{
 				{BackendRef: gatewayv1.BackendRef{BackendObjectReference: gatewayv1.BackendObjectReference{Group: &coreGroup, Kind: &svcKind, Name: "echo", Port: &port}}},
-				{BackendRef: gatewayv1.BackendRef{BackendObjectReference: gatewayv1.BackendObjectReference{Group: &mcsGroup, Kind: &importKind, Name: canaryService, Port: &port}}},
+				{BackendRef: gatewayv1.BackendRef{BackendObjectReference: gatewayv1.BackendObjectReference{Group: &mcsGroup, Kind: &importKind, Name: CanaryService, Port: &port}}},
 			}}},
 		},
 	}
@@ -267,10 +268,11 @@ func setCanaryWeights(r *gatewayv1.HTTPRoute, canaryWeight int) {
 	refs[1].Weight = new(int32(canaryWeight))
 }
 
-// exportCanary creates, in the canary cluster, Service demo/echo-canary, an
+// ExportCanary creates, in the canary cluster, Service demo/echo-canary, an
 // EndpointSlice with the echo pods' endpoints and a ServiceExport. The
-// returned func deletes them (it is safe to call after an error).
-func exportCanary(ctx context.Context, cfg *rest.Config) (func(), error) {
+// returned func deletes them (it is safe to call after an error). The
+// canary-shift drill uses it, and so do the end-to-end tests.
+func ExportCanary(ctx context.Context, cfg *rest.Config) (func(), error) {
 	kube, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return func() {}, err
@@ -282,9 +284,9 @@ func exportCanary(ctx context.Context, cfg *rest.Config) (func(), error) {
 	cleanup := func() {
 		bg, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		_ = mcs.MulticlusterV1beta1().ServiceExports("demo").Delete(bg, canaryService, metav1.DeleteOptions{})
-		_ = kube.DiscoveryV1().EndpointSlices("demo").Delete(bg, canaryService+"-local", metav1.DeleteOptions{})
-		_ = kube.CoreV1().Services("demo").Delete(bg, canaryService, metav1.DeleteOptions{})
+		_ = mcs.MulticlusterV1beta1().ServiceExports("demo").Delete(bg, CanaryService, metav1.DeleteOptions{})
+		_ = kube.DiscoveryV1().EndpointSlices("demo").Delete(bg, CanaryService+"-local", metav1.DeleteOptions{})
+		_ = kube.CoreV1().Services("demo").Delete(bg, CanaryService, metav1.DeleteOptions{})
 	}
 	src, err := kube.DiscoveryV1().EndpointSlices("demo").List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=echo,!" + mcsv1beta1.LabelSourceCluster})
 	if err != nil {
@@ -293,18 +295,18 @@ func exportCanary(ctx context.Context, cfg *rest.Config) (func(), error) {
 	if len(src.Items) == 0 {
 		return cleanup, fmt.Errorf("demo/echo has no EndpointSlice of its own pods")
 	}
-	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: canaryService, Namespace: "demo"},
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: CanaryService, Namespace: "demo"},
 		Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "http", Port: echoPort, AppProtocol: new("http")}}}}
 	if _, err := kube.CoreV1().Services("demo").Create(ctx, svc, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		return cleanup, err
 	}
 	sl := src.Items[0].DeepCopy()
-	sl.ObjectMeta = metav1.ObjectMeta{Name: canaryService + "-local", Namespace: "demo", Labels: map[string]string{
-		discoveryv1.LabelServiceName: canaryService, discoveryv1.LabelManagedBy: "fedctl-drill"}}
+	sl.ObjectMeta = metav1.ObjectMeta{Name: CanaryService + "-local", Namespace: "demo", Labels: map[string]string{
+		discoveryv1.LabelServiceName: CanaryService, discoveryv1.LabelManagedBy: "fedctl-drill"}}
 	if _, err := kube.DiscoveryV1().EndpointSlices("demo").Create(ctx, sl, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		return cleanup, err
 	}
-	se := &mcsv1beta1.ServiceExport{ObjectMeta: metav1.ObjectMeta{Name: canaryService, Namespace: "demo"}}
+	se := &mcsv1beta1.ServiceExport{ObjectMeta: metav1.ObjectMeta{Name: CanaryService, Namespace: "demo"}}
 	if _, err := mcs.MulticlusterV1beta1().ServiceExports("demo").Create(ctx, se, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		return cleanup, err
 	}

@@ -187,6 +187,7 @@ func TestUpStatusDrillDown(t *testing.T) {
 			{"gateway-replica-loss", "--cluster", "north", "--hold", "2s"},
 			{"wan-degraded", "--cluster", "west", "--hold", "3s"},
 			{"svid-rotation", "--cluster", "east", "--ttl", "4s", "--hold", "8s"},
+			{"canary-shift", "--cluster", "east", "--canary-cluster", "west", "--from", "0", "--to", "50"},
 		} {
 			out, code = run(append(append([]string{"drill"}, drill...), "-o", "json")...)
 			if code != 0 {
@@ -203,8 +204,9 @@ func TestUpStatusDrillDown(t *testing.T) {
 				t.Logf("drill %s: %s = %.1f %s (objective %s)", drill[0], r.Figure, r.Value, r.Unit, r.Objective)
 			}
 		}
+		checkTrafficPolicy(t, state, run)
 	} else {
-		t.Log("not root: no pod networks, so no sample workloads and no kill-local-endpoints drill")
+		t.Log("not root: no pod networks, so no sample workloads, no traffic drills and no traffic policy checks")
 	}
 
 	state, err := localfed.ReadState(dir)
