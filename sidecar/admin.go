@@ -45,8 +45,8 @@ func (s *Sidecar) State() State {
 	now := time.Now()
 	st := State{Cluster: s.cfg.Cluster}
 	for _, u := range s.upstreams {
-		us := UpstreamState{Upstream: u.cfg.String(), Ready: u.ready.Load(), Loads: u.picker.Loads(now)}
-		for prio, ts := range u.picker.Targets() {
+		us := UpstreamState{Upstream: u.cfg.String(), Ready: u.own.ready.Load(), Loads: u.own.all.Loads(now)}
+		for prio, ts := range u.own.all.Targets() {
 			for _, t := range ts {
 				us.Targets = append(us.Targets, EndpointState{
 					Cluster: t.Cluster, Name: t.Name, Addr: t.Addr, Gateway: t.Gateway, Priority: prio,
@@ -68,7 +68,7 @@ func (s *Sidecar) Ready() bool {
 		return false
 	}
 	for _, u := range s.upstreams {
-		if !u.ready.Load() {
+		if !u.own.ready.Load() {
 			return false
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -41,7 +42,9 @@ func (s *syncBuffer) String() string {
 }
 
 // app is a workload's HTTP server on loopback. It answers 1 KiB with the
-// header X-Served-By, or the status in fail when that is not zero.
+// header X-Served-By, or the status in fail when that is not zero. A
+// request with X-Echo gets its X- headers back as Echo-X-... and the
+// response header X-App-Secret.
 type app struct {
 	name  string
 	ln    net.Listener
@@ -68,6 +71,14 @@ func startApp(t testing.TB, name, addr string) *app {
 			time.Sleep(time.Duration(d))
 		}
 		w.Header().Set("X-Served-By", name)
+		if r.Header.Get("X-Echo") != "" { // what arrived, for header modifier tests
+			for k, v := range r.Header {
+				if strings.HasPrefix(k, "X-") {
+					w.Header()["Echo-"+k] = v
+				}
+			}
+			w.Header().Set("X-App-Secret", "s3cret")
+		}
 		if code := a.fail.Load(); code != 0 {
 			w.WriteHeader(int(code))
 			return

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"sync"
 	"time"
@@ -137,7 +138,9 @@ func (a *answer) release(reuse bool) {
 }
 
 // roundTrip serves one request and reports whether the client connection
-// may carry another.
+// may carry another. The first route rule that matches picks the backend
+// service and may override timeouts, retries and headers; with none, the
+// upstream's own service serves as ever.
 func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Writer) bool {
 	start := time.Now()
 	svc := u.cfg.String()
@@ -150,20 +153,48 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 	}
 	defer u.active.Add(-1)
 	u.budget.request(start)
-	deadline := start.Add(u.s.cfg.RequestTimeout)
 	replayable := req.Body == http.NoBody
+	bp, picker := u.own, u.own.all
+	reqTimeout, attemptTimeout, maxAttempts := u.s.cfg.RequestTimeout, u.s.cfg.AttemptTimeout, u.s.cfg.MaxAttempts
+	var rt *route
+	if r := u.router.Load(); r != nil {
+		if rt = r.match(req); rt != nil {
+			b := rt.pick(start)
+			if b == nil {
+				u.s.m.requests.WithLabelValues(svc, "", "no_endpoint").Inc()
+				writeError(w, http.StatusServiceUnavailable, "no_healthy_endpoint", "no backend of route "+rt.name+" has an endpoint")
+				return replayable
+			}
+			b.count.Inc()
+			bp, picker = b.pool, b.picker
+			if rt.timeout > 0 {
+				reqTimeout = rt.timeout
+			}
+			if rt.backendTimeout > 0 {
+				attemptTimeout = rt.backendTimeout
+			}
+			if rt.attempts > 0 {
+				maxAttempts = rt.attempts
+			}
+			if rt.reqHeaders != nil {
+				rt.reqHeaders.apply(req.Header, &req.Host)
+			}
+		}
+	}
+	deadline := start.Add(reqTimeout)
 	safe := replayable && idempotent(req.Method)
 
 	var exBuf [8]*balancer.Target
 	exclude := exBuf[:0]
-	var last *answer // the last 5xx, passed through if nothing better comes
+	var last *answer // the last retryable answer, passed through if nothing better comes
 	firstPrio := -1
-	for attempt := 0; attempt < u.s.cfg.MaxAttempts; attempt++ {
+	timedOut := false
+	for attempt := 0; attempt < maxAttempts; attempt++ {
 		now := time.Now()
 		if attempt > 0 && now.After(deadline) {
 			break
 		}
-		t := u.picker.Pick(now, exclude)
+		t := picker.Pick(now, exclude)
 		if t == nil {
 			break
 		}
@@ -173,14 +204,18 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 				break
 			}
 			u.s.m.retries.WithLabelValues(svc).Inc()
+			if rt != nil && rt.backoff > 0 {
+				time.Sleep(min(rt.backoff, time.Until(deadline)))
+			}
 		}
 		exclude = append(exclude, t)
 		if firstPrio < 0 {
 			firstPrio = t.Priority
 		}
-		a, sent, err := u.attempt(ctx, t, req, safe, deadline)
+		a, sent, err := u.attempt(ctx, bp, t, req, safe, deadline, attemptTimeout)
 		if err != nil {
 			u.s.log.Debug("attempt failed", "upstream", svc, "cluster", t.Cluster, "endpoint", t.Name, "err", err)
+			timedOut = timedOut || errors.Is(err, os.ErrDeadlineExceeded)
 			if !sent || safe {
 				continue // nothing reached the app, or it is safe to send again
 			}
@@ -188,7 +223,7 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 			writeError(w, http.StatusBadGateway, "upstream_failed", err.Error())
 			return false
 		}
-		if a.resp.StatusCode >= 500 && safe && a.body != nil {
+		if safe && a.body != nil && rt.retryable(a.resp.StatusCode) {
 			if last != nil {
 				last.release(true)
 			}
@@ -201,23 +236,31 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 		if t.Priority > firstPrio {
 			u.s.m.failovers.WithLabelValues(svc, t.Cluster).Inc()
 		}
-		return u.respond(req, a, w, start)
+		return u.respond(req, a, w, start, rt)
 	}
 	if last != nil {
-		return u.respond(req, last, w, start)
+		return u.respond(req, last, w, start, rt)
+	}
+	if timedOut || time.Now().After(deadline) {
+		u.s.m.requests.WithLabelValues(svc, "", "timeout").Inc()
+		writeError(w, http.StatusGatewayTimeout, "timeout", "no answer from "+bp.label+" in time")
+		return replayable
 	}
 	u.s.m.requests.WithLabelValues(svc, "", "no_endpoint").Inc()
-	writeError(w, http.StatusServiceUnavailable, "no_healthy_endpoint", "no endpoint of "+svc+" answered")
+	writeError(w, http.StatusServiceUnavailable, "no_healthy_endpoint", "no endpoint of "+bp.label+" answered")
 	return replayable
 }
 
 // respond forwards a to the client and returns the upstream connection to
 // its pool when the body was read to the end.
-func (u *upstream) respond(req *http.Request, a *answer, w *bufio.Writer, start time.Time) bool {
+func (u *upstream) respond(req *http.Request, a *answer, w *bufio.Writer, start time.Time, rt *route) bool {
 	svc := u.cfg.String()
 	result := "ok"
 	if a.resp.StatusCode >= 500 {
 		result = "5xx"
+	}
+	if rt != nil && rt.respHeaders != nil {
+		rt.respHeaders.apply(a.resp.Header, nil)
 	}
 	upstreamClose := a.resp.Close
 	// The client connection lives on its own terms unless the body's end is
@@ -243,14 +286,14 @@ func (u *upstream) respond(req *http.Request, a *answer, w *bufio.Writer, start 
 // small. sent reports whether any byte of the request may have reached the
 // endpoint. A stale pooled connection is replaced once, without counting
 // against the endpoint or the budget.
-func (u *upstream) attempt(ctx context.Context, t *balancer.Target, req *http.Request, safe bool, deadline time.Time) (*answer, bool, error) {
+func (u *upstream) attempt(ctx context.Context, bp *backendPool, t *balancer.Target, req *http.Request, safe bool, deadline time.Time, timeout time.Duration) (*answer, bool, error) {
 	p := t.Data.(*pool)
 	t.Begin()
 	began := time.Now()
 	for {
 		uc := p.get()
 		if uc == nil {
-			c, err := u.dial(ctx, t)
+			c, err := bp.dial(ctx, t)
 			if err != nil {
 				t.Outlier.Report(health.ConnectFailure)
 				t.End(0, false)
@@ -258,7 +301,7 @@ func (u *upstream) attempt(ctx context.Context, t *balancer.Target, req *http.Re
 			}
 			uc = &upConn{Conn: c, br: bufio.NewReaderSize(c, 4096), bw: bufio.NewWriterSize(c, 4096)}
 		}
-		dl := time.Now().Add(u.s.cfg.AttemptTimeout)
+		dl := time.Now().Add(timeout)
 		if deadline.Before(dl) {
 			dl = deadline
 		}

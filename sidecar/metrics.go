@@ -16,6 +16,9 @@ type metrics struct {
 	overflows       *prometheus.CounterVec
 	tunnelRefusals  *prometheus.CounterVec
 	inbound         *prometheus.CounterVec
+	routes          *prometheus.CounterVec
+	authz           *prometheus.CounterVec
+	rateLimited     *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -57,8 +60,20 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "fedmesh_sidecar_inbound_connections_total",
 			Help: "Inbound connections by result (accepted, refused, handshake_failed, app_unreachable).",
 		}, []string{"result"}),
+		routes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fedmesh_sidecar_route_requests_total",
+			Help: "Outbound requests (HTTP) and connections (TCP) served by a route rule, by upstream, route and chosen backend.",
+		}, []string{"upstream", "route", "backend"}),
+		authz: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fedmesh_sidecar_authz_decisions_total",
+			Help: "Inbound authorization decisions under an AuthorizationPolicy (per connection, or per request for HTTP rules with methods or paths), by service, decision and policy.",
+		}, []string{"service", "decision", "policy"}),
+		rateLimited: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fedmesh_sidecar_ratelimited_total",
+			Help: "Inbound requests (HTTP) and connections (TCP) refused by a rate limit, by service and policy.",
+		}, []string{"service", "policy"}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.latency, m.retries, m.budgetExhausted, m.failovers, m.ejections, m.overflows, m.tunnelRefusals, m.inbound} {
+	for _, c := range []prometheus.Collector{m.requests, m.latency, m.retries, m.budgetExhausted, m.failovers, m.ejections, m.overflows, m.tunnelRefusals, m.inbound, m.routes, m.authz, m.rateLimited} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("register sidecar metrics: %w", err)
 		}

@@ -281,10 +281,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 			s.closeAll()
 			return fmt.Errorf("watch endpoints of %s: %w", u.cfg, err)
 		}
-		wg.Go(func() { u.watch(ctx, ch) })
-		if !s.cfg.NoActiveChecks {
-			wg.Go(func() { health.RunChecks(ctx, s.cfg.Checks, u.checkTargets) })
-		}
+		wg.Go(func() { u.watch(ctx, ch, &wg) })
 		wg.Go(func() { u.serve(ctx) })
 	}
 	if s.inbound != nil {

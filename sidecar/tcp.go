@@ -15,16 +15,27 @@ var spliceBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &
 
 // serveTCP proxies an opaque connection. It may try several endpoints, but
 // only until one accepts the mTLS handshake: after that, bytes flow and a
-// failure is the caller's to see.
+// failure is the caller's to see. A match-all route rule splits
+// connections between its backends by weight; other rules need HTTP.
 func (u *upstream) serveTCP(ctx context.Context, c net.Conn) {
 	svc := u.cfg.String()
 	start := time.Now()
 	u.budget.request(start)
+	bp, picker := u.own, u.own.all
+	if r := u.router.Load(); r != nil && r.tcp != nil {
+		b := r.tcp.pick(start)
+		if b == nil {
+			u.s.m.requests.WithLabelValues(svc, "", "no_endpoint").Inc()
+			return
+		}
+		b.count.Inc()
+		bp, picker = b.pool, b.picker
+	}
 	var exBuf [8]*balancer.Target
 	exclude := exBuf[:0]
 	for attempt := 0; attempt < u.s.cfg.MaxAttempts; attempt++ {
 		now := time.Now()
-		t := u.picker.Pick(now, exclude)
+		t := picker.Pick(now, exclude)
 		if t == nil {
 			break
 		}
@@ -37,7 +48,7 @@ func (u *upstream) serveTCP(ctx context.Context, c net.Conn) {
 		}
 		exclude = append(exclude, t)
 		t.Begin()
-		up, err := u.dial(ctx, t)
+		up, err := bp.dial(ctx, t)
 		if err != nil {
 			t.Outlier.Report(health.ConnectFailure)
 			t.End(0, false)

@@ -87,20 +87,45 @@ func (t *Target) score() float64 {
 // Picker picks targets. Safe for concurrent use; Set swaps the targets
 // without disturbing picks in flight.
 type Picker struct {
-	overprovision float64
+	overprovision atomic.Uint64 // float64 bits
 	prios         atomic.Pointer[[][]*Target]
 }
 
 // New returns a picker with the given overprovisioning factor (0 means
 // DefaultOverprovisioning).
 func New(overprovision float64) *Picker {
-	if overprovision <= 0 {
-		overprovision = DefaultOverprovisioning
-	}
-	p := &Picker{overprovision: overprovision}
+	p := &Picker{}
+	p.SetOverprovisioning(overprovision)
 	p.Set(nil)
 	return p
 }
+
+// SetOverprovisioning replaces the overprovisioning factor (0 or less means
+// DefaultOverprovisioning); picks in flight see the old or the new one.
+func (p *Picker) SetOverprovisioning(f float64) {
+	if f <= 0 {
+		f = DefaultOverprovisioning
+	}
+	p.overprovision.Store(math.Float64bits(f))
+}
+
+// Overprovisioning is the factor in force.
+func (p *Picker) Overprovisioning() float64 { return math.Float64frombits(p.overprovision.Load()) }
+
+// HasAvailable reports whether any target is available at now.
+func (p *Picker) HasAvailable(now time.Time) bool {
+	for _, ts := range *p.prios.Load() {
+		for _, t := range ts {
+			if t.Available(now) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// Empty reports whether the picker has no target at all.
+func (p *Picker) Empty() bool { return len(*p.prios.Load()) == 0 }
 
 // Set replaces the targets. Priorities need not be dense: they are ordered.
 func (p *Picker) Set(targets []*Target) {
@@ -135,6 +160,7 @@ func (p *Picker) Loads(now time.Time) []float64 {
 }
 
 func (p *Picker) loads(prios [][]*Target, now time.Time, out []float64) []float64 {
+	over := p.Overprovisioning()
 	total := 0.0
 	for i, ts := range prios {
 		if i == maxPrios {
@@ -146,7 +172,7 @@ func (p *Picker) loads(prios [][]*Target, now time.Time, out []float64) []float6
 				avail++
 			}
 		}
-		h := min(1, p.overprovision*float64(avail)/float64(len(ts)))
+		h := min(1, over*float64(avail)/float64(len(ts)))
 		out = append(out, h)
 		total += h
 	}

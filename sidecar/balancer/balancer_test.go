@@ -168,3 +168,37 @@ func TestEWMA(t *testing.T) {
 		t.Fatalf("latency %s after a failure, want %s", tg.Latency(), want)
 	}
 }
+
+// TestSetOverprovisioning: a service's FailoverPolicy replaces the factor
+// on a live picker; 0 restores the default.
+func TestSetOverprovisioning(t *testing.T) {
+	g := health.NewGroup(health.Config{})
+	ts := append(targets(g, 0, 10), targets(g, 1, 10)...)
+	for _, tg := range ts[:5] {
+		tg.Ready.Store(false) // half local
+	}
+	p := New(0)
+	p.Set(ts)
+	now := time.Now()
+	for _, tt := range []struct {
+		f    float64
+		want float64 // local share
+	}{{0, 0.7}, {2, 1}, {1, 0.5}, {0, 0.7}} {
+		p.SetOverprovisioning(tt.f)
+		if got := p.Loads(now)[0]; math.Abs(got-tt.want) > 1e-9 {
+			t.Errorf("factor %v: local share %v, want %v", tt.f, got, tt.want)
+		}
+	}
+	if !p.HasAvailable(now) || p.Empty() {
+		t.Error("HasAvailable false or Empty true with available targets")
+	}
+	for _, tg := range ts {
+		tg.Ready.Store(false)
+	}
+	if p.HasAvailable(now) {
+		t.Error("HasAvailable with nothing ready")
+	}
+	if !New(0).Empty() {
+		t.Error("new picker not empty")
+	}
+}
