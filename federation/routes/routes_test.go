@@ -71,7 +71,7 @@ func backend(group, kind, ns, name string, port int32, weight int32) gwv1.HTTPBa
 func httpRoute(name string, gen int64, created time.Time, rules ...gwv1.HTTPRouteRule) *gwv1.HTTPRoute {
 	return &gwv1.HTTPRoute{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "demo", UID: types.UID("uid-" + name), Generation: gen, CreationTimestamp: metav1.NewTime(created)},
-		Spec: gwv1.HTTPRouteSpec{CommonRouteSpec: gwv1.CommonRouteSpec{ParentRefs: []gwv1.ParentReference{svcParent("api", 80)}}, Rules: rules},
+		Spec:       gwv1.HTTPRouteSpec{CommonRouteSpec: gwv1.CommonRouteSpec{ParentRefs: []gwv1.ParentReference{svcParent("api", 80)}}, Rules: rules},
 	}
 }
 
