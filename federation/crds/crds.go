@@ -1,11 +1,14 @@
 // Package crds installs the CustomResourceDefinitions fedmesh depends on
-// (the MCS API's ServiceExport/ServiceImport and the About API's
-// ClusterProperty) and waits until the API server serves them, so every
-// component and test starts from the same, fully established schema.
+// (the MCS API's ServiceExport/ServiceImport, the About API's
+// ClusterProperty, the Gateway API's HTTPRoute, GRPCRoute and ReferenceGrant,
+// and fedmesh's own traffic policies) and waits until the API server serves
+// them, so every component and test starts from the same, fully established
+// schema.
 package crds
 
 import (
 	"context"
+	_ "embed"
 	"fmt"
 	"time"
 
@@ -19,12 +22,28 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/fedmesh/fedmesh/federation/about"
+	policyv1alpha1 "github.com/fedmesh/fedmesh/policy/v1alpha1"
+)
+
+// The Gateway API's standard CRDs that mesh routing (GAMMA) uses, vendored
+// unmodified (see gatewayapi/README.md).
+var (
+	//go:embed gatewayapi/gateway.networking.k8s.io_httproutes.yaml
+	HTTPRouteCRD []byte
+	//go:embed gatewayapi/gateway.networking.k8s.io_grpcroutes.yaml
+	GRPCRouteCRD []byte
+	//go:embed gatewayapi/gateway.networking.k8s.io_referencegrants.yaml
+	ReferenceGrantCRD []byte
 )
 
 // All returns every CRD fedmesh installs, parsed.
 func All() ([]*apiextv1.CustomResourceDefinition, error) {
 	var out []*apiextv1.CustomResourceDefinition
-	for _, raw := range [][]byte{mcscrd.ServiceExportCRD, mcscrd.ServiceImportCRD, about.CRD} {
+	for _, raw := range [][]byte{
+		mcscrd.ServiceExportCRD, mcscrd.ServiceImportCRD, about.CRD,
+		HTTPRouteCRD, GRPCRouteCRD, ReferenceGrantCRD,
+		policyv1alpha1.AuthorizationPolicyCRD, policyv1alpha1.RateLimitPolicyCRD, policyv1alpha1.FailoverPolicyCRD,
+	} {
 		crd := &apiextv1.CustomResourceDefinition{}
 		if err := yaml.UnmarshalStrict(raw, crd); err != nil {
 			return nil, fmt.Errorf("parse embedded crd: %w", err)
