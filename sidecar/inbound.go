@@ -1,16 +1,29 @@
 package sidecar
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
+	"io"
 	"net"
+	"net/http"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
+
+	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
 
 // appDialTimeout bounds the dial to the app on localhost.
 const appDialTimeout = time.Second
+
+// maxDrain is how much of a refused request's body is read to keep the
+// connection; a longer body closes it.
+const maxDrain = 1 << 20
 
 func (s *Sidecar) serveInbound(ctx context.Context) {
 	var wg sync.WaitGroup
@@ -33,10 +46,45 @@ func (s *Sidecar) serveInbound(ctx context.Context) {
 	}
 }
 
+// watchOwn applies the own service's policy (authorization, rate limits)
+// from its sets until ctx ends. While the source is away the last policy
+// stays; before the first set the defaults apply.
+func (s *Sidecar) watchOwn(ctx context.Context, ch <-chan endpoints.Set) {
+	limiters := map[string]*limiter{}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case set, ok := <-ch:
+			if !ok {
+				return
+			}
+			in, errs := compileInbound(set.Policy, s.cfg.ServicePort, limiters)
+			for _, err := range errs {
+				s.log.Error("inbound policy rule admits nothing", "service", s.cfg.Service.String(), "err", err)
+			}
+			s.inPolicy.Store(in)
+			s.log.Info("inbound policy updated", "service", s.cfg.Service.String(),
+				"authz", in.authz != nil, "rateLimits", len(in.limits))
+		}
+	}
+}
+
+// reset aborts c with a TCP reset (no close_notify, no FIN): the caller
+// sees the refusal at once and no byte of its reached the app.
+func reset(c net.Conn) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0)
+	}
+	_ = c.Close()
+}
+
 // handleInbound owns c. The app is dialed before the handshake: when the
 // app is gone, the caller's handshake fails, which its sidecar counts as a
 // connect failure and retries elsewhere, before any request byte is sent.
-// Bytes reach the app only after the caller was authorized.
+// Bytes reach the app only after the caller was authorized: by the
+// handshake (trust domains, or Config.Allow) and, under an
+// AuthorizationPolicy, by the policy right after it.
 func (s *Sidecar) handleInbound(c net.Conn) error {
 	app, err := net.DialTimeout("tcp", s.cfg.AppAddr, appDialTimeout)
 	if err != nil {
@@ -56,9 +104,176 @@ func (s *Sidecar) handleInbound(c net.Conn) error {
 		return err
 	}
 	_ = c.SetDeadline(time.Time{})
-	s.m.inbound.WithLabelValues("accepted").Inc()
 	untrack := s.track(app)
 	defer untrack()
-	splice(tc, app)
+	pol := s.inPolicy.Load()
+	if pol == nil || (pol.authz == nil && len(pol.limits) == 0) {
+		s.m.inbound.WithLabelValues("accepted").Inc()
+		splice(tc, app)
+		return nil
+	}
+	id, err := mtls.PeerID(tc.ConnectionState())
+	if err != nil {
+		reset(c)
+		_ = app.Close()
+		return err
+	}
+	caller, td := id.String(), id.TrustDomain().Name()
+	httpIn := s.cfg.InboundProtocol == ProtocolHTTP
+	v, by := admit, ""
+	if pol.authz != nil {
+		if v, by = pol.authz.connection(caller, td); v == perRequest && !httpIn {
+			v = deny // method and path rules cannot admit opaque bytes
+		}
+		if v == deny {
+			s.denied(pol, caller)
+			s.m.inbound.WithLabelValues("refused").Inc()
+			reset(c)
+			_ = app.Close()
+			return fmt.Errorf("caller %s refused by %s", caller, pol.authz.policies)
+		}
+	}
+	if !httpIn {
+		if l, _ := s.limited(pol, caller); l != nil {
+			s.m.inbound.WithLabelValues("rate_limited").Inc()
+			reset(c)
+			_ = app.Close()
+			return fmt.Errorf("caller %s rate limited by %s", caller, l.policy)
+		}
+	}
+	s.m.inbound.WithLabelValues("accepted").Inc()
+	if !httpIn || (v == admit && len(pol.limits) == 0) {
+		// Decided for the whole connection: the fast path.
+		if pol.authz != nil {
+			s.m.authz.WithLabelValues(s.cfg.Service.String(), "allow", by).Inc()
+		}
+		splice(tc, app)
+		return nil
+	}
+	s.serveInboundHTTP(tc, app, caller, td)
 	return nil
+}
+
+// denied counts a refusal and logs it once per caller per window.
+func (s *Sidecar) denied(pol *inboundPolicy, caller string) {
+	s.m.authz.WithLabelValues(s.cfg.Service.String(), "deny", pol.authz.policies).Inc()
+	if s.denials.should(caller, time.Now()) {
+		s.log.Warn("inbound caller refused by policy (logged once per caller per 10s)",
+			"service", s.cfg.Service.String(), "caller", caller, "policy", pol.authz.policies)
+	}
+}
+
+// limited takes a token from every rate limit in force; it returns the
+// first that had none, and the wait until it has one.
+func (s *Sidecar) limited(pol *inboundPolicy, caller string) (*limiter, time.Duration) {
+	if len(pol.limits) == 0 {
+		return nil, 0
+	}
+	now := int64(time.Since(s.epoch))
+	for _, l := range pol.limits {
+		if ok, wait := l.take(now, caller); !ok {
+			s.m.rateLimited.WithLabelValues(s.cfg.Service.String(), l.policy).Inc()
+			return l, wait
+		}
+	}
+	return nil, 0
+}
+
+// serveInboundHTTP proxies an admitted caller's HTTP/1.1 requests to the
+// app one at a time, checking each against the policy in force (methods,
+// paths, rate limits): a refused request is answered here and never
+// reaches the app. Bodies stream both ways; buffers are pooled.
+func (s *Sidecar) serveInboundHTTP(c, app net.Conn, caller, td string) {
+	defer c.Close()
+	defer app.Close()
+	br, bw := readers.Get().(*bufio.Reader), writers.Get().(*bufio.Writer)
+	abr, abw := readers.Get().(*bufio.Reader), writers.Get().(*bufio.Writer)
+	br.Reset(c)
+	bw.Reset(c)
+	abr.Reset(app)
+	abw.Reset(app)
+	defer func() {
+		for _, r := range []*bufio.Reader{br, abr} {
+			r.Reset(nil)
+			readers.Put(r)
+		}
+		for _, w := range []*bufio.Writer{bw, abw} {
+			w.Reset(nil)
+			writers.Put(w)
+		}
+	}()
+	for {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !isReset(err) {
+				writeError(bw, http.StatusBadRequest, "bad_request", err.Error())
+				_ = bw.Flush()
+			}
+			return
+		}
+		if !s.admitRequest(req, bw, caller, td) {
+			if bw.Flush() != nil || req.Close {
+				return
+			}
+			if req.Body != http.NoBody {
+				if n, _ := io.CopyN(io.Discard, req.Body, maxDrain+1); n > maxDrain {
+					return
+				}
+			}
+			continue
+		}
+		if err := req.Write(abw); err != nil {
+			return
+		}
+		if err := abw.Flush(); err != nil {
+			return
+		}
+		resp, err := http.ReadResponse(abr, req)
+		if err != nil {
+			writeError(bw, http.StatusBadGateway, "app_failed", err.Error())
+			_ = bw.Flush()
+			return
+		}
+		// A body delimited by the app closing can only be passed on by
+		// closing the caller's connection too.
+		closeAfter := req.Close || resp.Close || (resp.ContentLength < 0 && len(resp.TransferEncoding) == 0)
+		resp.Close = closeAfter
+		err = resp.Write(bw)
+		resp.Body.Close()
+		if err != nil || bw.Flush() != nil || closeAfter {
+			return
+		}
+	}
+}
+
+// admitRequest checks one request against the policy in force and answers
+// it when refused: 403 naming the caller and the policy, 429 with
+// Retry-After, or for gRPC a trailers-only RESOURCE_EXHAUSTED.
+func (s *Sidecar) admitRequest(req *http.Request, w *bufio.Writer, caller, td string) bool {
+	pol := s.inPolicy.Load()
+	if pol == nil {
+		return true
+	}
+	if pol.authz != nil {
+		ok, by := pol.authz.request(caller, td, req.Method, req.URL.Path)
+		if !ok {
+			s.denied(pol, caller)
+			writeError(w, http.StatusForbidden, "forbidden", "caller "+caller+" is not allowed by "+by)
+			return false
+		}
+		s.m.authz.WithLabelValues(s.cfg.Service.String(), "allow", by).Inc()
+	}
+	l, wait := s.limited(pol, caller)
+	if l == nil {
+		return true
+	}
+	if strings.HasPrefix(req.Header.Get("Content-Type"), "application/grpc") {
+		// Trailers-only response form: status and message in the headers.
+		w.WriteString("HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\nGrpc-Status: 8\r\nGrpc-Message: rate%20limited%20by%20" + l.policy + "\r\nContent-Length: 0\r\n\r\n")
+		return false
+	}
+	body := "rate_limited: " + l.policy + "\n"
+	w.WriteString("HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\nX-Fedmesh-Error: rate_limited\r\nRetry-After: " +
+		retryAfter(wait) + "\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n" + body)
+	return false
 }

@@ -79,7 +79,21 @@ type Config struct {
 	AppAddr string
 	// Allow, when not empty, is the only callers the inbound admits. When
 	// empty the inbound admits every workload of TrustDomain and Federated.
+	// An AuthorizationPolicy of Service replaces it while in force.
 	Allow []spiffeid.ID
+
+	// Service is the service this workload serves (optional). When set,
+	// the sidecar watches it through Endpoints for its AuthorizationPolicy
+	// and RateLimitPolicy, enforced at the inbound.
+	Service ServiceName
+	// ServicePort is the service port the inbound serves: policy rules
+	// limited to other ports do not apply (rules limited to ports never
+	// apply when it is 0).
+	ServicePort uint16
+	// InboundProtocol is ProtocolTCP (default: bytes are spliced to the
+	// app) or ProtocolHTTP (requests are parsed when a policy needs
+	// per-request checks: methods, paths, rate limits per request).
+	InboundProtocol string
 
 	// GatewayEgress is the local gateway's egress (UDP); needed for
 	// clusters whose endpoint sets say Gateway.
@@ -137,6 +151,9 @@ func (c *Config) setDefaults() {
 	if c.Registry == nil {
 		c.Registry = prometheus.NewRegistry()
 	}
+	if c.InboundProtocol == "" {
+		c.InboundProtocol = ProtocolTCP
+	}
 	for i := range c.Upstreams {
 		if c.Upstreams[i].Protocol == "" {
 			c.Upstreams[i].Protocol = ProtocolHTTP
@@ -157,6 +174,15 @@ func (c *Config) validate() error {
 	}
 	if len(c.Upstreams) > 0 && c.Endpoints == nil {
 		errs = append(errs, errors.New("upstreams without an endpoint source"))
+	}
+	if !c.Service.IsZero() && (c.Service.Namespace == "" || c.Service.Name == "") {
+		errs = append(errs, fmt.Errorf("service %s: namespace and name are required", c.Service))
+	}
+	if !c.Service.IsZero() && c.Endpoints == nil {
+		errs = append(errs, errors.New("service without an endpoint source (its policy comes from there)"))
+	}
+	if c.InboundProtocol != ProtocolHTTP && c.InboundProtocol != ProtocolTCP {
+		errs = append(errs, fmt.Errorf("unknown inbound protocol %q", c.InboundProtocol))
 	}
 	if c.InboundAddr != "" && c.AppAddr == "" {
 		errs = append(errs, errors.New("inbound without an app address"))
@@ -191,6 +217,11 @@ type Sidecar struct {
 	gw     *gateway.Client
 	gwErr  error
 
+	// inPolicy is the own service's inbound policy; nil means defaults.
+	inPolicy atomic.Pointer[inboundPolicy]
+	denials  denyLog
+	epoch    time.Time // the rate limiters' monotonic clock starts here
+
 	closed atomic.Bool
 	mu     sync.Mutex
 	conns  map[net.Conn]struct{} // every proxied connection, closed on shutdown
@@ -203,7 +234,8 @@ func New(cfg Config) (*Sidecar, error) {
 		return nil, err
 	}
 	tds := append([]spiffeid.TrustDomain{cfg.TrustDomain}, cfg.Federated...)
-	var callers tlsconfig.Authorizer = mtls.MemberOf(tds...)
+	members := mtls.MemberOf(tds...)
+	callers := members
 	if len(cfg.Allow) > 0 {
 		callers = mtls.OneOf(cfg.Allow...)
 	}
@@ -211,6 +243,18 @@ func New(cfg Config) (*Sidecar, error) {
 		cfg: cfg, log: cfg.Logger,
 		clientTLS: mtls.ClientConfig(cfg.Source, mtls.MemberOf(tds...)),
 		conns:     map[net.Conn]struct{}{},
+		epoch:     time.Now(),
+	}
+	if len(cfg.Allow) > 0 && !cfg.Service.IsZero() {
+		// Under an AuthorizationPolicy the handshake checks trust domain
+		// membership only; the policy decides right after it.
+		allow := callers
+		callers = func(id spiffeid.ID, chains [][]*x509.Certificate) error {
+			if p := s.inPolicy.Load(); p != nil && p.authz != nil {
+				return members(id, chains)
+			}
+			return allow(id, chains)
+		}
 	}
 	var err error
 	if s.m, err = newMetrics(cfg.Registry); err != nil {
@@ -283,6 +327,16 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		}
 		wg.Go(func() { u.watch(ctx, ch, &wg) })
 		wg.Go(func() { u.serve(ctx) })
+	}
+	if !s.cfg.Service.IsZero() {
+		ch, err := s.cfg.Endpoints.Watch(ctx, s.cfg.Service.Namespace, s.cfg.Service.Name)
+		if err != nil {
+			cancel()
+			wg.Wait()
+			s.closeAll()
+			return fmt.Errorf("watch own service %s: %w", s.cfg.Service, err)
+		}
+		wg.Go(func() { s.watchOwn(ctx, ch) })
 	}
 	if s.inbound != nil {
 		wg.Go(func() { s.serveInbound(ctx) })

@@ -81,6 +81,9 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		admin      = fs.String("admin", "", "admin listen address (/live, /ready, /state, /metrics)")
 		logLevel   = fs.String("log-level", "info", "debug, info, warn or error")
 		attempt    = fs.Duration("attempt-timeout", sidecar.DefaultAttemptTimeout, "per-attempt timeout until the response head")
+		service    = fs.String("service", "", "ns/name of the service this workload serves: its authorization and rate limit policy is enforced at the inbound (needs --endpoints or --discovery)")
+		svcPort    = fs.Uint("service-port", 0, "the service port the inbound serves (policy rules limited to other ports do not apply)")
+		inProto    = fs.String("inbound-protocol", sidecar.ProtocolTCP, "inbound protocol: tcp (splice bytes) or http (parse requests when the policy needs per-request checks)")
 		ups, allow listFlag
 	)
 	fs.Var(&ups, "upstream", "ns/service:port=listen[,tcp|http], repeatable")
@@ -102,6 +105,21 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	cfg := sidecar.Config{
 		Cluster: *cluster, InboundAddr: *inbound, AppAddr: *app, GatewayEgress: *egress,
 		AdminAddr: *admin, AttemptTimeout: *attempt, Logger: log,
+		InboundProtocol: *inProto,
+	}
+	if *service != "" {
+		ns, name, ok := strings.Cut(*service, "/")
+		if !ok || ns == "" || name == "" || strings.Contains(name, "/") {
+			return fmt.Errorf("--service %q: want ns/name", *service)
+		}
+		cfg.Service = sidecar.ServiceName{Namespace: ns, Name: name}
+	}
+	if *svcPort > 65535 {
+		return fmt.Errorf("--service-port %d: not a port", *svcPort)
+	}
+	cfg.ServicePort = uint16(*svcPort)
+	if *inProto != sidecar.ProtocolTCP && *inProto != sidecar.ProtocolHTTP {
+		return fmt.Errorf("--inbound-protocol %q: want tcp or http", *inProto)
 	}
 	var err error
 	if cfg.TrustDomain, err = spiffeid.TrustDomainFromString(*td); err != nil {
