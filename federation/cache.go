@@ -40,6 +40,8 @@ type clusterCache struct {
 	// local cluster only
 	imports    mcslisters.ServiceImportLister
 	namespaces corelisters.NamespaceLister
+	// informers whose changes also concern traffic policy (local cluster)
+	serviceInformer, importInformer cache.SharedIndexInformer
 
 	synced []cache.InformerSynced
 	start  func() // starts the informers; called once
@@ -99,6 +101,7 @@ func newClusterCache(cfg *rest.Config, local bool, resync time.Duration, h handl
 	}
 	c.synced = append(c.synced, sl.HasSynced)
 	c.exports, c.services, c.slices = exp.Lister(), svc.Lister(), sl.GetIndexer()
+	c.serviceInformer = svc.Informer()
 
 	if local {
 		imp := mf.Multicluster().V1beta1().ServiceImports()
@@ -122,6 +125,7 @@ func newClusterCache(cfg *rest.Config, local bool, resync time.Duration, h handl
 			return nil, err
 		}
 		c.imports, c.namespaces = imp.Lister(), nsi.Lister()
+		c.importInformer = imp.Informer()
 		c.synced = append(c.synced, imp.Informer().HasSynced, nsi.Informer().HasSynced)
 	}
 

@@ -19,6 +19,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -173,6 +174,9 @@ type Controller struct {
 
 	leading chan struct{} // closed once this replica leads and caches are synced
 	disco   *discovery.Server
+	traffic atomic.Pointer[traffic] // nil until started, and without the CRDs
+	// lastStaleTick is the periodic goroutine's previous tick.
+	lastStaleTick time.Time
 }
 
 // New validates the options and builds a controller; Run starts it.
@@ -301,6 +305,9 @@ func (c *Controller) lead(ctx context.Context) error {
 			return err
 		}
 	}
+	if err := c.startTraffic(ctx, &wg); err != nil {
+		return fmt.Errorf("traffic policy: %w", err)
+	}
 	c.log.Info("federation controller leading", "peers", len(c.opts.Peers), "workers", c.opts.Workers)
 	close(c.leading)
 
@@ -424,6 +431,7 @@ func (c *Controller) periodic(ctx context.Context) {
 			return
 		case now := <-t.C:
 			c.expireStalePeers(now)
+			c.notifyStaleAfter(now)
 		}
 	}
 }

@@ -3,6 +3,7 @@ package federation
 import (
 	"sort"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/fedmesh/fedmesh/federation/discovery"
 	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
+	"github.com/fedmesh/fedmesh/policy"
 )
 
 const (
@@ -29,7 +31,9 @@ func (c *Controller) Discovery() *discovery.Server { return c.disco }
 
 // Snapshot builds a service's endpoint set from the local cluster's cache:
 // the Service's own EndpointSlices as the local cluster, the mirrored slices
-// as every other exporting cluster.
+// as every other exporting cluster, and the service's compiled traffic
+// policy. A cluster stale for longer than the service's FailoverPolicy
+// staleAfter is left out.
 func (c *Controller) Snapshot(ns, name string) (*pb.EndpointSet, error) {
 	select {
 	case <-c.leading:
@@ -48,6 +52,14 @@ func (c *Controller) Snapshot(ns, name string) (*pb.EndpointSet, error) {
 			set.Ports = append(set.Ports, &pb.Port{Name: p.Name, Protocol: string(p.Protocol), Port: p.Port, AppProtocol: deref(p.AppProtocol)})
 		}
 	}
+	var drop map[string]bool
+	if t := c.traffic.Load(); t != nil {
+		var pol *policy.Service
+		pol, set.Policy = t.policyOf(ns, name)
+		if pol != nil && pol.Failover != nil && pol.Failover.StaleAfter > 0 {
+			drop = c.staleBeyond(time.Duration(pol.Failover.StaleAfter), time.Now())
+		}
+	}
 	own := &pb.Cluster{Name: c.clusterID, Local: true}
 	for _, s := range local.serviceSlices(ns, name) {
 		addEndpoints(own, s)
@@ -56,7 +68,7 @@ func (c *Controller) Snapshot(ns, name string) (*pb.EndpointSet, error) {
 	remote := map[string]*pb.Cluster{}
 	for _, s := range local.importSlices(ns, name) {
 		src := s.Labels[mcsv1beta1.LabelSourceCluster]
-		if src == "" || src == c.clusterID {
+		if src == "" || src == c.clusterID || drop[src] {
 			continue
 		}
 		cl := remote[src]
