@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -16,21 +17,97 @@ import (
 	"github.com/fedmesh/fedmesh/identity/mtls"
 )
 
-// Client is the sidecar side of egress: one QUIC connection to the local
-// gateway, redialed on demand, and one stream per proxied connection.
+// Transport is how a Client reaches its local gateway's egress. Both listen
+// on the same port number (TCP and UDP), with the same SPIFFE mTLS and the
+// same authorization.
+type Transport int
+
+const (
+	// TCP (the default): one TCP connection with TLS 1.3 per proxied
+	// connection. The local hop is kernel TCP on loopback or a veth, so the
+	// path carries one user-space QUIC hop (gateway to gateway) instead of
+	// two; a new connection pays a TLS handshake with the local gateway.
+	TCP Transport = iota
+	// QUIC: one long-lived QUIC connection to the gateway, one stream per
+	// proxied connection (the original egress, kept for compatibility).
+	QUIC
+)
+
+func (t Transport) String() string {
+	if t == QUIC {
+		return "quic"
+	}
+	return "tcp"
+}
+
+// ClientOption configures a Client.
+type ClientOption func(*Client)
+
+// WithTransport selects the egress transport (default TCP).
+func WithTransport(t Transport) ClientOption { return func(c *Client) { c.transport = t } }
+
+// WithSpares sets how many handshaken TCP egress connections the client
+// keeps ready while it is in use (default DefaultSpares; 0 disables them,
+// so every Dial pays the TLS handshake).
+func WithSpares(n int) ClientOption { return func(c *Client) { c.nSpares = max(n, 0) } }
+
+// DefaultSpares is the number of ready TCP egress connections: a new proxied
+// connection takes one and writes its header at once, so the TLS handshake
+// (about 1 ms of CPU on both ends here) is off its path. Spares are made only
+// after a Dial and expire after SpareMaxAge without one, so an idle sidecar
+// holds none.
+const DefaultSpares = 2
+
+// SpareMaxAge is how long a ready connection is kept; it stays below the
+// gateway's EgressIdleTimeout.
+const SpareMaxAge = 20 * time.Second
+
+// Client is the sidecar side of egress. Over TCP (the default) each proxied
+// connection is its own mTLS connection to the local gateway; over QUIC it
+// is one stream on a connection to the gateway, redialed on demand.
 type Client struct {
-	addr *net.UDPAddr
-	tls  *tls.Config
-	quic *quic.Config
-	tr   *quic.Transport
+	transport Transport
+	addr      string
+
+	// TCP
+	tcpTLS   *tls.Config
+	nSpares  int
+	spares   chan spare
+	refill   chan struct{}
+	stop     chan struct{}
+	start    sync.Once
+	stopOnce sync.Once
+	lastDial atomic.Int64 // unix nanoseconds
+	wg       sync.WaitGroup
+
+	// QUIC
+	udpAddr *net.UDPAddr
+	tls     *tls.Config
+	quic    *quic.Config
+	tr      *quic.Transport
 
 	mu   sync.Mutex
 	conn *quic.Conn
 }
 
-// NewClient returns a client of the gateway at addr (UDP) whose SPIFFE ID
-// must be gatewayID. It binds a local UDP socket; Close releases it.
-func NewClient(src mtls.Source, gatewayID spiffeid.ID, addr string) (*Client, error) {
+// NewClient returns a client of the gateway egress at addr (host:port, TCP
+// or UDP per transport) whose SPIFFE ID must be gatewayID. Over QUIC it
+// binds a local UDP socket; Close releases it.
+func NewClient(src mtls.Source, gatewayID spiffeid.ID, addr string, opts ...ClientOption) (*Client, error) {
+	c := &Client{addr: addr, nSpares: DefaultSpares, refill: make(chan struct{}, 1), stop: make(chan struct{})}
+	for _, o := range opts {
+		o(c)
+	}
+	if c.transport == TCP {
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return nil, fmt.Errorf("gateway egress address %s: %w", addr, err)
+		}
+		c.tcpTLS = egressTLS(mtls.QUICClientConfig(src, mtls.OneOf(gatewayID), tunnel.ALPNEgress))
+		// Resume sessions with the gateway (see TicketKeyPeriod).
+		c.tcpTLS.ClientSessionCache = tls.NewLRUClientSessionCache(4)
+		c.spares = make(chan spare, c.nSpares)
+		return c, nil
+	}
 	ua, err := net.ResolveUDPAddr("udp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("resolve gateway egress %s: %w", addr, err)
@@ -44,14 +121,42 @@ func NewClient(src mtls.Source, gatewayID spiffeid.ID, addr string) (*Client, er
 	// A gateway that vanished without a stateless reset is noticed within
 	// the idle timeout; keepalives keep a healthy idle connection open.
 	q.MaxIdleTimeout, q.KeepAlivePeriod = 3*time.Second, time.Second
-	return &Client{
-		addr: ua, tr: &quic.Transport{Conn: uc}, quic: q,
-		tls: mtls.QUICClientConfig(src, mtls.OneOf(gatewayID), tunnel.ALPNEgress),
-	}, nil
+	c.udpAddr, c.tr, c.quic = ua, &quic.Transport{Conn: uc}, q
+	c.tls = mtls.QUICClientConfig(src, mtls.OneOf(gatewayID), tunnel.ALPNEgress)
+	return c, nil
 }
 
-// Close closes the connection and the socket.
+// egressTLS adapts a TLS 1.3 + ALPN config (mtls.QUIC*Config) for the TCP
+// egress, a hop inside one node (loopback or a veth):
+//   - full-size records from the first byte, since both ends are bulk copy
+//     loops;
+//   - P-256 ECDHE only. Every proxied connection is a (resumed) handshake,
+//     and the default hybrid X25519MLKEM768 key exchange was most of its
+//     CPU in profiles (ML-KEM key generation and a generic X25519), while
+//     P-256 has an assembly implementation. The hop never leaves the node,
+//     so it gives up post-quantum key exchange there only; the tunnel
+//     between gateways keeps Go's defaults.
+func egressTLS(c *tls.Config) *tls.Config {
+	c.DynamicRecordSizingDisabled = true
+	c.CurvePreferences = []tls.CurveID{tls.CurveP256}
+	return c
+}
+
+// Close closes the QUIC connection and the socket, or the spare TCP
+// connections. Connections already returned by Dial stay open.
 func (c *Client) Close() error {
+	if c.transport == TCP {
+		c.stopOnce.Do(func() { close(c.stop) })
+		c.wg.Wait()
+		for {
+			select {
+			case sp := <-c.spares:
+				_ = sp.tcp.Close()
+			default:
+				return nil
+			}
+		}
+	}
 	c.mu.Lock()
 	if c.conn != nil {
 		_ = c.conn.CloseWithError(0, "client closed")
@@ -69,17 +174,22 @@ func (c *Client) connection(ctx context.Context) (*quic.Conn, error) {
 	if c.conn != nil && c.conn.Context().Err() == nil {
 		return c.conn, nil
 	}
-	conn, err := c.tr.Dial(ctx, c.addr, c.tls, c.quic)
+	conn, err := c.tr.Dial(ctx, c.udpAddr, c.tls, c.quic)
 	if err != nil {
-		return nil, fmt.Errorf("dial gateway egress %s: %w", c.addr, err)
+		return nil, fmt.Errorf("dial gateway egress %s: %w", c.udpAddr, err)
 	}
 	c.conn = conn
 	return conn, nil
 }
 
-// Dial opens a stream to req's target through the gateway and waits for the
-// answer. A refusal is returned as a *tunnel.Error with its code.
+// Dial opens a proxied connection to req's target through the gateway and
+// waits for the answer. A refusal is returned as a *tunnel.Error with its
+// code; any other error means the gateway could not be reached or the
+// connection to it failed before an answer.
 func (c *Client) Dial(ctx context.Context, req tunnel.Request) (*Conn, error) {
+	if c.transport == TCP {
+		return c.dialTCP(ctx, &req, false)
+	}
 	conn, err := c.connection(ctx)
 	if err != nil {
 		return nil, err
@@ -105,16 +215,19 @@ func (c *Client) Dial(ctx context.Context, req tunnel.Request) (*Conn, error) {
 		return nil, fmt.Errorf("dial %s in %s through gateway: %w", req.Target(), req.Cluster, err)
 	}
 	_ = s.SetDeadline(time.Time{})
-	return &Conn{Stream: s, local: conn.LocalAddr(), remote: conn.RemoteAddr()}, nil
+	return &Conn{stream: s, local: conn.LocalAddr(), remote: conn.RemoteAddr()}, nil
 }
 
-// DialEarly opens a stream to req's target and returns at once, without
+// DialEarly opens a proxied connection to req's target and returns without
 // waiting for the gateway's answer: the caller may write right away (a TLS
 // ClientHello, a request), saving a round trip to the gateway on every new
 // connection. The answer is read by the first Read, which returns the
 // refusal as a *tunnel.Error; writes before a refusal are discarded by the
 // gateway, which never forwards bytes before the target is connected.
 func (c *Client) DialEarly(ctx context.Context, req tunnel.Request) (*Conn, error) {
+	if c.transport == TCP {
+		return c.dialTCP(ctx, &req, true)
+	}
 	conn, err := c.connection(ctx)
 	if err != nil {
 		return nil, err
@@ -128,51 +241,256 @@ func (c *Client) DialEarly(ctx context.Context, req tunnel.Request) (*Conn, erro
 		s.CancelWrite(resetCode)
 		return nil, fmt.Errorf("dial %s in %s through gateway: %w", req.Target(), req.Cluster, err)
 	}
-	return &Conn{Stream: s, local: conn.LocalAddr(), remote: conn.RemoteAddr(), pending: true}, nil
+	return &Conn{stream: s, local: conn.LocalAddr(), remote: conn.RemoteAddr(), pending: true}, nil
 }
 
-// Conn is a proxied connection: a net.Conn over a tunnel stream.
+// dialTCP takes a ready connection (or makes one), writes the header and,
+// unless early, reads the answer, all under ctx. A ready connection that
+// turns out dead before the answer (the gateway restarted) is replaced by a
+// fresh one: no byte of the caller's was forwarded.
+func (c *Client) dialTCP(ctx context.Context, req *tunnel.Request, early bool) (*Conn, error) {
+	for attempt := 1; ; attempt++ {
+		sp, reused, err := c.take(ctx)
+		if err != nil {
+			return nil, err
+		}
+		conn := &Conn{tls: sp.tls, tcp: sp.tcp, local: sp.tcp.LocalAddr(), remote: sp.tcp.RemoteAddr(), pending: true}
+		if dl, ok := ctx.Deadline(); ok {
+			_ = sp.tcp.SetDeadline(dl)
+		}
+		err = tunnel.WriteRequest(sp.tls, req)
+		if err == nil && !early {
+			err = conn.readAnswer()
+		}
+		if err == nil {
+			_ = sp.tcp.SetDeadline(time.Time{})
+			return conn, nil
+		}
+		var te *tunnel.Error
+		if errors.As(err, &te) {
+			_ = sp.tcp.Close()
+			return nil, err
+		}
+		conn.Abort()
+		if !reused || attempt == 3 || ctx.Err() != nil {
+			return nil, fmt.Errorf("dial %s in %s through gateway: %w", req.Target(), req.Cluster, err)
+		}
+	}
+}
+
+// spare is a handshaken TCP egress connection that has not sent a header.
+type spare struct {
+	tls *tls.Conn
+	tcp *net.TCPConn
+	at  time.Time
+}
+
+// take returns a ready connection if one is alive, or handshakes a new one,
+// and asks for the spares to be topped up.
+func (c *Client) take(ctx context.Context) (spare, bool, error) {
+	if c.nSpares > 0 {
+		c.lastDial.Store(time.Now().UnixNano())
+		c.start.Do(func() { c.wg.Go(c.keepSpares) })
+		defer c.wantSpares()
+		for {
+			select {
+			case sp := <-c.spares:
+				if time.Since(sp.at) < SpareMaxAge && alive(sp.tcp) {
+					return sp, true, nil
+				}
+				_ = sp.tcp.Close()
+				continue
+			default:
+			}
+			break
+		}
+	}
+	sp, err := c.handshake(ctx)
+	return sp, false, err
+}
+
+func (c *Client) wantSpares() {
+	select {
+	case c.refill <- struct{}{}:
+	default:
+	}
+}
+
+// handshake connects to the TCP egress and completes the mTLS handshake.
+func (c *Client) handshake(ctx context.Context) (spare, error) {
+	var d net.Dialer
+	raw, err := d.DialContext(ctx, "tcp", c.addr)
+	if err != nil {
+		return spare{}, fmt.Errorf("dial gateway egress %s: %w", c.addr, err)
+	}
+	tc := raw.(*net.TCPConn)
+	tlsConn := tls.Client(tc, c.tcpTLS)
+	if err := tlsConn.HandshakeContext(ctx); err != nil {
+		_ = tc.Close()
+		return spare{}, fmt.Errorf("gateway egress %s handshake: %w", c.addr, err)
+	}
+	return spare{tls: tlsConn, tcp: tc, at: time.Now()}, nil
+}
+
+// keepSpares tops the spares up after each Dial, and lets them expire once
+// the client has not dialed for SpareMaxAge. A gateway that cannot be
+// reached is retried only on the next Dial.
+func (c *Client) keepSpares() {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	c.wg.Go(func() { // a handshake in progress ends with Close
+		select {
+		case <-c.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	})
+	expire := time.NewTicker(SpareMaxAge / 4)
+	defer expire.Stop()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-expire.C:
+			for range len(c.spares) {
+				select {
+				case sp := <-c.spares:
+					if time.Since(sp.at) < SpareMaxAge {
+						c.spares <- sp // room: the channel holds at most nSpares
+						continue
+					}
+					_ = sp.tcp.Close()
+				default:
+				}
+			}
+			continue
+		case <-c.refill:
+		}
+		for len(c.spares) < c.nSpares && time.Since(time.Unix(0, c.lastDial.Load())) < SpareMaxAge {
+			hctx, hcancel := context.WithTimeout(ctx, 5*time.Second)
+			sp, err := c.handshake(hctx)
+			hcancel()
+			if err != nil {
+				break
+			}
+			select {
+			case c.spares <- sp:
+			default: // Dials raced us and the pool is full
+				_ = sp.tcp.Close()
+			}
+		}
+	}
+}
+
+// Conn is a proxied connection: a net.Conn over an egress TLS connection
+// or a QUIC stream.
 type Conn struct {
-	*quic.Stream
+	// exactly one of stream and tls (over tcp) is set
+	stream *quic.Stream
+	tls    *tls.Conn
+	tcp    *net.TCPConn
+
 	local, remote net.Addr
 
-	pending bool // DialEarly: the answer is still to be read
+	pending bool // the answer is still to be read
 	once    sync.Once
 	answer  error
+}
+
+var _ net.Conn = (*Conn)(nil)
+
+func (c *Conn) readAnswer() error {
+	c.once.Do(func() {
+		if c.stream != nil {
+			c.answer = tunnel.ReadResponse(c.stream)
+		} else {
+			c.answer = tunnel.ReadResponse(c.tls)
+		}
+	})
+	return c.answer
 }
 
 // Read reads application bytes, after the gateway's answer when the
 // connection came from DialEarly.
 func (c *Conn) Read(p []byte) (int, error) {
 	if c.pending {
-		c.once.Do(func() { c.answer = tunnel.ReadResponse(c.Stream) })
-		if c.answer != nil {
-			return 0, c.answer
+		if err := c.readAnswer(); err != nil {
+			return 0, err
 		}
 	}
-	return c.Stream.Read(p)
+	if c.stream != nil {
+		return c.stream.Read(p)
+	}
+	return c.tls.Read(p)
 }
 
-var _ net.Conn = (*Conn)(nil)
+// Write writes application bytes.
+func (c *Conn) Write(p []byte) (int, error) {
+	if c.stream != nil {
+		return c.stream.Write(p)
+	}
+	return c.tls.Write(p)
+}
 
 // CloseWrite half-closes: the target reads EOF after the last byte.
-func (c *Conn) CloseWrite() error { return c.Stream.Close() }
+func (c *Conn) CloseWrite() error {
+	if c.stream != nil {
+		return c.stream.Close()
+	}
+	err := c.tls.CloseWrite() // close_notify: a clean end, not a truncation
+	if err2 := c.tcp.CloseWrite(); err == nil {
+		err = err2
+	}
+	return err
+}
 
 // Close ends both directions gracefully.
 func (c *Conn) Close() error {
-	err := c.Stream.Close()
-	c.Stream.CancelRead(0)
-	return err
+	if c.stream != nil {
+		err := c.stream.Close()
+		c.stream.CancelRead(0)
+		return err
+	}
+	return c.tls.Close()
 }
 
 // Abort resets the connection both ways: the target sees a TCP reset.
 func (c *Conn) Abort() {
-	c.Stream.CancelRead(resetCode)
-	c.Stream.CancelWrite(resetCode)
+	if c.stream != nil {
+		c.stream.CancelRead(resetCode)
+		c.stream.CancelWrite(resetCode)
+		return
+	}
+	_ = c.tcp.SetLinger(0) // Close sends RST
+	_ = c.tcp.Close()
 }
 
-// LocalAddr is the client's UDP address.
+// LocalAddr is the client's address (UDP or TCP per transport).
 func (c *Conn) LocalAddr() net.Addr { return c.local }
 
-// RemoteAddr is the gateway's UDP address.
+// RemoteAddr is the gateway's egress address.
 func (c *Conn) RemoteAddr() net.Addr { return c.remote }
+
+// SetDeadline sets the read and write deadlines.
+func (c *Conn) SetDeadline(t time.Time) error {
+	if c.stream != nil {
+		return c.stream.SetDeadline(t)
+	}
+	return c.tcp.SetDeadline(t)
+}
+
+// SetReadDeadline sets the read deadline.
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	if c.stream != nil {
+		return c.stream.SetReadDeadline(t)
+	}
+	return c.tcp.SetReadDeadline(t)
+}
+
+// SetWriteDeadline sets the write deadline.
+func (c *Conn) SetWriteDeadline(t time.Time) error {
+	if c.stream != nil {
+		return c.stream.SetWriteDeadline(t)
+	}
+	return c.tcp.SetWriteDeadline(t)
+}

@@ -6,5 +6,6 @@ func (g *Gateway) crash() {
 	_ = g.tunnelConn.Close()
 	if g.egressConn != nil {
 		_ = g.egressConn.Close()
+		_ = g.egressTCP.Close()
 	}
 }

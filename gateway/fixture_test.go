@@ -93,7 +93,20 @@ type pair struct {
 	doms       map[string]*gatewaytest.Domain
 	west, east *testGW
 	eastCat    *StaticCatalog
-	client     *Client
+	client     *Client // the default egress transport, TCP
+	quicClient *Client // the QUIC egress
+}
+
+// clients names the pair's client of each egress transport, for tests that
+// run on both.
+func (p *pair) clients() []struct {
+	name string
+	c    *Client
+} {
+	return []struct {
+		name string
+		c    *Client
+	}{{"tcp", p.client}, {"quic", p.quicClient}}
 }
 
 func newPair(t *testing.T, tweak func(cluster string, c *Config)) *pair {
@@ -115,13 +128,14 @@ func newPair(t *testing.T, tweak func(cluster string, c *Config)) *pair {
 		}
 	})
 	p.client = newClient(t, doms["west"], "web", p.west)
+	p.quicClient = newClient(t, doms["west"], "web", p.west, WithTransport(QUIC))
 	waitFor(t, "west connected to east", 10*time.Second, func() bool { return p.west.ClusterUp("east") })
 	return p
 }
 
-func newClient(t testing.TB, dom *gatewaytest.Domain, workload string, g *testGW) *Client {
+func newClient(t testing.TB, dom *gatewaytest.Domain, workload string, g *testGW, opts ...ClientOption) *Client {
 	t.Helper()
-	c, err := NewClient(dom.Source(t, workload), dom.ID("gateway"), g.EgressAddr().String())
+	c, err := NewClient(dom.Source(t, workload), dom.ID("gateway"), g.EgressAddr().String(), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}

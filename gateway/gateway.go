@@ -213,6 +213,9 @@ type Gateway struct {
 	egressConn *net.UDPConn
 	egressTr   *quic.Transport
 	egressLn   *quic.Listener
+	egressTCP  *net.TCPListener
+	egressTLS  *tls.Config
+	ticketKeys [][32]byte // newest first; only the rotating goroutine writes after New
 	adminLn    net.Listener
 
 	links map[string][]*peer.Link // by cluster
@@ -262,7 +265,7 @@ func New(cfg Config) (*Gateway, error) {
 		return nil, fmt.Errorf("listen tunnel %s: %w", cfg.TunnelAddr, err)
 	}
 	if cfg.EgressAddr != "" {
-		g.egressConn, err = g.listenUDP("egress", cfg.EgressAddr)
+		g.egressConn, g.egressTCP, err = g.listenEgress(cfg.EgressAddr)
 		if err != nil {
 			return nil, err
 		}
@@ -273,6 +276,12 @@ func New(cfg Config) (*Gateway, error) {
 		if err != nil {
 			return nil, fmt.Errorf("listen egress %s: %w", cfg.EgressAddr, err)
 		}
+		// The TCP egress: same identity, ALPN and authorization.
+		g.egressTLS = egressTLS(mtls.QUICServerConfig(cfg.Source, markAuthz(mtls.MemberOf(cfg.TrustDomain)), tunnel.ALPNEgress))
+		if err := g.rotateTicketKeys(); err != nil {
+			return nil, err
+		}
+		g.countHandshakeFailures(g.egressTLS, "egress")
 	}
 	if cfg.AdminAddr != "" {
 		g.adminLn, err = net.Listen("tcp", cfg.AdminAddr)
@@ -423,6 +432,9 @@ func (g *Gateway) closeSockets() {
 			_ = c.Close()
 		}
 	}
+	if g.egressTCP != nil {
+		_ = g.egressTCP.Close()
+	}
 }
 
 func isNilInterface(c interface{ Close() error }) bool {
@@ -451,6 +463,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	wg.Go(func() { g.acceptTunnel(ctx, &wg) })
 	if g.egressLn != nil {
 		wg.Go(func() { g.acceptEgress(ctx, &wg) })
+		wg.Go(func() { g.acceptEgressTCP(ctx, &wg) })
 	}
 	var srv *http.Server
 	if g.adminLn != nil {
@@ -462,6 +475,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 		})
 	}
 	wg.Go(func() { g.publishRTT(ctx) })
+	if g.egressTLS != nil {
+		wg.Go(func() { g.keepRotatingTicketKeys(ctx) })
+	}
 	g.log.Info("gateway serving", "tunnel", g.TunnelAddr().String(), "egress", addrString(g.EgressAddr()), "admin", addrString(g.AdminAddr()))
 	<-ctx.Done()
 	if srv != nil {
@@ -470,6 +486,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	_ = g.tunnelLn.Close()
 	if g.egressLn != nil {
 		_ = g.egressLn.Close()
+		_ = g.egressTCP.Close()
 	}
 	g.mu.Lock()
 	for c := range g.inbound {
@@ -583,7 +600,7 @@ func (g *Gateway) serveIngress(ctx context.Context, s *quic.Stream, from spiffei
 		g.ingressOpen.Add(-1)
 		g.m.streamsOpen.WithLabelValues("ingress").Dec()
 	}()
-	req, ok := g.readHeader(s, "ingress")
+	req, ok := g.readHeader(streamEnd{s}, "ingress")
 	if !ok {
 		return
 	}
@@ -618,10 +635,10 @@ func (g *Gateway) serveIngress(ctx context.Context, s *quic.Stream, from spiffei
 
 // readHeader reads a stream's header under the header deadline and refuses
 // the stream (with a reason) when it is malformed or late.
-func (g *Gateway) readHeader(s *quic.Stream, direction string) (tunnel.Request, bool) {
-	_ = s.SetReadDeadline(time.Now().Add(g.cfg.HeaderTimeout))
-	req, err := tunnel.ReadRequest(s)
-	_ = s.SetReadDeadline(time.Time{})
+func (g *Gateway) readHeader(d downstream, direction string) (tunnel.Request, bool) {
+	_ = d.SetReadDeadline(time.Now().Add(g.cfg.HeaderTimeout))
+	req, err := tunnel.ReadRequest(d)
+	_ = d.SetReadDeadline(time.Time{})
 	if err == nil {
 		return req, true
 	}
@@ -640,7 +657,7 @@ func (g *Gateway) readHeader(s *quic.Stream, direction string) (tunnel.Request, 
 	g.m.drops.WithLabelValues(reason).Inc()
 	g.finish(direction, te.Code)
 	g.log.Debug("refused stream header", "direction", direction, "reason", te.Reason)
-	refuse(s, te.Code, te.Reason)
+	d.refuse(te.Code, te.Reason)
 	return tunnel.Request{}, false
 }
 
@@ -728,7 +745,7 @@ func (g *Gateway) acceptEgress(ctx context.Context, wg *sync.WaitGroup) {
 				if err != nil {
 					return
 				}
-				wg.Go(func() { g.serveEgress(cctx, s, id) })
+				wg.Go(func() { g.serveEgress(cctx, streamEnd{s}, id) })
 			}
 		})
 		go func() { // close sidecar connections at shutdown
@@ -741,13 +758,14 @@ func (g *Gateway) acceptEgress(ctx context.Context, wg *sync.WaitGroup) {
 	}
 }
 
-// serveEgress owns one stream from a local sidecar.
-func (g *Gateway) serveEgress(ctx context.Context, s *quic.Stream, caller spiffeid.ID) {
+// serveEgress owns one proxied connection from a local sidecar: a QUIC
+// stream or a TLS connection of the TCP egress.
+func (g *Gateway) serveEgress(ctx context.Context, s downstream, caller spiffeid.ID) {
 	if n := g.egressOpen.Add(1); n > int64(g.cfg.MaxStreams) {
 		g.egressOpen.Add(-1)
 		g.finish("egress", tunnel.CodeOverloaded)
 		g.m.drops.WithLabelValues("overloaded").Inc()
-		refuse(s, tunnel.CodeOverloaded, "egress stream limit reached")
+		s.refuse(tunnel.CodeOverloaded, "egress stream limit reached")
 		return
 	}
 	g.m.streamsOpen.WithLabelValues("egress").Inc()
@@ -761,13 +779,13 @@ func (g *Gateway) serveEgress(ctx context.Context, s *quic.Stream, caller spiffe
 	}
 	if req.Cluster == g.cfg.Cluster {
 		g.finish("egress", tunnel.CodeBadRequest)
-		refuse(s, tunnel.CodeBadRequest, fmt.Sprintf("target cluster %s is this cluster: connect to the endpoint directly", req.Cluster))
+		s.refuse(tunnel.CodeBadRequest, fmt.Sprintf("target cluster %s is this cluster: connect to the endpoint directly", req.Cluster))
 		return
 	}
 	links := g.links[req.Cluster]
 	if len(links) == 0 {
 		g.finish("egress", tunnel.CodeUnknownCluster)
-		refuse(s, tunnel.CodeUnknownCluster, fmt.Sprintf("cluster %s is not a peer of %s", req.Cluster, g.cfg.Cluster))
+		s.refuse(tunnel.CodeUnknownCluster, fmt.Sprintf("cluster %s is not a peer of %s", req.Cluster, g.cfg.Cluster))
 		return
 	}
 	req.SourceCluster = g.cfg.Cluster
@@ -779,17 +797,17 @@ func (g *Gateway) serveEgress(ctx context.Context, s *quic.Stream, caller spiffe
 			te = &tunnel.Error{Code: tunnel.CodeUnreachable, Reason: fmt.Sprintf("cluster %s: %v", req.Cluster, err)}
 		}
 		g.finish("egress", te.Code)
-		refuse(s, te.Code, te.Reason)
+		s.refuse(te.Code, te.Reason)
 		return
 	}
 	defer link.Release()
 	if err := tunnel.WriteResponse(s, tunnel.CodeOK, ""); err != nil {
 		streamEnd{ps}.abort()
-		streamEnd{s}.abort()
+		s.abort()
 		g.finish("egress", tunnel.CodeOK)
 		return
 	}
-	err = splice(ctx, streamEnd{s}, streamEnd{ps}, g.counter("egress"))
+	err = splice(ctx, s, streamEnd{ps}, g.counter("egress"))
 	g.finishSpliced("egress", err)
 }
 

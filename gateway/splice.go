@@ -2,10 +2,12 @@ package gateway
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
 	"sync"
+	"time"
 
 	"github.com/quic-go/quic-go"
 
@@ -41,7 +43,64 @@ func (e streamEnd) abort() {
 	e.s.CancelRead(resetCode)
 	e.s.CancelWrite(resetCode)
 }
-func (e streamEnd) release() error { return nil }
+func (e streamEnd) release() error                    { return nil }
+func (e streamEnd) SetReadDeadline(t time.Time) error { return e.s.SetReadDeadline(t) }
+func (e streamEnd) refuse(code tunnel.Code, reason string) {
+	refuse(e.s, code, reason)
+}
+
+// downstream is the sidecar's end of an egress connection (a QUIC stream
+// or a TLS connection), or a peer's stream at ingress: the header is read
+// from it under a deadline, and it can be refused with a code.
+type downstream interface {
+	end
+	SetReadDeadline(t time.Time) error
+	refuse(code tunnel.Code, reason string)
+}
+
+var (
+	_ downstream = streamEnd{}
+	_ downstream = (*tlsEnd)(nil)
+)
+
+// tlsEnd is a sidecar's connection to the TCP egress: TLS over TCP. pre
+// holds bytes already read from it (the header's first byte).
+type tlsEnd struct {
+	c   *tls.Conn
+	tcp *net.TCPConn
+	pre []byte
+}
+
+func (e *tlsEnd) Read(p []byte) (int, error) {
+	if len(e.pre) > 0 {
+		n := copy(p, e.pre)
+		e.pre = e.pre[n:]
+		return n, nil
+	}
+	return e.c.Read(p)
+}
+func (e *tlsEnd) Write(p []byte) (int, error)       { return e.c.Write(p) }
+func (e *tlsEnd) SetReadDeadline(t time.Time) error { return e.tcp.SetReadDeadline(t) }
+func (e *tlsEnd) release() error                    { return e.tcp.Close() }
+func (e *tlsEnd) closeWrite() {
+	_ = e.c.CloseWrite() // close_notify: a clean end, not a truncation
+	_ = e.tcp.CloseWrite()
+}
+func (e *tlsEnd) abort() {
+	_ = e.tcp.SetLinger(0) // Close sends RST
+	_ = e.tcp.Close()
+}
+
+// refuse answers with a refusal and ends the connection: the response and
+// a close_notify and FIN are delivered; bytes the sidecar wrote early are
+// not read, so the kernel resets the connection, and the sidecar's pending
+// writes fail fast.
+func (e *tlsEnd) refuse(code tunnel.Code, reason string) {
+	_ = e.tcp.SetWriteDeadline(time.Now().Add(time.Second))
+	_ = tunnel.WriteResponse(e.c, code, reason)
+	e.closeWrite()
+	_ = e.tcp.Close()
+}
 
 type tcpEnd struct{ c *net.TCPConn }
 

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"sync"
 	"syscall"
@@ -21,7 +22,7 @@ import (
 func TestMain(m *testing.M) {
 	switch os.Getenv("FEDMESH_GATEWAY_CHILD") {
 	case "gateway":
-		main()
+		runChildGateway()
 		os.Exit(0)
 	case "quicsink":
 		if err := quicSink(); err != nil {
@@ -31,6 +32,20 @@ func TestMain(m *testing.M) {
 		os.Exit(0)
 	}
 	os.Exit(m.Run())
+}
+
+// runChildGateway runs the gateway main. FEDMESH_GATEWAY_CPUPROFILE=PREFIX
+// writes PREFIX.PID.pprof when it stops (SIGTERM, see startChild's
+// cleanup): profiles of the gateway processes of a benchmark.
+func runChildGateway() {
+	if prefix := os.Getenv("FEDMESH_GATEWAY_CPUPROFILE"); prefix != "" {
+		f, err := os.Create(fmt.Sprintf("%s.%d.pprof", prefix, os.Getpid()))
+		if err == nil && pprof.StartCPUProfile(f) == nil {
+			defer f.Close()
+			defer pprof.StopCPUProfile()
+		}
+	}
+	main()
 }
 
 type syncBuffer struct {
@@ -85,7 +100,14 @@ func startChild(t testing.TB, mode string, args ...string) *child {
 	}()
 	go func() { c.done <- cmd.Wait() }()
 	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
+		// SIGTERM first, so a gateway shuts down (and writes its profile).
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-c.done:
+			c.done <- err
+		case <-time.After(3 * time.Second):
+			_ = cmd.Process.Kill()
+		}
 		<-c.done
 		if t.Failed() {
 			t.Logf("%s %v stderr:\n%s", mode, args, c.stderr.String())

@@ -45,7 +45,8 @@ func main() {
 const usage = `Usage: fedmesh-gateway --cluster NAME (--kubeconfig FILE | --catalog FILE) [flags]
 
 fedmesh-gateway carries TCP connections between clusters. Local sidecars
-open streams to its egress (QUIC, mTLS, ALPN fedmesh-egress/1); it carries
+connect to its egress (TCP with TLS 1.3, or QUIC streams, on the same port
+number; mTLS, ALPN fedmesh-egress/1); it carries
 each one as a stream of its long-lived QUIC connection to the target
 cluster's gateway (ALPN fedmesh-tunnel/1), whose ingress forwards it to a
 ready endpoint of an exported service. Identity comes from the SPIFFE
@@ -107,7 +108,7 @@ func parse(args []string, out io.Writer) (*options, error) {
 	fs.StringVar(&o.trustDomain, "trust-domain", "", "this cluster's SPIFFE trust domain (default CLUSTER.fedmesh.test)")
 	fs.StringVar(&o.spiffeSocket, "spiffe-socket", "", "Workload API address, e.g. unix:///run/spire/agent.sock (default $"+mtls.EndpointSocketEnv+")")
 	fs.StringVar(&o.tunnelAddr, "tunnel-addr", ":15443", "UDP address for QUIC tunnels from peer gateways")
-	fs.StringVar(&o.egressAddr, "egress-addr", ":15444", "UDP address for QUIC streams from local sidecars (\"\" disables egress)")
+	fs.StringVar(&o.egressAddr, "egress-addr", ":15444", "address for local sidecars, served on TCP (TLS 1.3) and UDP (QUIC) with the same port number (\"\" disables egress)")
 	fs.StringVar(&o.adminAddr, "admin-addr", "127.0.0.1:15000", "TCP address of the admin endpoint: /state (JSON), /metrics, /healthz (\"\" disables it)")
 	fs.Var(&o.peers, "peer", "peer cluster and its gateway replicas: CLUSTER[@TRUST_DOMAIN]=HOST:PORT[,HOST:PORT...] (repeatable)")
 	fs.StringVar(&o.federate, "federate", "", "comma-separated trust domains whose gateways may open tunnels here (default: the peers' trust domains)")
