@@ -37,6 +37,8 @@ type benchEnv struct {
 	kube    map[string]kubernetes.Interface
 	mcs     map[string]mcsclient.Interface
 	procs   map[string]*exec.Cmd
+	// discovery is each controller's discovery API address (loopback).
+	discovery map[string]string
 }
 
 var (
@@ -71,11 +73,17 @@ func startBench() (*benchEnv, error) {
 	if err != nil {
 		return nil, err
 	}
-	e := &benchEnv{cp: cp, startup: time.Since(start), kube: map[string]kubernetes.Interface{}, mcs: map[string]mcsclient.Interface{}, procs: map[string]*exec.Cmd{}}
+	e := &benchEnv{cp: cp, startup: time.Since(start), kube: map[string]kubernetes.Interface{}, mcs: map[string]mcsclient.Interface{},
+		procs: map[string]*exec.Cmd{}, discovery: map[string]string{}}
 	for _, c := range cp.Clusters {
 		e.kube[c.Name] = kubernetes.NewForConfigOrDie(c.Config)
 		e.mcs[c.Name] = mcsclient.NewForConfigOrDie(c.Config)
-		args := []string{"--kubeconfig", c.Kubeconfig, "--metrics-addr", "", "--log-level", "warn"}
+		addr, err := freeLoopbackAddr()
+		if err != nil {
+			return nil, err
+		}
+		e.discovery[c.Name] = addr
+		args := []string{"--kubeconfig", c.Kubeconfig, "--metrics-addr", "", "--log-level", "warn", "--discovery-addr", addr}
 		for _, p := range cp.Clusters {
 			if p.Name != c.Name {
 				args = append(args, "--peer-kubeconfig", p.Name+"="+p.Kubeconfig)
