@@ -18,6 +18,8 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/fedmesh/fedmesh/federation/about"
+	"github.com/fedmesh/fedmesh/federation/crds"
+	policyv1alpha1 "github.com/fedmesh/fedmesh/policy/v1alpha1"
 )
 
 var update = flag.Bool("update", false, "rewrite the CRD copies in base/crds from the embedded CRDs")
@@ -32,6 +34,12 @@ func TestCRDCopies(t *testing.T) {
 		{"multicluster.x-k8s.io_serviceexports.yaml", mcscrd.ServiceExportCRD},
 		{"multicluster.x-k8s.io_serviceimports.yaml", mcscrd.ServiceImportCRD},
 		{"about.k8s.io_clusterproperties.yaml", about.CRD},
+		{"gateway.networking.k8s.io_httproutes.yaml", crds.HTTPRouteCRD},
+		{"gateway.networking.k8s.io_grpcroutes.yaml", crds.GRPCRouteCRD},
+		{"gateway.networking.k8s.io_referencegrants.yaml", crds.ReferenceGrantCRD},
+		{"policy.fedmesh.dev_authorizationpolicies.yaml", policyv1alpha1.AuthorizationPolicyCRD},
+		{"policy.fedmesh.dev_ratelimitpolicies.yaml", policyv1alpha1.RateLimitPolicyCRD},
+		{"policy.fedmesh.dev_failoverpolicies.yaml", policyv1alpha1.FailoverPolicyCRD},
 	} {
 		t.Run(tc.file, func(t *testing.T) {
 			path := filepath.Join("base", "crds", tc.file)

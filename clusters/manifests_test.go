@@ -13,6 +13,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	authzv1 "k8s.io/api/authorization/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	apiextv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -26,6 +27,7 @@ import (
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 
 	"github.com/fedmesh/fedmesh/controlplane"
+	"github.com/fedmesh/fedmesh/federation/crds"
 )
 
 // kustomizations lists every directory under clusters/ with a kustomization.yaml.
@@ -51,6 +53,16 @@ func kustomizations(t *testing.T) []string {
 		}
 	}
 	return dirs
+}
+
+// crdsAll is every CRD federation/crds installs.
+func crdsAll(t *testing.T) []*apiextv1.CustomResourceDefinition {
+	t.Helper()
+	all, err := crds.All()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return all
 }
 
 // render builds dir with kustomize's Go API, as kubectl apply -k does.
@@ -201,8 +213,8 @@ func TestManifests(t *testing.T) {
 					t.Errorf("no %s rendered", k)
 				}
 			}
-			if kinds["CustomResourceDefinition"] != 3 {
-				t.Errorf("%d CRDs, want 3", kinds["CustomResourceDefinition"])
+			if want := len(crdsAll(t)); kinds["CustomResourceDefinition"] != want {
+				t.Errorf("%d CRDs, want %d (every CRD federation/crds installs)", kinds["CustomResourceDefinition"], want)
 			}
 			if ctrl == nil {
 				t.Fatal("no fedmesh-federation-controller Deployment")
@@ -219,8 +231,12 @@ func TestManifests(t *testing.T) {
 		})
 	}
 	t.Run("samples/content", func(t *testing.T) {
-		var exports, injectNS int
+		var exports, injectNS, policies int
 		for _, u := range rendered["samples"] {
+			switch u.GetKind() {
+			case "HTTPRoute", "AuthorizationPolicy", "RateLimitPolicy":
+				policies++
+			}
 			if u.GetNamespace() != "" && u.GetNamespace() != "demo" {
 				t.Errorf("%s %s in namespace %s, want demo", u.GetKind(), u.GetName(), u.GetNamespace())
 			}
@@ -231,8 +247,8 @@ func TestManifests(t *testing.T) {
 				injectNS++
 			}
 		}
-		if exports != 1 || injectNS != 1 {
-			t.Errorf("samples: %d ServiceExport echo, %d injection-enabled namespaces; want 1 and 1", exports, injectNS)
+		if exports != 1 || injectNS != 1 || policies != 3 {
+			t.Errorf("samples: %d ServiceExport echo, %d injection-enabled namespaces, %d routes and policies; want 1, 1 and 3", exports, injectNS, policies)
 		}
 	})
 }
@@ -274,6 +290,18 @@ func TestRBAC(t *testing.T) {
 		{"ctrl lists namespaces", ctrl, attrs{Verb: "list", Resource: "namespaces"}, true},
 		{"ctrl reads cluster id", ctrl, attrs{Verb: "get", Group: "about.k8s.io", Resource: "clusterproperties", Name: "cluster.clusterset.k8s.io"}, true},
 		{"ctrl updates cluster id", ctrl, attrs{Verb: "update", Group: "about.k8s.io", Resource: "clusterproperties", Name: "cluster.clusterset.k8s.io"}, true},
+		{"ctrl watches httproutes", ctrl, attrs{Verb: "watch", Group: "gateway.networking.k8s.io", Resource: "httproutes"}, true},
+		{"ctrl lists grpcroutes", ctrl, attrs{Verb: "list", Group: "gateway.networking.k8s.io", Resource: "grpcroutes"}, true},
+		{"ctrl watches referencegrants", ctrl, attrs{Verb: "watch", Group: "gateway.networking.k8s.io", Resource: "referencegrants"}, true},
+		{"ctrl writes httproute status", ctrl, attrs{Verb: "update", Group: "gateway.networking.k8s.io", Resource: "httproutes", Subresource: "status", Namespace: "demo"}, true},
+		{"ctrl writes grpcroute status", ctrl, attrs{Verb: "patch", Group: "gateway.networking.k8s.io", Resource: "grpcroutes", Subresource: "status", Namespace: "demo"}, true},
+		{"ctrl watches authorization policies", ctrl, attrs{Verb: "watch", Group: "policy.fedmesh.dev", Resource: "authorizationpolicies"}, true},
+		{"ctrl lists rate limit policies", ctrl, attrs{Verb: "list", Group: "policy.fedmesh.dev", Resource: "ratelimitpolicies"}, true},
+		{"ctrl gets failover policies", ctrl, attrs{Verb: "get", Group: "policy.fedmesh.dev", Resource: "failoverpolicies", Namespace: "demo"}, true},
+		{"ctrl writes policy status", ctrl, attrs{Verb: "update", Group: "policy.fedmesh.dev", Resource: "failoverpolicies", Subresource: "status", Namespace: "demo"}, true},
+		{"ctrl may not edit routes", ctrl, attrs{Verb: "update", Group: "gateway.networking.k8s.io", Resource: "httproutes", Namespace: "demo"}, false},
+		{"ctrl may not edit policies", ctrl, attrs{Verb: "update", Group: "policy.fedmesh.dev", Resource: "authorizationpolicies", Namespace: "demo"}, false},
+		{"ctrl may not write referencegrants", ctrl, attrs{Verb: "create", Group: "gateway.networking.k8s.io", Resource: "referencegrants", Namespace: "demo"}, false},
 		{"ctrl creates events", ctrl, attrs{Verb: "create", Resource: "events", Namespace: "demo"}, true},
 		{"ctrl watches peer secrets", ctrl, attrs{Verb: "watch", Resource: "secrets", Namespace: sys}, true},
 		{"ctrl renews its lease", ctrl, attrs{Verb: "update", Group: "coordination.k8s.io", Resource: "leases", Namespace: sys, Name: "fedmesh-federation-controller"}, true},
