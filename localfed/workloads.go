@@ -71,8 +71,11 @@ func (w *workloads) sidecarArgs(p *pod, identity string) []string {
 		"--admin", net.JoinHostPort(p.addr, strconv.Itoa(adminPort)),
 	}
 	if identity == "echo" {
+		// The echo pods serve demo/echo: its authorization and rate limit
+		// policies apply at their inbound, per HTTP request.
 		a = append(a, "--inbound", net.JoinHostPort(p.addr, strconv.Itoa(inboundPort)),
-			"--app", net.JoinHostPort(p.addr, strconv.Itoa(appPort)))
+			"--app", net.JoinHostPort(p.addr, strconv.Itoa(appPort)),
+			"--service", "demo/echo", "--service-port", strconv.Itoa(appPort), "--inbound-protocol", "http")
 	} else {
 		a = append(a, "--upstream", fmt.Sprintf("demo/echo:%d=%s,http", appPort, net.JoinHostPort(p.addr, strconv.Itoa(outboundPort))))
 	}

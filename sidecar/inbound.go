@@ -64,6 +64,9 @@ func (s *Sidecar) watchOwn(ctx context.Context, ch <-chan endpoints.Set) {
 				s.log.Error("inbound policy rule admits nothing", "service", s.cfg.Service.String(), "err", err)
 			}
 			s.inPolicy.Store(in)
+			if n := s.tcpIn.enforce(in); n > 0 {
+				s.log.Info("inbound connections reset: the new policy refuses their callers", "service", s.cfg.Service.String(), "connections", n)
+			}
 			s.log.Info("inbound policy updated", "service", s.cfg.Service.String(),
 				"authz", in.authz != nil, "rateLimits", len(in.limits))
 		}
@@ -107,7 +110,9 @@ func (s *Sidecar) handleInbound(c net.Conn) error {
 	untrack := s.track(app)
 	defer untrack()
 	pol := s.inPolicy.Load()
-	if pol == nil || (pol.authz == nil && len(pol.limits) == 0) {
+	httpIn := s.cfg.InboundProtocol == ProtocolHTTP
+	if !httpIn && (pol == nil || (pol.authz == nil && len(pol.limits) == 0)) && s.cfg.Service.IsZero() {
+		// No policy can ever apply: the fast path, untracked.
 		s.m.inbound.WithLabelValues("accepted").Inc()
 		splice(tc, app)
 		return nil
@@ -119,21 +124,28 @@ func (s *Sidecar) handleInbound(c net.Conn) error {
 		return err
 	}
 	caller, td := id.String(), id.TrustDomain().Name()
-	httpIn := s.cfg.InboundProtocol == ProtocolHTTP
-	v, by := admit, ""
-	if pol.authz != nil {
-		if v, by = pol.authz.connection(caller, td); v == perRequest && !httpIn {
-			v = deny // method and path rules cannot admit opaque bytes
-		}
-		if v == deny {
+	if httpIn {
+		// Every request is checked against the policy in force when it
+		// arrives, so a policy change applies to the next request on
+		// connections that are already open, and a refused caller gets an
+		// HTTP answer (403, 429) rather than a reset its sidecar would
+		// retry elsewhere.
+		s.m.inbound.WithLabelValues("accepted").Inc()
+		s.serveInboundHTTP(tc, app, caller, td)
+		return nil
+	}
+	if pol != nil && pol.authz != nil {
+		v, by := pol.authz.connection(caller, td)
+		if v != admit { // method and path rules cannot admit opaque bytes
 			s.denied(pol, caller)
 			s.m.inbound.WithLabelValues("refused").Inc()
 			reset(c)
 			_ = app.Close()
 			return fmt.Errorf("caller %s refused by %s", caller, pol.authz.policies)
 		}
+		s.m.authz.WithLabelValues(s.cfg.Service.String(), "allow", by).Inc()
 	}
-	if !httpIn {
+	if pol != nil {
 		if l, _ := s.limited(pol, caller); l != nil {
 			s.m.inbound.WithLabelValues("rate_limited").Inc()
 			reset(c)
@@ -142,16 +154,54 @@ func (s *Sidecar) handleInbound(c net.Conn) error {
 		}
 	}
 	s.m.inbound.WithLabelValues("accepted").Inc()
-	if !httpIn || (v == admit && len(pol.limits) == 0) {
-		// Decided for the whole connection: the fast path.
-		if pol.authz != nil {
-			s.m.authz.WithLabelValues(s.cfg.Service.String(), "allow", by).Inc()
-		}
-		splice(tc, app)
-		return nil
-	}
-	s.serveInboundHTTP(tc, app, caller, td)
+	// Decided for the whole connection; a later policy that refuses the
+	// caller resets it (inboundConns.enforce).
+	forget := s.tcpIn.add(c, caller, td)
+	defer forget()
+	splice(tc, app)
 	return nil
+}
+
+// inboundConns is the set of spliced TCP inbound connections and their
+// callers. The zero value is ready.
+type inboundConns struct {
+	mu    sync.Mutex
+	conns map[net.Conn]inboundCaller
+}
+
+type inboundCaller struct{ id, td string }
+
+func (ic *inboundConns) add(c net.Conn, id, td string) func() {
+	ic.mu.Lock()
+	if ic.conns == nil {
+		ic.conns = map[net.Conn]inboundCaller{}
+	}
+	ic.conns[c] = inboundCaller{id, td}
+	ic.mu.Unlock()
+	return func() {
+		ic.mu.Lock()
+		delete(ic.conns, c)
+		ic.mu.Unlock()
+	}
+}
+
+// enforce resets every connection whose caller pol does not admit for
+// opaque bytes, and returns how many.
+func (ic *inboundConns) enforce(pol *inboundPolicy) int {
+	if pol == nil || pol.authz == nil {
+		return 0
+	}
+	ic.mu.Lock()
+	defer ic.mu.Unlock()
+	n := 0
+	for c, who := range ic.conns {
+		if v, _ := pol.authz.connection(who.id, who.td); v != admit {
+			reset(c)
+			delete(ic.conns, c)
+			n++
+		}
+	}
+	return n
 }
 
 // denied counts a refusal and logs it once per caller per window.

@@ -88,8 +88,9 @@ func request(method, path string, hdr ...string) string {
 // ID rule admits passes on HTTP and TCP inbounds; a caller only method/path
 // rules admit gets 403 on HTTP for other requests (naming it and the
 // policy) and a reset on TCP; a caller no rule admits, or only a rule for
-// another port, is reset on both right after the handshake. Refused bytes
-// never reach the app.
+// another port, gets 403 on HTTP (an HTTP answer, which its sidecar passes
+// on, rather than a reset it would retry in another cluster) and is reset
+// on TCP right after the handshake. Refused bytes never reach the app.
 func TestInboundAuthorizationPolicy(t *testing.T) {
 	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
 	west, east := doms["west"], doms["east"]
@@ -107,8 +108,8 @@ func TestInboundAuthorizationPolicy(t *testing.T) {
 	httpSrv := policyServer(t, west, "http", sidecar.ProtocolHTTP, fed, src)
 	tcpSrv := policyServer(t, west, "tcp", sidecar.ProtocolTCP, fed, src)
 	waitFor(t, "policy in force", 5*time.Second, func() bool {
-		_, err := exchange(t, callerConfig(t, west, "rogue", west.TD), httpSrv.inbound, request("GET", "/"))
-		return err != nil
+		resps, err := exchange(t, callerConfig(t, west, "rogue", west.TD), httpSrv.inbound, request("GET", "/"))
+		return err == nil && len(resps) == 1 && resps[0].StatusCode == http.StatusForbidden
 	})
 
 	tests := []struct {
@@ -128,7 +129,7 @@ func TestInboundAuthorizationPolicy(t *testing.T) {
 		{"path rule: segment semantics", east, "web", httpSrv, request("GET", "/publicity"), 403, nil, false},
 		{"path rule: other method", east, "web", httpSrv, request("DELETE", "/public/x"), 403, nil, false},
 		{"path rule cannot admit tcp", east, "web", tcpSrv, request("GET", "/public/x"), 0, nil, false},
-		{"only a rule for another port, http", west, "rogue", httpSrv, request("GET", "/public/x"), 0, nil, false},
+		{"only a rule for another port, http", west, "rogue", httpSrv, request("GET", "/public/x"), 403, []string{west.ID("rogue").String()}, false},
 		{"only a rule for another port, tcp", west, "rogue", tcpSrv, request("GET", "/"), 0, nil, false},
 	}
 	for _, tt := range tests {
@@ -312,4 +313,75 @@ func TestInboundRateLimit(t *testing.T) {
 			t.Error("a limited connection reached the app")
 		}
 	})
+}
+
+// TestInboundPolicyChangeAppliesToOpenConnections: a caller admitted on a
+// connection that stays open (a pooled keep-alive connection of its
+// sidecar) is refused as soon as a new policy refuses it: the next HTTP
+// request on the same connection gets 403, and a spliced TCP connection is
+// reset.
+func TestInboundPolicyChangeAppliesToOpenConnections(t *testing.T) {
+	doms := gatewaytest.Start(t, []string{"west"}, nil)
+	west := doms["west"]
+	src := &endpoints.Static{}
+	only := func(id string) {
+		src.Update(endpoints.Set{Namespace: "shop", Service: "checkout", Port: 8080, Policy: &policy.Service{
+			Namespace: "shop", Name: "checkout",
+			Authz: &policy.Authorization{Policies: []string{"shop/only"}, Rules: []policy.AuthzRule{{Policy: "shop/only", IDs: []string{id}}}},
+		}})
+	}
+	only(west.ID("web").String())
+	httpSrv := policyServer(t, west, "http", sidecar.ProtocolHTTP, nil, src)
+	tcpSrv := policyServer(t, west, "tcp", sidecar.ProtocolTCP, nil, src)
+	for _, b := range []*backend{httpSrv, tcpSrv} {
+		waitFor(t, "policy in force", 5*time.Second, func() bool { return strings.Contains(b.sc.logs.String(), "authz=true") })
+	}
+	cfg := callerConfig(t, west, "web", west.TD)
+	open := func(addr string) (*tls.Conn, *bufio.Reader) {
+		conn, err := net.DialTimeout("tcp", addr, 2*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+		tc := tls.Client(conn, cfg)
+		if err := tc.Handshake(); err != nil {
+			t.Fatal(err)
+		}
+		return tc, bufio.NewReader(tc)
+	}
+	get := func(tc *tls.Conn, br *bufio.Reader) (int, error) {
+		if _, err := io.WriteString(tc, request("GET", "/")); err != nil {
+			return 0, err
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			return 0, err
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode, nil
+	}
+	hc, hbr := open(httpSrv.inbound)
+	tcc, tbr := open(tcpSrv.inbound)
+	for _, c := range []struct {
+		tc *tls.Conn
+		br *bufio.Reader
+	}{{hc, hbr}, {tcc, tbr}} {
+		if code, err := get(c.tc, c.br); err != nil || code != 200 {
+			t.Fatalf("admitted caller before the change: %d, %v", code, err)
+		}
+	}
+
+	only(west.ID("someone-else").String())
+	waitFor(t, "new policy in force", 5*time.Second, func() bool {
+		return strings.Count(httpSrv.sc.logs.String(), "inbound policy updated") >= 2 &&
+			strings.Count(tcpSrv.sc.logs.String(), "inbound policy updated") >= 2
+	})
+	if code, err := get(hc, hbr); err != nil || code != http.StatusForbidden {
+		t.Errorf("HTTP: next request on the open connection: %d, %v; want 403", code, err)
+	}
+	if code, err := get(tcc, tbr); err == nil {
+		t.Errorf("TCP: the open connection still carries bytes (status %d); want it reset", code)
+	}
 }

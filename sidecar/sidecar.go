@@ -220,7 +220,10 @@ type Sidecar struct {
 	// inPolicy is the own service's inbound policy; nil means defaults.
 	inPolicy atomic.Pointer[inboundPolicy]
 	denials  denyLog
-	epoch    time.Time // the rate limiters' monotonic clock starts here
+	// tcpIn is every spliced TCP inbound connection with its caller, so a
+	// new policy can reset the ones it no longer admits.
+	tcpIn inboundConns
+	epoch time.Time // the rate limiters' monotonic clock starts here
 
 	closed atomic.Bool
 	mu     sync.Mutex
