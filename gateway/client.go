@@ -255,6 +255,11 @@ func (c *Client) dialTCP(ctx context.Context, req *tunnel.Request, early bool) (
 			return nil, err
 		}
 		conn := &Conn{tls: sp.tls, tcp: sp.tcp, local: sp.tcp.LocalAddr(), remote: sp.tcp.RemoteAddr(), pending: true}
+		if c.nSpares > 0 {
+			// Top the spares up once this connection has its answer: their
+			// handshakes then do not compete for CPU with it.
+			conn.answered = c.wantSpares
+		}
 		if dl, ok := ctx.Deadline(); ok {
 			_ = sp.tcp.SetDeadline(dl)
 		}
@@ -265,6 +270,9 @@ func (c *Client) dialTCP(ctx context.Context, req *tunnel.Request, early bool) (
 		if err == nil {
 			_ = sp.tcp.SetDeadline(time.Time{})
 			return conn, nil
+		}
+		if conn.answered != nil {
+			conn.answered()
 		}
 		var te *tunnel.Error
 		if errors.As(err, &te) {
@@ -291,7 +299,6 @@ func (c *Client) take(ctx context.Context) (spare, bool, error) {
 	if c.nSpares > 0 {
 		c.lastDial.Store(time.Now().UnixNano())
 		c.start.Do(func() { c.wg.Go(c.keepSpares) })
-		defer c.wantSpares()
 		for {
 			select {
 			case sp := <-c.spares:
@@ -392,9 +399,10 @@ type Conn struct {
 
 	local, remote net.Addr
 
-	pending bool // the answer is still to be read
-	once    sync.Once
-	answer  error
+	pending  bool // the answer is still to be read
+	once     sync.Once
+	answer   error
+	answered func() // called once the answer is read, if set
 }
 
 var _ net.Conn = (*Conn)(nil)
@@ -405,6 +413,9 @@ func (c *Conn) readAnswer() error {
 			c.answer = tunnel.ReadResponse(c.stream)
 		} else {
 			c.answer = tunnel.ReadResponse(c.tls)
+		}
+		if c.answered != nil {
+			c.answered()
 		}
 	})
 	return c.answer

@@ -90,7 +90,8 @@ func (g *Gateway) serveEgressTCP(ctx context.Context, c *net.TCPConn) {
 	defer stop()
 	_ = c.SetNoDelay(true)
 	_ = c.SetDeadline(time.Now().Add(g.cfg.HeaderTimeout))
-	tc := tls.Server(c, g.egressTLS)
+	br := &batchReader{TCPConn: c}
+	tc := tls.Server(br, g.egressTLS)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		// Identity refusals are counted and logged by the verifier.
 		g.log.Debug("egress handshake failed", "remote", c.RemoteAddr().String(), "err", err)
@@ -118,7 +119,7 @@ func (g *Gateway) serveEgressTCP(ctx context.Context, c *net.TCPConn) {
 		_ = c.Close()
 		return
 	}
-	g.serveEgress(ctx, &tlsEnd{c: tc, tcp: c, pre: first[:]}, id)
+	g.serveEgress(ctx, &tlsEnd{c: tc, tcp: c, br: br, pre: first[:]}, id)
 }
 
 // TicketKeyPeriod is how often the TCP egress replaces its TLS session

@@ -63,22 +63,83 @@ var (
 	_ downstream = (*tlsEnd)(nil)
 )
 
-// tlsEnd is a sidecar's connection to the TCP egress: TLS over TCP. pre
-// holds bytes already read from it (the header's first byte).
+// tlsEnd is a sidecar's connection to the TCP egress: TLS over TCP, which
+// crypto/tls reads through br. pre holds bytes already read from it (the
+// header's first byte).
 type tlsEnd struct {
 	c   *tls.Conn
 	tcp *net.TCPConn
+	br  *batchReader
 	pre []byte
 }
 
+// maxTLSRecord is the largest TLS 1.3 record on the wire: 2^14 bytes of
+// plaintext plus 256 of expansion and the 5-byte header.
+const maxTLSRecord = 1<<14 + 256 + 5
+
+// Read returns one record's bytes, and then, as long as the next records
+// are already buffered (so it never blocks), theirs too: crypto/tls hands
+// out one record (16 KiB) per Read, and the QUIC stream this feeds costs a
+// handoff to quic-go's send loop per Write, so bulk transfers write up to
+// bufSize at once instead.
 func (e *tlsEnd) Read(p []byte) (int, error) {
 	if len(e.pre) > 0 {
 		n := copy(p, e.pre)
 		e.pre = e.pre[n:]
 		return n, nil
 	}
-	return e.c.Read(p)
+	n, err := e.c.Read(p)
+	for err == nil && len(p)-n >= 1<<14 && e.br != nil && e.br.buffered() >= maxTLSRecord {
+		var m int
+		m, err = e.c.Read(p[n:])
+		n += m
+	}
+	if n > 0 {
+		return n, nil // crypto/tls repeats an EOF or a failure on the next Read
+	}
+	return n, err
 }
+
+// batchReader is the TCP connection under an egress tls.Conn: one read
+// syscall fills a pooled buffer, held only while it has unread bytes, so
+// the bytes of several records arrive with one syscall and tlsEnd.Read
+// can tell that a whole record is there without blocking.
+type batchReader struct {
+	*net.TCPConn
+	buf  *[]byte // nil when empty
+	r, w int
+}
+
+const batchReadSize = 128 << 10
+
+var batchPool = sync.Pool{New: func() any { b := make([]byte, batchReadSize); return &b }}
+
+func (b *batchReader) Read(p []byte) (int, error) {
+	if b.buf == nil {
+		bp := batchPool.Get().(*[]byte)
+		n, err := b.TCPConn.Read(*bp)
+		if n <= 0 {
+			batchPool.Put(bp)
+			return 0, err
+		}
+		b.buf, b.r, b.w = bp, 0, n
+	}
+	n := copy(p, (*b.buf)[b.r:b.w])
+	b.r += n
+	if b.r == b.w {
+		batchPool.Put(b.buf)
+		b.buf = nil
+	}
+	return n, nil
+}
+
+func (b *batchReader) buffered() int {
+	if b.buf == nil {
+		return 0
+	}
+	return b.w - b.r
+}
+
 func (e *tlsEnd) Write(p []byte) (int, error)       { return e.c.Write(p) }
 func (e *tlsEnd) SetReadDeadline(t time.Time) error { return e.tcp.SetReadDeadline(t) }
 func (e *tlsEnd) release() error                    { return e.tcp.Close() }

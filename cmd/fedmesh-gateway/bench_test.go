@@ -118,7 +118,8 @@ func echo(c net.Conn) {
 
 type benchEnv struct {
 	west, east *child
-	client     *gateway.Client
+	client     *gateway.Client // the default egress transport (TCP)
+	quicClient *gateway.Client // the QUIC egress
 	sinkAddr   string
 	echoAddr   string
 }
@@ -137,6 +138,11 @@ func setup(b *testing.B) *benchEnv {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { e.client.Close() })
+	e.quicClient, err = gateway.NewClient(doms["west"].Source(b, "web"), doms["west"].ID("gateway"), e.west.addrs["egress"], gateway.WithTransport(gateway.QUIC))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { e.quicClient.Close() })
 	deadline := time.Now().Add(10 * time.Second)
 	for !e.westUp() {
 		if time.Now().After(deadline) {
@@ -163,15 +169,19 @@ func adminState(addr string) (gateway.State, error) {
 }
 
 func (e *benchEnv) dial(service string) (*gateway.Conn, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	return e.client.Dial(ctx, tunnel.Request{Cluster: "east", Namespace: "shop", Service: service, Port: 80})
+	return dialWith(e.client, service)
 }
 
-func (e *benchEnv) dialEarly(service string) (*gateway.Conn, error) {
+func dialWith(c *gateway.Client, service string) (*gateway.Conn, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	return e.client.DialEarly(ctx, tunnel.Request{Cluster: "east", Namespace: "shop", Service: service, Port: 80})
+	return c.Dial(ctx, tunnel.Request{Cluster: "east", Namespace: "shop", Service: service, Port: 80})
+}
+
+func dialEarlyWith(c *gateway.Client, service string) (*gateway.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return c.DialEarly(ctx, tunnel.Request{Cluster: "east", Namespace: "shop", Service: service, Port: 80})
 }
 
 // parallel runs n senders at once and returns the aggregate Gbit/s.
@@ -208,9 +218,10 @@ func parallel(n int, open func() (io.ReadWriter, func() error, func(), error)) (
 }
 
 // BenchmarkThroughput: bulk transfer for 2 s per case, 1 and 8 connections,
-// through client -> west gateway -> QUIC -> east gateway -> server, against
-// plain loopback TCP to the same server and a bare quic-go stream to another
-// process (the transport's ceiling). Also the gateways' CPU per Gbit/s.
+// through client -(TCP egress)-> west gateway -> QUIC -> east gateway ->
+// server, the same through the QUIC egress, against plain loopback TCP to
+// the same server and a bare quic-go stream to another process (the
+// transport's ceiling). Also the gateways' CPU per Gbit/s (TCP egress).
 func BenchmarkThroughput(b *testing.B) {
 	e := setup(b)
 	qs := startChild(b, "quicsink")
@@ -223,13 +234,16 @@ func BenchmarkThroughput(b *testing.B) {
 			}
 			return c, c.(*net.TCPConn).CloseWrite, func() { c.Close() }, nil
 		}
-		proxied := func() (io.ReadWriter, func() error, func(), error) {
-			c, err := e.dial("sink")
-			if err != nil {
-				return nil, nil, nil, err
+		proxiedWith := func(cl *gateway.Client) func() (io.ReadWriter, func() error, func(), error) {
+			return func() (io.ReadWriter, func() error, func(), error) {
+				c, err := dialWith(cl, "sink")
+				if err != nil {
+					return nil, nil, nil, err
+				}
+				return c, c.CloseWrite, func() { c.Close() }, nil
 			}
-			return c, c.CloseWrite, func() { c.Close() }, nil
 		}
+		proxied, proxiedQUIC := proxiedWith(e.client), proxiedWith(e.quicClient)
 		qconn, err := quic.DialAddr(context.Background(), qs.addrs["quic"], qconf, gateway.DefaultQUICConfig())
 		if err != nil {
 			b.Fatal(err)
@@ -245,7 +259,7 @@ func BenchmarkThroughput(b *testing.B) {
 			for _, c := range []struct {
 				name string
 				open func() (io.ReadWriter, func() error, func(), error)
-			}{{"tcp", tcp}, {"quic", bare}, {"proxied", proxied}} {
+			}{{"tcp", tcp}, {"quic", bare}, {"proxied", proxied}, {"proxied-quic-egress", proxiedQUIC}} {
 				var cpu0 [2]time.Duration
 				if c.name == "proxied" {
 					cpu0 = e.cpu(b)
@@ -286,7 +300,8 @@ func (e *benchEnv) cpu(b *testing.B) [2]time.Duration {
 // BenchmarkLatency: with no background load, 2,000 samples each of (a) a
 // new connection plus a first 1-byte round trip and (b) a 1-byte round trip
 // on an open connection, direct TCP to an echo server and proxied through
-// both gateways, interleaved. Reports p50/p99 and the added latency.
+// both gateways (TCP egress, and QUIC egress for comparison), interleaved.
+// Reports p50/p99 and the added latency.
 func BenchmarkLatency(b *testing.B) {
 	e := setup(b)
 	one := []byte{'x'}
@@ -299,7 +314,7 @@ func BenchmarkLatency(b *testing.B) {
 		return err
 	}
 	for b.Loop() {
-		var newDirect, newProxied, newWait, rtDirect, rtProxied []time.Duration
+		var newDirect, newProxied, newWait, rtDirect, rtProxied, newQUIC, rtQUIC []time.Duration
 		dc, err := net.Dial("tcp", e.echoAddr)
 		if err != nil {
 			b.Fatal(err)
@@ -308,9 +323,14 @@ func BenchmarkLatency(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
+		qc, err := dialWith(e.quicClient, "echo")
+		if err != nil {
+			b.Fatal(err)
+		}
 		for range 100 { // warm up
 			_ = rt(dc)
 			_ = rt(pc)
+			_ = rt(qc)
 		}
 		for range latSamples {
 			start := time.Now()
@@ -325,7 +345,7 @@ func BenchmarkLatency(b *testing.B) {
 			newDirect = append(newDirect, time.Since(start))
 
 			start = time.Now()
-			p, err := e.dialEarly("echo") // what a sidecar does: write at once
+			p, err := dialEarlyWith(e.client, "echo") // write at once
 			if err == nil {
 				err = rt(p)
 				p.Close()
@@ -356,9 +376,27 @@ func BenchmarkLatency(b *testing.B) {
 				b.Fatal(err)
 			}
 			rtProxied = append(rtProxied, time.Since(start))
+
+			// The same through the QUIC egress (two QUIC hops).
+			start = time.Now()
+			p, err = dialEarlyWith(e.quicClient, "echo")
+			if err == nil {
+				err = rt(p)
+				p.Close()
+			}
+			if err != nil {
+				b.Fatal(err)
+			}
+			newQUIC = append(newQUIC, time.Since(start))
+			start = time.Now()
+			if err := rt(qc); err != nil {
+				b.Fatal(err)
+			}
+			rtQUIC = append(rtQUIC, time.Since(start))
 		}
 		dc.Close()
 		pc.Close()
+		qc.Close()
 		report := func(name string, direct, proxied []time.Duration) {
 			d50, d99 := pct(direct, 50), pct(direct, 99)
 			p50, p99 := pct(proxied, 50), pct(proxied, 99)
@@ -372,6 +410,8 @@ func BenchmarkLatency(b *testing.B) {
 		report("new", newDirect, newProxied)
 		b.ReportMetric(ms(pct(newWait, 50)-pct(newDirect, 50)), "new-wait-added-p50-ms")
 		report("rt", rtDirect, rtProxied)
+		b.ReportMetric(ms(pct(newQUIC, 50)-pct(newDirect, 50)), "quic-egress-new-added-p50-ms")
+		b.ReportMetric(ms(pct(rtQUIC, 50)-pct(rtDirect, 50)), "quic-egress-rt-added-p50-ms")
 	}
 }
 
