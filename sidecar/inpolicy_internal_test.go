@@ -2,15 +2,21 @@ package sidecar
 
 import (
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/url"
+	"runtime"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/fedmesh/fedmesh/policy"
+	"github.com/fedmesh/fedmesh/sidecar/balancer"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
+	"github.com/fedmesh/fedmesh/sidecar/health"
 )
 
 func TestBucket(t *testing.T) {
@@ -217,6 +223,87 @@ func TestOrderClusters(t *testing.T) {
 		orderClusters(cs, "home", tt.order)
 		if diff := cmp.Diff(tt.want, names(cs)); diff != "" {
 			t.Errorf("order %v (-want +got):\n%s", tt.order, diff)
+		}
+	}
+}
+
+// TestFailoverPolicyOnSet: a set's FailoverPolicy orders remote clusters,
+// replaces the overprovisioning factor of both views and the outlier
+// settings of new health groups; without one, today's defaults return.
+func TestFailoverPolicyOnSet(t *testing.T) {
+	m, err := newMetrics(prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Sidecar{cfg: Config{Cluster: "home", MaxIdlePerTarget: 1, HandshakeTimeout: time.Second}, log: slog.New(slog.DiscardHandler), m: m}
+	p := newBackendPool(s, "shop", "checkout", 8080)
+	set := endpoints.Set{Namespace: "shop", Service: "checkout", Clusters: []endpoints.Cluster{
+		{Name: "near", Gateway: true, RTT: endpoints.Duration(time.Millisecond), Endpoints: []endpoints.Endpoint{{Name: "n", Ready: true}}},
+		{Name: "far", Gateway: true, RTT: endpoints.Duration(50 * time.Millisecond), Endpoints: []endpoints.Endpoint{{Name: "f", Ready: true}}},
+		{Name: "home", Endpoints: []endpoints.Endpoint{{Name: "h1", Addr: "127.0.0.1:1", Ready: true}, {Name: "h2", Addr: "127.0.0.1:2", Ready: true}}},
+	}, Policy: &policy.Service{Failover: &policy.Failover{Policy: "shop/fo", ClusterOrder: []string{"far"}, Overprovisioning: 2, Consecutive5xx: 2}}}
+	order := func() (out []string) {
+		for _, prio := range p.all.Targets() {
+			out = append(out, prio[0].Cluster)
+		}
+		return out
+	}
+	p.apply(set)
+	if diff := cmp.Diff([]string{"home", "far", "near"}, order()); diff != "" {
+		t.Errorf("priorities (-want +got):\n%s", diff)
+	}
+	if p.all.Overprovisioning() != 2 || p.local.Overprovisioning() != 2 {
+		t.Errorf("overprovisioning %v/%v, want 2", p.all.Overprovisioning(), p.local.Overprovisioning())
+	}
+	if ts := p.local.Targets(); len(ts) != 1 || len(ts[0]) != 2 || ts[0][0].Cluster != "home" {
+		t.Errorf("local view %v, want the two home targets", ts)
+	}
+	h := p.all.Targets()[0][0]
+	h.Outlier.Report(health.ServerFailure)
+	h.Outlier.Report(health.ServerFailure)
+	if !h.Outlier.Ejected(time.Now()) {
+		t.Error("not ejected after the policy's 2 consecutive 5xx")
+	}
+	set.Policy = nil
+	p.apply(set)
+	if diff := cmp.Diff([]string{"home", "near", "far"}, order()); diff != "" {
+		t.Errorf("priorities without a policy (-want +got):\n%s", diff)
+	}
+	if p.all.Overprovisioning() != balancer.DefaultOverprovisioning {
+		t.Errorf("overprovisioning %v, want the default back", p.all.Overprovisioning())
+	}
+}
+
+// BenchmarkRateLimit: tokens taken from a shared bucket and from a
+// per-caller bucket by 4 goroutines at once; reports ns and allocations per
+// take (measured inside one iteration, so `-benchtime 1x` gives figures).
+func BenchmarkRateLimit(b *testing.B) {
+	for b.Loop() {
+		for _, perCaller := range []bool{false, true} {
+			l := newLimiter(policy.RateLimit{Policy: "p", RequestsPerSecond: 1e6, Burst: 100, PerCaller: perCaller})
+			epoch := time.Now()
+			const workers, n = 4, 100_000
+			var ms runtime.MemStats
+			runtime.ReadMemStats(&ms)
+			m0, t0 := ms.Mallocs, time.Now()
+			var wg sync.WaitGroup
+			for w := range workers {
+				caller := fmt.Sprint("spiffe://west.fedmesh.test/ns/shop/sa/web-", w)
+				wg.Go(func() {
+					for range n {
+						l.take(int64(time.Since(epoch)), caller)
+					}
+				})
+			}
+			wg.Wait()
+			d := time.Since(t0)
+			runtime.ReadMemStats(&ms)
+			name := "shared"
+			if perCaller {
+				name = "per-caller"
+			}
+			b.ReportMetric(float64(d.Nanoseconds())/(workers*n), name+"-ns-per-take")
+			b.ReportMetric(float64(ms.Mallocs-m0-workers*4)/(workers*n), name+"-allocs-per-take")
 		}
 	}
 }

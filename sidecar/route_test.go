@@ -1,7 +1,9 @@
 package sidecar_test
 
 import (
+	"bufio"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -250,4 +252,61 @@ func TestRouteMatches(t *testing.T) {
 			t.Errorf("%d attempts, want 1: 503 is not among the rule's retried codes", n)
 		}
 	})
+}
+
+// TestRouteTCPSplit: a TCP upstream splits connections by the weights of a
+// match-all rule and ignores rules it cannot evaluate (a header match).
+func TestRouteTCPSplit(t *testing.T) {
+	doms := gatewaytest.Start(t, []string{"west"}, nil)
+	west := doms["west"]
+	own := startBackend(t, west, "own", nil, nil)
+	a := startBackend(t, west, "a", nil, nil)
+	b := startBackend(t, west, "b", nil, nil)
+	src := &endpoints.Static{}
+	src.Update(svcSet("checkout", &policy.Service{Namespace: "shop", Name: "checkout", Rules: []policy.Rule{
+		{Route: "header", Match: policy.Match{Headers: []policy.ValueMatch{{Name: "X-A", Value: "1"}}}, Backends: []policy.Backend{backendRef(policy.KindService, "own", 1)}},
+		{Route: "split", Backends: []policy.Backend{backendRef(policy.KindService, "a", 3), backendRef(policy.KindServiceImport, "b", 1)}},
+	}}, endpoints.Cluster{Name: "west", Endpoints: eps(own)}))
+	src.Update(svcSet("a", nil, endpoints.Cluster{Name: "west", Endpoints: eps(a)}))
+	src.Update(svcSet("b", nil, endpoints.Cluster{Name: "west", Endpoints: eps(b)}))
+	client := startSidecar(t, "client", sidecar.Config{
+		Cluster: "west", TrustDomain: west.TD, Source: west.Source(t, "web"), Endpoints: src, NoActiveChecks: true,
+		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 8080, Listen: "127.0.0.1:0", Protocol: sidecar.ProtocolTCP}},
+	})
+	waitFor(t, "client ready", 5*time.Second, client.Ready)
+	addr := client.UpstreamAddr(0).String()
+	conn := func() string { // one request on a connection of its own
+		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nConnection: close\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("connection failed: %v", err)
+		}
+		resp.Body.Close()
+		return resp.Header.Get("X-Served-By")
+	}
+	waitFor(t, "backend sets", 10*time.Second, func() bool {
+		got := map[string]bool{}
+		for range 40 {
+			got[conn()] = true
+		}
+		return got["a"] && got["b"]
+	})
+	const n = 300
+	by := map[string]int{}
+	for range n {
+		by[conn()]++
+	}
+	share := float64(by["a"]) / n * 100
+	t.Logf("%d connections: %v: a %.1f%% (want 75)", n, by, share)
+	if by["own"] != 0 || share < 67 || share > 83 {
+		t.Errorf("split %v: a %.1f%%, want 75 ± 8 and nothing to own", by, share)
+	}
 }
