@@ -305,11 +305,15 @@ func (c *Controller) lead(ctx context.Context) error {
 			return err
 		}
 	}
-	if err := c.startTraffic(ctx, &wg); err != nil {
-		return fmt.Errorf("traffic policy: %w", err)
-	}
 	c.log.Info("federation controller leading", "peers", len(c.opts.Peers), "workers", c.opts.Workers)
 	close(c.leading)
+	// Traffic policy syncs its own informers; until it has, discovery sets
+	// carry no policy, and sidecars keep the one they had.
+	wg.Go(func() {
+		if err := c.startTraffic(ctx, &wg); err != nil && ctx.Err() == nil {
+			c.log.Error("traffic policy did not start; serving endpoints without policy", "err", err)
+		}
+	})
 
 	// Level-triggered safety net: a slow periodic pass over everything, and
 	// the expiry of stale peers, are driven from here.

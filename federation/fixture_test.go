@@ -92,7 +92,7 @@ func need(t *testing.T) {
 			env.mcs[c.Name] = mcsclient.NewForConfigOrDie(c.Config)
 		}
 		for _, c := range cp.Clusters {
-			if _, err := env.startController(c.Name, "replica-a"); err != nil {
+			if _, err := env.startController(c.Name, "replica-a", 30*time.Second); err != nil {
 				envErr = err
 				return
 			}
@@ -136,8 +136,9 @@ func testLogger() *slog.Logger {
 }
 
 // startController starts a replica; it becomes the cluster's current
-// controller once it leads.
-func (f *fixture) startController(cluster, identity string) (*running, error) {
+// controller once it leads. It waits at most wait for that: a second
+// replica stays a follower.
+func (f *fixture) startController(cluster, identity string, wait time.Duration) (*running, error) {
 	opts := controllerOptions(cluster, identity)
 	reg := prometheus.NewRegistry()
 	opts.Registry = reg
@@ -156,7 +157,7 @@ func (f *fixture) startController(cluster, identity string) (*running, error) {
 	case err := <-r.done:
 		cancel()
 		return nil, fmt.Errorf("controller %s/%s: %v", cluster, identity, err)
-	case <-time.After(3 * time.Second):
+	case <-time.After(wait):
 		// A second replica stays a follower; the caller decides.
 	}
 	return r, nil

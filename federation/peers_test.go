@@ -207,7 +207,7 @@ func TestTwoReplicas(t *testing.T) {
 	env.mu.Lock()
 	leader := env.ctrls["east"]
 	env.mu.Unlock()
-	follower, err := env.startController("east", fmt.Sprintf("replica-%d", env.seq.Add(1)))
+	follower, err := env.startController("east", fmt.Sprintf("replica-%d", env.seq.Add(1)), 3*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}

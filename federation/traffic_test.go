@@ -11,13 +11,18 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	corev1 "k8s.io/api/core/v1"
+	apiext "k8s.io/apiextensions-apiserver/pkg/client/clientset/clientset"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gwclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
 
+	"github.com/fedmesh/fedmesh/controlplane"
 	"github.com/fedmesh/fedmesh/federation"
 	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
 	"github.com/fedmesh/fedmesh/federation/routes"
@@ -333,4 +338,113 @@ func diffErr(want, got any) error {
 		return fmt.Errorf("(-want +got):\n%s", d)
 	}
 	return nil
+}
+
+// TestWithoutTrafficCRDs: on a cluster without the Gateway API and fedmesh
+// policy CRDs (an older cluster), the controller leads and serves
+// discovery, without policy.
+func TestWithoutTrafficCRDs(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cp, err := controlplane.Start(ctx, controlplane.Options{Clusters: []string{"old"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cp.Stop()
+	cfg := cp.Cluster("old").Config
+	ext := apiext.NewForConfigOrDie(cfg)
+	for _, name := range []string{"httproutes.gateway.networking.k8s.io", "grpcroutes.gateway.networking.k8s.io", "referencegrants.gateway.networking.k8s.io",
+		"authorizationpolicies.policy.fedmesh.dev", "ratelimitpolicies.policy.fedmesh.dev", "failoverpolicies.policy.fedmesh.dev"} {
+		if err := ext.ApiextensionsV1().CustomResourceDefinitions().Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	kube := kubernetes.NewForConfigOrDie(cfg)
+	eventually(t, 20*time.Second, "CRDs gone", func() error {
+		for _, gv := range []string{"gateway.networking.k8s.io/v1", "policy.fedmesh.dev/v1alpha1"} {
+			if _, err := kube.Discovery().ServerResourcesForGroupVersion(gv); err == nil {
+				return fmt.Errorf("%s still served", gv)
+			}
+		}
+		return nil
+	})
+	ctrl, err := federation.New(federation.Options{Config: cfg, IgnorePeerSecrets: true, LeaderElection: federation.LeaderElection{Disabled: true}, Logger: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- ctrl.Run(runCtx) }()
+	defer func() { stop(); <-done }()
+	select {
+	case <-ctrl.Leading():
+	case err := <-done:
+		t.Fatalf("controller stopped: %v", err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("controller did not lead in 20s")
+	}
+	kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "demo"}}, metav1.CreateOptions{})
+	if _, err := kube.CoreV1().Services("demo").Create(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "api"},
+		Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 80}}}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	set, err := ctrl.Snapshot("demo", "api")
+	if err != nil || len(set.Policy) != 0 {
+		t.Fatalf("snapshot %v, policy %q", err, set.GetPolicy())
+	}
+}
+
+// TestPolicySchemas: the API server accepts fedmesh policies the CRD
+// schemas allow and refuses, as Invalid, what they forbid.
+func TestPolicySchemas(t *testing.T) {
+	need(t)
+	ctx := context.Background()
+	dyn := dynamic.NewForConfigOrDie(env.cp.Cluster("east").Config)
+	ns := env.ns(t, "east")
+	create := func(obj runtime.Object, res string) error {
+		m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(obj)
+		if err != nil {
+			t.Fatal(err)
+		}
+		u := &unstructured.Unstructured{Object: m}
+		u.SetAPIVersion(v1alpha1.SchemeGroupVersion.String())
+		u.SetNamespace(ns)
+		_, err = dyn.Resource(v1alpha1.SchemeGroupVersion.WithResource(res)).Namespace(ns).Create(ctx, u, metav1.CreateOptions{})
+		return err
+	}
+	target := v1alpha1.TargetRef{Kind: "Service", Name: "api"}
+	for _, tc := range []struct {
+		name string
+		obj  runtime.Object
+		res  string
+		ok   bool
+	}{
+		{"authz", &v1alpha1.AuthorizationPolicy{TypeMeta: metav1.TypeMeta{Kind: "AuthorizationPolicy"}, ObjectMeta: metav1.ObjectMeta{Name: "a"},
+			Spec: v1alpha1.AuthorizationPolicySpec{TargetRef: &target, Rules: []v1alpha1.AuthorizationRule{{
+				From: v1alpha1.Callers{IDs: []string{"spiffe://east.fedmesh/ns/demo/sa/client"}}, Ports: []int32{80},
+				Paths: []v1alpha1.PathMatch{{Type: "PathPrefix", Value: "/api"}}}}}}, "authorizationpolicies", true},
+		{"authz bad path type", &v1alpha1.AuthorizationPolicy{TypeMeta: metav1.TypeMeta{Kind: "AuthorizationPolicy"}, ObjectMeta: metav1.ObjectMeta{Name: "b"},
+			Spec: v1alpha1.AuthorizationPolicySpec{Rules: []v1alpha1.AuthorizationRule{{
+				Paths: []v1alpha1.PathMatch{{Type: "Regex", Value: "/api"}}}}}}, "authorizationpolicies", false},
+		{"ratelimit", &v1alpha1.RateLimitPolicy{TypeMeta: metav1.TypeMeta{Kind: "RateLimitPolicy"}, ObjectMeta: metav1.ObjectMeta{Name: "r"},
+			Spec: v1alpha1.RateLimitPolicySpec{TargetRef: target, RequestsPerSecond: 100, PerCaller: true}}, "ratelimitpolicies", true},
+		{"ratelimit zero", &v1alpha1.RateLimitPolicy{TypeMeta: metav1.TypeMeta{Kind: "RateLimitPolicy"}, ObjectMeta: metav1.ObjectMeta{Name: "r0"},
+			Spec: v1alpha1.RateLimitPolicySpec{TargetRef: target}}, "ratelimitpolicies", false},
+		{"failover", &v1alpha1.FailoverPolicy{TypeMeta: metav1.TypeMeta{Kind: "FailoverPolicy"}, ObjectMeta: metav1.ObjectMeta{Name: "f"},
+			Spec: v1alpha1.FailoverPolicySpec{TargetRef: v1alpha1.TargetRef{Group: "multicluster.x-k8s.io", Kind: "ServiceImport", Name: "api"},
+				ClusterOrder: []string{"west"}, OverprovisioningPercent: new(int32(140)), StaleAfter: "30s",
+				OutlierDetection: &v1alpha1.OutlierDetection{Consecutive5xx: new(int32(5)), BaseEjectionTime: "1s"}}}, "failoverpolicies", true},
+		{"failover overprovisioning 50", &v1alpha1.FailoverPolicy{TypeMeta: metav1.TypeMeta{Kind: "FailoverPolicy"}, ObjectMeta: metav1.ObjectMeta{Name: "f50"},
+			Spec: v1alpha1.FailoverPolicySpec{TargetRef: target, OverprovisioningPercent: new(int32(50))}}, "failoverpolicies", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := create(tc.obj, tc.res)
+			switch {
+			case tc.ok && err != nil:
+				t.Fatalf("rejected: %v", err)
+			case !tc.ok && !apierrors.IsInvalid(err):
+				t.Fatalf("got %v, want Invalid", err)
+			}
+		})
+	}
 }

@@ -1,6 +1,7 @@
 // Command fedmesh-controller is the per-cluster federation controller: it
 // implements the Multi-Cluster Services API for its cluster, reading every
-// peer listed by flag or by labelled Secret.
+// peer listed by flag or by labelled Secret, and compiles its cluster's
+// traffic policy (Gateway API routes, fedmesh policies) for the sidecars.
 package main
 
 import (
@@ -63,6 +64,10 @@ It reads ServiceExports, Services and EndpointSlices in its cluster and in every
 peer, and writes in its own cluster: export conditions, ServiceImports, derived
 Services and mirrored EndpointSlices. Peers come from --peer-kubeconfig flags
 and from Secrets in --namespace labelled %s=true (key "kubeconfig").
+It also validates its own cluster's HTTPRoutes and GRPCRoutes attached to
+Services (GAMMA) and fedmesh's AuthorizationPolicy, RateLimitPolicy and
+FailoverPolicy, writes their status, and serves the compiled policy with each
+service's endpoints on the discovery API (--discovery-addr).
 
 Example:
   fedmesh-controller --kubeconfig east.kubeconfig \
