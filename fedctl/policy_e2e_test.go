@@ -100,6 +100,7 @@ func (w *policyWorld) routeVerdict(name string) map[string]string {
 type answer struct {
 	code       int
 	cluster    string
+	pod        string
 	retryAfter string
 }
 
@@ -126,11 +127,12 @@ func (w *policyWorld) send(n, conc, rate int, path string, hdr map[string]string
 				}
 				var a struct {
 					Cluster string `json:"cluster"`
+					Pod     string `json:"pod"`
 				}
 				body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 				resp.Body.Close()
 				_ = json.Unmarshal(body, &a)
-				out[i] = answer{code: resp.StatusCode, cluster: a.Cluster, retryAfter: resp.Header.Get("Retry-After")}
+				out[i] = answer{code: resp.StatusCode, cluster: a.Cluster, pod: a.Pod, retryAfter: resp.Header.Get("Retry-After")}
 			}
 		})
 	}
@@ -356,8 +358,12 @@ spec:
 	w.until("east's client admitted", "/", nil, all(from("east")))
 	w.remove(authzPols, "echo-callers")
 
-	// 5. A rate limit holds within 5% of its rate: 40/s with burst 10 on
-	// each of east's two echo sidecars, loaded at 200/s for 3 s.
+	// 5. A rate limit holds within 5% of its rate. The limit is per
+	// sidecar: 40/s with burst 10 on each of east's two echo pods, loaded
+	// at 200/s for 3 s. The client's balancer need not split evenly (a pod
+	// that answers 429 answers fast), so each pod must admit at most its
+	// limit, and the busiest, which is saturated, must admit its rate
+	// within 5%.
 	defer w.remove(rateLimits, "echo-rl")
 	w.apply(rateLimits, `
 apiVersion: policy.fedmesh.dev/v1alpha1
@@ -383,9 +389,22 @@ spec:
 	if n := count(as, func(a answer) bool { return a.code == http.StatusTooManyRequests && a.retryAfter == "" }); n > 0 {
 		t.Errorf("%d answers 429 without Retry-After", n)
 	}
-	rate := (float64(admitted) - 2*10) / elapsed
-	t.Logf("rate limit 2 sidecars × 40/s: %d admitted, %d limited in %.2fs: %.1f/s beyond the bursts", admitted, limited, elapsed, rate)
-	if math.Abs(rate-80)/80 > 0.05 {
-		t.Errorf("admitted %.1f/s beyond the bursts, want 80 ± 5%%", rate)
+	perPod := map[string]int{}
+	for _, a := range as {
+		if a.code == 200 {
+			perPod[a.pod]++
+		}
+	}
+	busiest := 0
+	for pod, n := range perPod {
+		rate := (float64(n) - 10) / elapsed
+		t.Logf("rate limit 40/s, burst 10: pod %s admitted %d in %.2fs: %.1f/s beyond the burst", pod, n, elapsed, rate)
+		if rate > 40*1.05 {
+			t.Errorf("pod %s admitted %.1f/s beyond its burst, limit 40/s + 5%%", pod, rate)
+		}
+		busiest = max(busiest, n)
+	}
+	if rate := (float64(busiest) - 10) / elapsed; limited == 0 || math.Abs(rate-40)/40 > 0.05 {
+		t.Errorf("the busiest pod admitted %.1f/s beyond its burst (%d limited in all), want 40 ± 5%%", rate, limited)
 	}
 }
