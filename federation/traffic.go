@@ -93,7 +93,7 @@ func (c *Controller) startTraffic(ctx context.Context, wg *sync.WaitGroup) error
 	if err != nil {
 		return err
 	}
-	hasRoutes := served(kube.Discovery(), gwv1.SchemeGroupVersion, "httproutes", "grpcroutes", "referencegrants")
+	hasRoutes := served(kube.Discovery(), schema.GroupVersion{Group: gwv1.GroupName, Version: "v1"}, "httproutes", "grpcroutes", "referencegrants")
 	hasPolicies := served(kube.Discovery(), v1alpha1.SchemeGroupVersion, "authorizationpolicies", "ratelimitpolicies", "failoverpolicies")
 	if !hasRoutes {
 		c.log.Warn("Gateway API CRDs (httproutes, grpcroutes, referencegrants of gateway.networking.k8s.io/v1) are not installed; running without routes (install them and restart the controller)")
