@@ -12,15 +12,21 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/dynamic"
 	mcsv1beta1 "sigs.k8s.io/mcs-api/pkg/apis/v1beta1"
 
 	"github.com/fedmesh/fedmesh/controlplane"
 	"github.com/fedmesh/fedmesh/federation"
+	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
+	"github.com/fedmesh/fedmesh/policy"
+	"github.com/fedmesh/fedmesh/policy/v1alpha1"
 )
 
 // TestPeerDownAndBack stops west's API server: east keeps west's endpoints,
 // marked stale, until the stale bound, then withdraws them; when west
-// returns, everything is back and changes made in west flow again.
+// returns, everything is back and changes made in west flow again. A
+// FailoverPolicy with a staleAfter shorter than the bound takes west out of
+// the service's discovery set earlier.
 func TestPeerDownAndBack(t *testing.T) {
 	need(t)
 	ns := env.ns(t)
@@ -34,6 +40,33 @@ func TestPeerDownAndBack(t *testing.T) {
 		sl, err := env.mirrored("east", ns, "pay")
 		if err != nil || len(sl) != 2 {
 			return fmt.Errorf("%d slices (%v)", len(sl), err)
+		}
+		return nil
+	})
+
+	env.mu.Lock()
+	east := env.ctrls["east"].ctrl
+	env.mu.Unlock()
+	dyn := dynamic.NewForConfigOrDie(env.cp.Cluster("east").Config)
+	createPolicy(t, dyn, "failoverpolicies", &v1alpha1.FailoverPolicy{TypeMeta: metav1.TypeMeta{Kind: "FailoverPolicy"},
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "pay"},
+		Spec:       v1alpha1.FailoverPolicySpec{TargetRef: v1alpha1.TargetRef{Group: "multicluster.x-k8s.io", Kind: "ServiceImport", Name: "pay"}, StaleAfter: "1s"}})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stream := watchPolicy(t, ctx, discoveryClient(t, east), ns, "pay")
+	remote := func(set *pb.EndpointSet) []string {
+		var out []string
+		for _, c := range set.Clusters[1:] {
+			out = append(out, c.Name)
+		}
+		return out
+	}
+	stream.untilSet(t, "failover policy and both remote clusters", func(set *pb.EndpointSet) error {
+		if p, _ := policy.Decode(set.Policy); p == nil || p.Failover == nil {
+			return fmt.Errorf("policy %q", set.Policy)
+		}
+		if r := remote(set); len(r) != 2 {
+			return fmt.Errorf("remote clusters %v", r)
 		}
 		return nil
 	})
@@ -78,6 +111,17 @@ func TestPeerDownAndBack(t *testing.T) {
 		t.Errorf("fedmesh_federation_peer_stale{peer=west} = %v, want 1", got)
 	}
 	t.Logf("stale detected %s after the API server stopped", time.Since(downAt).Round(time.Millisecond))
+
+	// staleAfter (1s) is shorter than the bound: west leaves the set first.
+	stream.untilSet(t, "west out of the discovery set after staleAfter", func(set *pb.EndpointSet) error {
+		if r := remote(set); len(r) != 1 || r[0] != "north" {
+			return fmt.Errorf("remote clusters %v", r)
+		}
+		return nil
+	})
+	if d := time.Since(downAt); d >= staleBound {
+		t.Errorf("west left the set %s after going down, not before the %s bound", d, staleBound)
+	}
 
 	// Past the bound: withdrawn, north unaffected.
 	eventually(t, staleBound+3*time.Second, "west withdrawn after the stale bound", func() error {

@@ -75,6 +75,20 @@ func watchPolicy(t *testing.T, ctx context.Context, client pb.DiscoveryClient, n
 // until waits for a set whose policy satisfies ok.
 func (ps *policyStream) until(t *testing.T, what string, ok func(*policy.Service) error) *policy.Service {
 	t.Helper()
+	var p *policy.Service
+	ps.untilSet(t, what, func(set *pb.EndpointSet) error {
+		var err error
+		if p, err = policy.Decode(set.Policy); err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		return ok(p)
+	})
+	return p
+}
+
+// untilSet waits for a set that satisfies ok.
+func (ps *policyStream) untilSet(t *testing.T, what string, ok func(*pb.EndpointSet) error) {
+	t.Helper()
 	timeout := time.After(10 * time.Second)
 	var last error
 	for {
@@ -83,12 +97,8 @@ func (ps *policyStream) until(t *testing.T, what string, ok func(*policy.Service
 			if !open {
 				t.Fatalf("%s: stream ended (last mismatch: %v)", what, last)
 			}
-			p, err := policy.Decode(set.Policy)
-			if err != nil {
-				t.Fatalf("%s: %v", what, err)
-			}
-			if last = ok(p); last == nil {
-				return p
+			if last = ok(set); last == nil {
+				return
 			}
 		case <-timeout:
 			t.Fatalf("%s: not seen on the stream in 10s: %v", what, last)
