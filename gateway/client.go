@@ -74,10 +74,11 @@ type Client struct {
 	nSpares  int
 	spares   chan spare
 	refill   chan struct{}
-	stop     chan struct{}
+	ctx      context.Context // ends with Close
+	stop     context.CancelFunc
 	start    sync.Once
-	stopOnce sync.Once
 	lastDial atomic.Int64 // unix nanoseconds
+	draining atomic.Int32 // closed connections waiting for the gateway's end
 	wg       sync.WaitGroup
 
 	// QUIC
@@ -94,7 +95,8 @@ type Client struct {
 // or UDP per transport) whose SPIFFE ID must be gatewayID. Over QUIC it
 // binds a local UDP socket; Close releases it.
 func NewClient(src mtls.Source, gatewayID spiffeid.ID, addr string, opts ...ClientOption) (*Client, error) {
-	c := &Client{addr: addr, nSpares: DefaultSpares, refill: make(chan struct{}, 1), stop: make(chan struct{})}
+	c := &Client{addr: addr, nSpares: DefaultSpares, refill: make(chan struct{}, 1)}
+	c.ctx, c.stop = context.WithCancel(context.Background())
 	for _, o := range opts {
 		o(c)
 	}
@@ -105,7 +107,9 @@ func NewClient(src mtls.Source, gatewayID spiffeid.ID, addr string, opts ...Clie
 		c.tcpTLS = egressTLS(mtls.QUICClientConfig(src, mtls.OneOf(gatewayID), tunnel.ALPNEgress))
 		// Resume sessions with the gateway (see TicketKeyPeriod).
 		c.tcpTLS.ClientSessionCache = tls.NewLRUClientSessionCache(4)
-		c.spares = make(chan spare, c.nSpares)
+		// Room for connections that come back after a clean end beside
+		// the ones made ahead (see keepSpares).
+		c.spares = make(chan spare, 2*c.nSpares)
 		return c, nil
 	}
 	ua, err := net.ResolveUDPAddr("udp", addr)
@@ -146,7 +150,7 @@ func egressTLS(c *tls.Config) *tls.Config {
 // connections. Connections already returned by Dial stay open.
 func (c *Client) Close() error {
 	if c.transport == TCP {
-		c.stopOnce.Do(func() { close(c.stop) })
+		c.stop()
 		c.wg.Wait()
 		for {
 			select {
@@ -254,7 +258,8 @@ func (c *Client) dialTCP(ctx context.Context, req *tunnel.Request, early bool) (
 		if err != nil {
 			return nil, err
 		}
-		conn := &Conn{tls: sp.tls, tcp: sp.tcp, local: sp.tcp.LocalAddr(), remote: sp.tcp.RemoteAddr(), pending: true}
+		conn := &Conn{tls: sp.tls, tcp: sp.tcp, local: sp.tcp.LocalAddr(), remote: sp.tcp.RemoteAddr(), pending: true, client: c}
+		conn.fr.r, conn.fw.w = sp.tls, sp.tls
 		if c.nSpares > 0 {
 			// Top the spares up once this connection has its answer: their
 			// handshakes then do not compete for CPU with it.
@@ -343,27 +348,18 @@ func (c *Client) handshake(ctx context.Context) (spare, error) {
 // the client has not dialed for SpareMaxAge. A gateway that cannot be
 // reached is retried only on the next Dial.
 func (c *Client) keepSpares() {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	c.wg.Go(func() { // a handshake in progress ends with Close
-		select {
-		case <-c.stop:
-			cancel()
-		case <-ctx.Done():
-		}
-	})
 	expire := time.NewTicker(SpareMaxAge / 4)
 	defer expire.Stop()
 	for {
 		select {
-		case <-c.stop:
+		case <-c.ctx.Done():
 			return
 		case <-expire.C:
 			for range len(c.spares) {
 				select {
 				case sp := <-c.spares:
 					if time.Since(sp.at) < SpareMaxAge {
-						c.spares <- sp // room: the channel holds at most nSpares
+						c.spares <- sp // room: nothing else fills the channel meanwhile
 						continue
 					}
 					_ = sp.tcp.Close()
@@ -373,20 +369,60 @@ func (c *Client) keepSpares() {
 			continue
 		case <-c.refill:
 		}
-		for len(c.spares) < c.nSpares && time.Since(time.Unix(0, c.lastDial.Load())) < SpareMaxAge {
-			hctx, hcancel := context.WithTimeout(ctx, 5*time.Second)
+		// Connections being drained come back to the pool by themselves.
+		for len(c.spares)+int(c.draining.Load()) < c.nSpares && time.Since(time.Unix(0, c.lastDial.Load())) < SpareMaxAge {
+			hctx, hcancel := context.WithTimeout(c.ctx, 5*time.Second)
 			sp, err := c.handshake(hctx)
 			hcancel()
 			if err != nil {
 				break
 			}
-			select {
-			case c.spares <- sp:
-			default: // Dials raced us and the pool is full
-				_ = sp.tcp.Close()
-			}
+			c.putBack(sp)
 		}
 	}
+}
+
+// putBack offers a ready connection to the pool, closing it when the pool
+// is full or the client closed.
+func (c *Client) putBack(sp spare) {
+	if c.ctx.Err() == nil {
+		select {
+		case c.spares <- sp:
+			return
+		default:
+		}
+	}
+	_ = sp.tcp.Close()
+}
+
+// drainTimeout bounds how long a closed connection waits for the gateway's
+// end frame before it is reset instead of reused.
+const drainTimeout = 2 * time.Second
+
+// drain reads a closed connection (whose end frame was sent) to the
+// gateway's end frame, discarding the bytes, and puts it back in the pool.
+func (c *Client) drain(conn *Conn) {
+	c.draining.Add(1)
+	c.wg.Go(func() {
+		defer c.draining.Add(-1)
+		stop := context.AfterFunc(c.ctx, func() { _ = conn.tcp.SetReadDeadline(time.Now()) })
+		defer stop()
+		_ = conn.tcp.SetReadDeadline(time.Now().Add(drainTimeout))
+		err := conn.readAnswer()
+		if err == nil {
+			bp := framePool.Get().(*[]byte)
+			for err == nil {
+				_, err = conn.fr.Read(*bp)
+			}
+			framePool.Put(bp)
+		}
+		if !conn.fr.ended || !stop() {
+			conn.Abort()
+			return
+		}
+		_ = conn.tcp.SetDeadline(time.Time{})
+		c.putBack(spare{tls: conn.tls, tcp: conn.tcp, at: time.Now()})
+	})
 }
 
 // Conn is a proxied connection: a net.Conn over an egress TLS connection
@@ -403,6 +439,15 @@ type Conn struct {
 	once     sync.Once
 	answer   error
 	answered func() // called once the answer is read, if set
+
+	// TCP egress: application bytes travel in frames after the answer (see
+	// frameReader), so a connection whose both directions ended cleanly
+	// goes back to client's pool.
+	client    *Client
+	fr        frameReader
+	fw        frameWriter
+	closeOnce sync.Once
+	aborted   atomic.Bool
 }
 
 var _ net.Conn = (*Conn)(nil)
@@ -432,7 +477,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 	if c.stream != nil {
 		return c.stream.Read(p)
 	}
-	return c.tls.Read(p)
+	return c.fr.Read(p)
 }
 
 // Write writes application bytes.
@@ -440,7 +485,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 	if c.stream != nil {
 		return c.stream.Write(p)
 	}
-	return c.tls.Write(p)
+	return c.fw.Write(p)
 }
 
 // CloseWrite half-closes: the target reads EOF after the last byte.
@@ -448,21 +493,42 @@ func (c *Conn) CloseWrite() error {
 	if c.stream != nil {
 		return c.stream.Close()
 	}
-	err := c.tls.CloseWrite() // close_notify: a clean end, not a truncation
-	if err2 := c.tcp.CloseWrite(); err == nil {
-		err = err2
-	}
+	return c.end()
+}
+
+// end writes the end frame. Like crypto/tls's close_notify it ignores a
+// write deadline in the past (an inner tls.Conn sets one after its own
+// close_notify, so that later writes fail; after the end frame they fail
+// anyway), and it leaves no deadline, so the connection can be reused.
+func (c *Conn) end() error {
+	_ = c.tcp.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	err := c.fw.end()
+	_ = c.tcp.SetWriteDeadline(time.Time{})
 	return err
 }
 
-// Close ends both directions gracefully.
+// Close ends both directions gracefully. Over TCP it half-closes, and the
+// connection is reused for another Dial once the gateway's end arrives
+// (read in the background for up to 2 s, the bytes discarded); the target
+// sees a half-close.
 func (c *Conn) Close() error {
 	if c.stream != nil {
 		err := c.stream.Close()
 		c.stream.CancelRead(0)
 		return err
 	}
-	return c.tls.Close()
+	var err error
+	c.closeOnce.Do(func() {
+		if c.aborted.Load() {
+			return
+		}
+		if err = c.end(); err != nil || c.client.nSpares == 0 {
+			_ = c.tcp.Close()
+			return
+		}
+		c.client.drain(c)
+	})
+	return err
 }
 
 // Abort resets the connection both ways: the target sees a TCP reset.
@@ -472,6 +538,7 @@ func (c *Conn) Abort() {
 		c.stream.CancelWrite(resetCode)
 		return
 	}
+	c.aborted.Store(true)
 	_ = c.tcp.SetLinger(0) // Close sends RST
 	_ = c.tcp.Close()
 }

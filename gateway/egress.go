@@ -110,16 +110,23 @@ func (g *Gateway) serveEgressTCP(ctx context.Context, c *net.TCPConn) {
 		_ = c.Close()
 		return
 	}
-	// A client may keep handshaken connections ready (Client spares): the
-	// header's first byte may take EgressIdleTimeout, the rest of it
-	// --header-timeout.
-	var first [1]byte
-	_ = c.SetReadDeadline(time.Now().Add(EgressIdleTimeout))
-	if _, err := io.ReadFull(tc, first[:]); err != nil {
-		_ = c.Close()
-		return
+	// A client keeps ready connections (Client spares, and connections
+	// whose proxied connection ended cleanly): the header's first byte may
+	// take EgressIdleTimeout, the rest of it --header-timeout.
+	for {
+		var first [1]byte
+		_ = c.SetReadDeadline(time.Now().Add(EgressIdleTimeout))
+		if _, err := io.ReadFull(tc, first[:]); err != nil {
+			_ = c.Close()
+			return
+		}
+		e := &tlsEnd{c: tc, tcp: c, br: br, pre: first[:]}
+		g.serveEgress(ctx, e, id)
+		if !e.reusable() || ctx.Err() != nil {
+			_ = c.Close()
+			return
+		}
 	}
-	g.serveEgress(ctx, &tlsEnd{c: tc, tcp: c, br: br, pre: first[:]}, id)
 }
 
 // TicketKeyPeriod is how often the TCP egress replaces its TLS session

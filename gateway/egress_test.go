@@ -18,7 +18,9 @@ import (
 // sockets and real SVIDs: it shares the UDP egress's port number, admits
 // exactly the local trust domain's workloads, insists on TLS 1.3 and the
 // egress ALPN, passes refusals on with their codes, and the client's ready
-// connections outlive the gateway's header timeout and a gateway restart.
+// connections outlive the gateway's header timeout and a gateway restart, a
+// connection whose both directions ended is reused, and one cut without an
+// end frame resets the target.
 func TestTCPEgress(t *testing.T) {
 	checkGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west", "east", "north"}, [][2]string{{"west", "east"}})
@@ -154,7 +156,7 @@ func TestTCPEgress(t *testing.T) {
 		if _, err := client.Dial(ctxT(t, 10*time.Second), req(81)); err == nil {
 			t.Fatal("want a refusal") // any Dial makes the client keep spares
 		}
-		waitFor(t, "spares ready", 5*time.Second, func() bool { return len(client.spares) == DefaultSpares })
+		waitFor(t, "spares ready", 5*time.Second, func() bool { return len(client.spares) >= DefaultSpares })
 		time.Sleep(500 * time.Millisecond) // > HeaderTimeout
 		c, err := client.Dial(ctxT(t, 10*time.Second), req(80))
 		if err != nil {
@@ -169,8 +171,71 @@ func TestTCPEgress(t *testing.T) {
 		}
 	})
 
+	// Earlier subtests closed connections; their events are not of interest.
+	drainEvents := func() {
+		time.Sleep(100 * time.Millisecond)
+		for len(echo.events) > 0 {
+			<-echo.events
+		}
+	}
+	t.Run("a connection that ended cleanly is reused", func(t *testing.T) {
+		drainEvents()
+		c, err := client.Dial(ctxT(t, 10*time.Second), req(80))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := roundTrip(c, "first"); err != nil {
+			t.Fatal(err)
+		}
+		local := c.LocalAddr().String()
+		c.Close() // half-closes; the echo server closes; the gateway's end comes back
+		if ev := echo.event(t); ev != "eof" {
+			t.Fatalf("server saw %q, want eof", ev)
+		}
+		waitFor(t, "the connection back in the pool", 5*time.Second, func() bool {
+			if client.draining.Load() != 0 {
+				return false
+			}
+			found := false
+			for range len(client.spares) {
+				sp := <-client.spares
+				found = found || sp.tcp.LocalAddr().String() == local
+				client.spares <- sp
+			}
+			return found
+		})
+		for i := range DefaultSpares { // one of these takes it
+			c, err := client.Dial(ctxT(t, 10*time.Second), req(80))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := roundTrip(c, "again"); err != nil {
+				t.Fatalf("dial %d: %v", i, err)
+			}
+			c.Abort()
+			if ev := echo.event(t); ev != "reset" {
+				t.Fatalf("server saw %q after an abort, want reset", ev)
+			}
+		}
+	})
+
+	t.Run("a connection cut without an end frame resets the target", func(t *testing.T) {
+		drainEvents()
+		c, err := client.Dial(ctxT(t, 10*time.Second), req(80))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := roundTrip(c, "cut"); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.tcp.Close() // a FIN, as when the sidecar dies
+		if ev := echo.event(t); ev != "reset" {
+			t.Fatalf("server saw %q, want reset", ev)
+		}
+	})
+
 	t.Run("gateway restart", func(t *testing.T) {
-		waitFor(t, "spares ready", 5*time.Second, func() bool { return len(client.spares) == DefaultSpares })
+		waitFor(t, "spares ready", 5*time.Second, func() bool { return len(client.spares) >= DefaultSpares })
 		addr := west.EgressAddr().String()
 		west.cancel()
 		err := <-west.done

@@ -807,6 +807,7 @@ func (g *Gateway) serveEgress(ctx context.Context, s downstream, caller spiffeid
 		g.finish("egress", tunnel.CodeOK)
 		return
 	}
+	s.startData()
 	err = splice(ctx, s, streamEnd{ps}, g.counter("egress"))
 	g.finishSpliced("egress", err)
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -48,6 +49,7 @@ func (e streamEnd) SetReadDeadline(t time.Time) error { return e.s.SetReadDeadli
 func (e streamEnd) refuse(code tunnel.Code, reason string) {
 	refuse(e.s, code, reason)
 }
+func (e streamEnd) startData() {}
 
 // downstream is the sidecar's end of an egress connection (a QUIC stream
 // or a TLS connection), or a peer's stream at ingress: the header is read
@@ -56,6 +58,7 @@ type downstream interface {
 	end
 	SetReadDeadline(t time.Time) error
 	refuse(code tunnel.Code, reason string)
+	startData() // the ok answer was written: application bytes follow
 }
 
 var (
@@ -71,6 +74,22 @@ type tlsEnd struct {
 	tcp *net.TCPConn
 	br  *batchReader
 	pre []byte
+
+	data    bool // after the answer: frames (see frameReader)
+	fr      frameReader
+	fw      frameWriter
+	aborted atomic.Bool
+}
+
+func (e *tlsEnd) startData() {
+	e.data = true
+	e.fr.r, e.fw.w = e.c, e.c
+}
+
+// reusable reports whether both directions ended with end frames, so the
+// connection can carry the sidecar's next proxied connection.
+func (e *tlsEnd) reusable() bool {
+	return e.data && e.fr.ended && e.fw.clean() && !e.aborted.Load()
 }
 
 // maxTLSRecord is the largest TLS 1.3 record on the wire: 2^14 bytes of
@@ -88,14 +107,17 @@ func (e *tlsEnd) Read(p []byte) (int, error) {
 		e.pre = e.pre[n:]
 		return n, nil
 	}
-	n, err := e.c.Read(p)
+	if !e.data {
+		return e.c.Read(p) // the header
+	}
+	n, err := e.fr.Read(p)
 	for err == nil && len(p)-n >= 1<<14 && e.br != nil && e.br.buffered() >= maxTLSRecord {
 		var m int
-		m, err = e.c.Read(p[n:])
+		m, err = e.fr.Read(p[n:])
 		n += m
 	}
 	if n > 0 {
-		return n, nil // crypto/tls repeats an EOF or a failure on the next Read
+		return n, nil // the end, a truncation or a failure repeats on the next Read
 	}
 	return n, err
 }
@@ -140,14 +162,27 @@ func (b *batchReader) buffered() int {
 	return b.w - b.r
 }
 
-func (e *tlsEnd) Write(p []byte) (int, error)       { return e.c.Write(p) }
-func (e *tlsEnd) SetReadDeadline(t time.Time) error { return e.tcp.SetReadDeadline(t) }
-func (e *tlsEnd) release() error                    { return e.tcp.Close() }
-func (e *tlsEnd) closeWrite() {
-	_ = e.c.CloseWrite() // close_notify: a clean end, not a truncation
-	_ = e.tcp.CloseWrite()
+func (e *tlsEnd) Write(p []byte) (int, error) {
+	if !e.data {
+		return e.c.Write(p)
+	}
+	return e.fw.Write(p)
 }
+func (e *tlsEnd) SetReadDeadline(t time.Time) error { return e.tcp.SetReadDeadline(t) }
+
+// release closes the connection unless it can carry another proxied
+// connection (serveEgressTCP then waits for its next header).
+func (e *tlsEnd) release() error {
+	if e.reusable() {
+		return nil
+	}
+	return e.tcp.Close()
+}
+
+func (e *tlsEnd) closeWrite() { _ = e.fw.end() }
+
 func (e *tlsEnd) abort() {
+	e.aborted.Store(true)
 	_ = e.tcp.SetLinger(0) // Close sends RST
 	_ = e.tcp.Close()
 }
@@ -159,7 +194,8 @@ func (e *tlsEnd) abort() {
 func (e *tlsEnd) refuse(code tunnel.Code, reason string) {
 	_ = e.tcp.SetWriteDeadline(time.Now().Add(time.Second))
 	_ = tunnel.WriteResponse(e.c, code, reason)
-	e.closeWrite()
+	_ = e.c.CloseWrite() // close_notify
+	_ = e.tcp.CloseWrite()
 	_ = e.tcp.Close()
 }
 
