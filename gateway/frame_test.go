@@ -1,0 +1,73 @@
+package gateway
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"testing"
+)
+
+// TestFrames: what a frameWriter writes, a frameReader returns, in any
+// read size, ending with io.EOF at the end frame; a stream cut before it
+// is a truncation.
+func TestFrames(t *testing.T) {
+	payload := bytes.Repeat([]byte("0123456789abcdef"), 5000) // several frames
+	var wire bytes.Buffer
+	fw := frameWriter{w: &wire}
+	if n, err := fw.Write(payload); err != nil || n != len(payload) {
+		t.Fatalf("write: %d, %v", n, err)
+	}
+	if err := fw.end(); err != nil || !fw.clean() {
+		t.Fatalf("end: %v", err)
+	}
+	if _, err := fw.Write([]byte("x")); !errors.Is(err, errEnded) {
+		t.Fatalf("write after the end: %v", err)
+	}
+	for _, size := range []int{1, 7, 1 << 14, 1 << 16} {
+		fr := frameReader{r: bytes.NewReader(wire.Bytes())}
+		got, err := readAllSized(&fr, size)
+		if err != nil || !bytes.Equal(got, payload) || !fr.ended {
+			t.Fatalf("read size %d: %d bytes, %v, ended %v", size, len(got), err, fr.ended)
+		}
+	}
+	cut := wire.Bytes()[:wire.Len()-2] // no end frame
+	fr := frameReader{r: bytes.NewReader(cut)}
+	if _, err := readAllSized(&fr, 4096); !errors.Is(err, errTruncated) {
+		t.Fatalf("cut stream: %v, want a truncation", err)
+	}
+}
+
+func readAllSized(r io.Reader, size int) ([]byte, error) {
+	var out []byte
+	buf := make([]byte, size)
+	for {
+		n, err := r.Read(buf)
+		out = append(out, buf[:n]...)
+		if errors.Is(err, io.EOF) {
+			return out, nil
+		}
+		if err != nil {
+			return out, err
+		}
+	}
+}
+
+// FuzzFrameReader: any byte stream either yields payload bytes up to an end
+// frame, or fails; it never panics and never returns more bytes than the
+// stream holds.
+func FuzzFrameReader(f *testing.F) {
+	f.Add([]byte{0, 3, 'a', 'b', 'c', 0, 0})
+	f.Add([]byte{0, 0})
+	f.Add([]byte{0xff, 0xff, 1})
+	f.Add([]byte{0})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		fr := frameReader{r: bytes.NewReader(data)}
+		got, err := readAllSized(&fr, 5)
+		if len(got) > len(data) {
+			t.Fatalf("%d payload bytes from %d input bytes", len(got), len(data))
+		}
+		if err == nil && !fr.ended {
+			t.Fatal("clean end without an end frame")
+		}
+	})
+}
