@@ -111,8 +111,9 @@ func (s *Sidecar) handleInbound(c net.Conn) error {
 	defer untrack()
 	pol := s.inPolicy.Load()
 	httpIn := s.cfg.InboundProtocol == ProtocolHTTP
-	if !httpIn && (pol == nil || (pol.authz == nil && len(pol.limits) == 0)) && s.cfg.Service.IsZero() {
-		// No policy can ever apply: the fast path, untracked.
+	if (pol == nil || (pol.authz == nil && len(pol.limits) == 0)) && s.cfg.Service.IsZero() {
+		// No policy can ever apply (no Service to watch): the fast path,
+		// untracked, for HTTP inbounds too.
 		s.m.inbound.WithLabelValues("accepted").Inc()
 		splice(tc, app)
 		return nil
