@@ -29,7 +29,7 @@ const GatewayReplicas = 2
 // Gateway is one gateway replica's addresses.
 type Gateway struct {
 	Tunnel string `json:"tunnel"` // UDP, QUIC from peer gateways (reached through the WAN relays)
-	Egress string `json:"egress"` // UDP, QUIC from local sidecars
+	Egress string `json:"egress"` // TCP+mTLS (default) and QUIC from local sidecars, same port number
 	Admin  string `json:"admin"`  // HTTP: /state, /metrics, /healthz
 }
 
@@ -84,7 +84,7 @@ func startGateways(ctx context.Context, bin string, ms []*member) (*wan, error) 
 			if p.tunnel, err = freeUDPPort("127.0.0.1"); err != nil {
 				return nil, err
 			}
-			if p.egress, err = freeUDPPort(m.listenAddr()); err != nil {
+			if p.egress, err = freeUDPTCPPort(m.listenAddr()); err != nil {
 				return nil, err
 			}
 			if p.admin, err = controlplane.FreePort("127.0.0.1"); err != nil {
@@ -163,6 +163,7 @@ func publishEgress(ctx context.Context, m *member, egress []string) error {
 		Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{
 			{Name: "tunnel", Protocol: corev1.ProtocolUDP, Port: 15443},
 			{Name: "egress", Protocol: corev1.ProtocolUDP, Port: 15444},
+			{Name: "egress-tcp", Protocol: corev1.ProtocolTCP, Port: 15444},
 		}},
 	}
 	_, err = kube.CoreV1().Services(controlplane.SystemNamespace).Create(ctx, svc, metav1.CreateOptions{})

@@ -144,6 +144,23 @@ func FindBinary(name string) (string, error) {
 	return "", fmt.Errorf("%s not found next to this program or on PATH: run `make build` and use bin/fedctl", name)
 }
 
+// freeUDPTCPPort finds a port number free for both UDP and TCP on host:
+// the gateway's egress serves QUIC and TCP+mTLS on the same number.
+func freeUDPTCPPort(host string) (int, error) {
+	for range 20 {
+		p, err := freeUDPPort(host)
+		if err != nil {
+			return 0, err
+		}
+		ln, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(p)))
+		if err == nil {
+			ln.Close()
+			return p, nil
+		}
+	}
+	return 0, fmt.Errorf("find a port free for both udp and tcp on %s: 20 tries failed", host)
+}
+
 func freeUDPPort(host string) (int, error) {
 	c, err := net.ListenPacket("udp", net.JoinHostPort(host, "0"))
 	if err != nil {

@@ -18,6 +18,10 @@ import (
 	"github.com/fedmesh/fedmesh/sidecar/health"
 )
 
+// overloadPenalty is the latency the balancer records for an answer that
+// refuses for overload (429, 503), whatever its real latency.
+const overloadPenalty = 10 * time.Millisecond
+
 // maxBuffered is the largest response body read whole before it is
 // forwarded: up to this size, an upstream that dies mid-body costs a retry,
 // not a failed request.
@@ -315,7 +319,14 @@ func (u *upstream) attempt(ctx context.Context, bp *backendPool, t *balancer.Tar
 				t.Outlier.Report(health.Success)
 				returnIfEjected(t)
 			}
-			t.End(time.Since(began), true)
+			lat := time.Since(began)
+			if a.resp.StatusCode == http.StatusTooManyRequests || a.resp.StatusCode == http.StatusServiceUnavailable {
+				// An endpoint shedding load answers fast; counted as fast it
+				// would draw ever more of the traffic it refuses (with two
+				// endpoints P2C would send it everything). It counts as slow.
+				lat = max(lat, overloadPenalty)
+			}
+			t.End(lat, true)
 			return a, true, nil
 		}
 		_ = uc.Close()

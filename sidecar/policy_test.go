@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"io"
 	"net"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -181,5 +182,42 @@ func TestBadRemoteEndpointEjectedAlone(t *testing.T) {
 	}
 	if bs[0].app.hits.Load() == 0 || bs[2].app.hits.Load() == 0 {
 		t.Errorf("good endpoints served %d and %d requests, want both > 0", bs[0].app.hits.Load(), bs[2].app.hits.Load())
+	}
+}
+
+// TestSheddingEndpointDoesNotDrawTraffic: of two endpoints, one refuses
+// every request fast with 429 (a rate limit), the other answers 200 more
+// slowly. Counted at its real latency the refusing one would look best and
+// P2C over two endpoints would send it nearly everything; counted as slow
+// (overloadPenalty) it gets a minority.
+func TestSheddingEndpointDoesNotDrawTraffic(t *testing.T) {
+	doms := gatewaytest.Start(t, []string{"west"}, nil)
+	west := doms["west"]
+	shed := startBackend(t, west, "shed", nil, nil)
+	shed.app.fail.Store(http.StatusTooManyRequests)
+	slow := startBackend(t, west, "slow", nil, nil)
+	slow.app.delay.Store(int64(2 * time.Millisecond))
+	src := &endpoints.Static{}
+	src.Update(endpoints.Set{Namespace: "shop", Service: "checkout", Port: 8080, Clusters: []endpoints.Cluster{{Name: "west", Endpoints: eps(shed, slow)}}})
+	client := startSidecar(t, "client", sidecar.Config{
+		Cluster: "west", TrustDomain: west.TD, Source: west.Source(t, "web"), Endpoints: src, NoActiveChecks: true,
+		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 8080, Listen: "127.0.0.1:0"}},
+	})
+	waitFor(t, "client ready", 5*time.Second, client.Ready)
+	// Paced like real traffic (each of 2 callers waits 5 ms between
+	// requests), not a closed loop: there a fast refusal frees its caller
+	// at once to send again, and refusals win by count whatever the picker.
+	const n = 300
+	all := <-load("http://"+client.UpstreamAddr(0).String()+"/", 2, 5*time.Millisecond, n, nil)
+	ok := 0
+	for _, r := range all {
+		if r.err == nil && r.status == 200 {
+			ok++
+		}
+	}
+	t.Logf("%d requests: %d answered 200 by the slow endpoint, %d refused by the shedding one (hits %d / %d)",
+		len(all), ok, len(all)-ok, slow.app.hits.Load(), shed.app.hits.Load())
+	if ok < len(all)*3/4 {
+		t.Errorf("only %d of %d requests reached the endpoint that serves: the shedding endpoint drew the traffic", ok, len(all))
 	}
 }
