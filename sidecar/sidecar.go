@@ -95,8 +95,9 @@ type Config struct {
 	// per-request checks: methods, paths, rate limits per request).
 	InboundProtocol string
 
-	// GatewayEgress is the local gateway's egress (UDP); needed for
-	// clusters whose endpoint sets say Gateway.
+	// GatewayEgress is the local gateway's egress (TCP+mTLS by default,
+	// QUIC on the same port number); needed for clusters whose endpoint
+	// sets say Gateway.
 	GatewayEgress string
 	// GatewayID is the gateway's SPIFFE ID (default: TrustDomain +
 	// gateway.DefaultGatewayPath).
