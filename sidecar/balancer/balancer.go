@@ -44,6 +44,7 @@ type Target struct {
 
 	Ready    atomic.Bool
 	ewma     atomic.Uint64 // float64 bits, nanoseconds
+	fed      atomic.Int64  // when ewma was last fed (Unix nanoseconds)
 	inflight atomic.Int32
 }
 
@@ -61,6 +62,7 @@ func (t *Target) End(latency time.Duration, ok bool) {
 	if !ok {
 		return
 	}
+	t.fed.Store(time.Now().UnixNano())
 	for {
 		old := t.ewma.Load()
 		o := math.Float64frombits(old)
@@ -80,9 +82,24 @@ func (t *Target) Latency() time.Duration { return time.Duration(math.Float64from
 // Inflight is the number of outstanding requests.
 func (t *Target) Inflight() int { return int(t.inflight.Load()) }
 
-func (t *Target) score() float64 {
-	return (math.Float64frombits(t.ewma.Load()) + 1) * float64(t.inflight.Load()+1)
+// score is the P2C cost: the latency EWMA, decayed toward zero while
+// nothing feeds it (time constant decayTau), times outstanding requests
+// plus one. The decay makes the picker try an endpoint it has avoided
+// again after a while: without it an endpoint whose last answers were slow
+// (or refusals for overload) would keep that cost, and get no traffic,
+// for as long as its peers looked better; with it, it is probed with one
+// request and judged afresh (linkerd2-proxy's peak-EWMA decays the same
+// way).
+func (t *Target) score(now int64) float64 {
+	e := math.Float64frombits(t.ewma.Load())
+	if age := now - t.fed.Load(); e > 0 && age > 0 {
+		e *= math.Exp(-float64(age) / float64(decayTau))
+	}
+	return (e + 1) * float64(t.inflight.Load()+1)
 }
+
+// decayTau is the time constant of an unfed EWMA's decay.
+const decayTau = 250 * time.Millisecond
 
 // Picker picks targets. Safe for concurrent use; Set swaps the targets
 // without disturbing picks in flight.
@@ -265,7 +282,8 @@ func p2c(ts []*Target, now time.Time, exclude []*Target, needAvailable bool) *Ta
 	if b >= a {
 		b++
 	}
-	if c[b].score() < c[a].score() {
+	ns := now.UnixNano()
+	if c[b].score(ns) < c[a].score(ns) {
 		return c[b]
 	}
 	return c[a]

@@ -202,3 +202,40 @@ func TestSetOverprovisioning(t *testing.T) {
 		t.Error("new picker not empty")
 	}
 }
+
+// TestAvoidedTargetIsTriedAgain: a target whose last answers were slow is
+// avoided while they are fresh, and tried again once its unfed cost has
+// decayed below a busy peer's (decayTau).
+func TestAvoidedTargetIsTriedAgain(t *testing.T) {
+	g := health.NewGroup(health.Config{})
+	ts := targets(g, 0, 2)
+	slow, fast := ts[0], ts[1]
+	for range 10 {
+		slow.Begin()
+		slow.End(10*time.Millisecond, true)
+		fast.Begin()
+		fast.End(time.Millisecond, true)
+	}
+	p := New(0)
+	p.Set(ts)
+	picks := func(now time.Time) int {
+		n := 0
+		for range 100 {
+			if p.Pick(now, nil) == slow {
+				n++
+			}
+		}
+		return n
+	}
+	now := time.Now()
+	if n := picks(now); n != 0 {
+		t.Errorf("fresh costs 10ms vs 1ms: the slow target got %d of 100 picks, want 0", n)
+	}
+	// The fast one keeps being fed; the slow one is not. After 4 time
+	// constants its cost is 10ms·e⁻⁴ ≈ 0.18ms, below the fast one's 1ms.
+	later := now.Add(4 * decayTau)
+	fast.fed.Store(later.UnixNano())
+	if n := picks(later); n != 100 {
+		t.Errorf("after 4 decay time constants unfed: the slow target got %d of 100 picks, want all", n)
+	}
+}
