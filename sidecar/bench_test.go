@@ -229,6 +229,15 @@ func statusKB(pid int, field string) float64 {
 	return 0
 }
 
+// kb sums a /proc/<pid>/status field (kB) over the process and its children.
+func (p *proc) kb(field string) float64 {
+	sum := 0.0
+	for _, pid := range p.pids() {
+		sum += statusKB(pid, field)
+	}
+	return sum
+}
+
 // rssMB is the resident set in MB; peak uses VmHWM.
 func (p *proc) rssMB(peak bool) float64 {
 	field := "VmRSS"
@@ -429,6 +438,10 @@ func benchPaths(b *testing.B, proto string) {
 	waitListening(b, clientOut, client)
 	time.Sleep(time.Second) // settle before reading idle memory
 	idleRSS := max(client.rssMB(false), server.rssMB(false))
+	// Most of that RSS is the binary's own pages (file-backed, shared by
+	// every sidecar on a node running the same binary); the anonymous part
+	// (heap, stacks) is what each further sidecar costs.
+	idleAnon := max(client.kb("RssAnon"), server.kb("RssAnon")) / 1024
 
 	direct := &path{name: "direct", addr: a.addr()}
 	side := &path{name: "sidecar", addr: clientOut, procs: []*proc{client, server}}
@@ -459,6 +472,8 @@ func benchPaths(b *testing.B, proto string) {
 	b.ReportMetric(s.p99-d.p99, "added-p99-ms")
 	b.ReportMetric(s.rps, "max-rps")
 	b.ReportMetric(idleRSS, "rss-idle-mb")
+	b.ReportMetric(idleAnon, "rss-anon-idle-mb")
+	b.ReportMetric(max(client.kb("RssAnon"), server.kb("RssAnon"))/1024, "rss-anon-2000rps-mb")
 	b.ReportMetric(max(client.rssMB(true), server.rssMB(true)), "rss-2000rps-mb")
 	b.ReportMetric(perK(s.cpu), "cpu-pct-per-1k-rps")
 	if hp == "" {
