@@ -134,4 +134,23 @@ for c in "${CLUSTERS[@]}"; do
 	done
 	echo "   $c imports demo/echo"
 done
+
+step "scenario: the sample traffic policy is accepted by every cluster's controller"
+mesh='fedmesh.dev/mesh-controller'
+for c in "${CLUSTERS[@]}"; do
+	for i in $(seq 1 30); do
+		accepted=$(kubectl --context "kind-$c" -n demo get httproute echo-canary \
+			-o jsonpath="{.status.parents[?(@.controllerName=='$mesh')].conditions[?(@.type=='Accepted')].status}" 2>/dev/null)
+		resolved=$(kubectl --context "kind-$c" -n demo get httproute echo-canary \
+			-o jsonpath="{.status.parents[?(@.controllerName=='$mesh')].conditions[?(@.type=='ResolvedRefs')].status}" 2>/dev/null)
+		[[ $accepted == True && $resolved == True ]] && break
+		((i == 30)) && { echo "kind-e2e: HTTPRoute demo/echo-canary in $c: Accepted=$accepted ResolvedRefs=$resolved after 60s" >&2; exit 1; }
+		sleep 2
+	done
+	for kind in authorizationpolicies ratelimitpolicies; do
+		st=$(kubectl --context "kind-$c" -n demo get "$kind" -o jsonpath="{.items[*].status.conditions[?(@.type=='Accepted')].status}")
+		[[ -n $st && $st != *False* ]] || { echo "kind-e2e: $kind in $c not accepted: '$st'" >&2; exit 1; }
+	done
+	echo "   $c accepted the canary route and the policies"
+done
 echo "kind-e2e: PASS"
