@@ -41,6 +41,12 @@ func TestStatusGolden(t *testing.T) {
 				Peers: []federation.PeerStatus{{Name: "north", ClusterID: "north", Reachable: true},
 					{Name: "west", ClusterID: "west", Stale: true, StaleSince: now.Add(-42 * time.Second)}},
 				Trust:   &TrustStatus{TrustDomain: "east.fedmesh.test", Roots: 2, RootsExpire: now.Add(23 * time.Hour)},
+				Gateways: []GatewayStatus{
+					{Admin: "http://127.0.0.1:9101", OpenStreams: 3, Peers: []GatewayPeerStatus{
+						{Cluster: "north", Up: true, Replicas: 2, RTTP50MS: 0.41, RTTP99MS: 1.2},
+						{Cluster: "west", Up: true, Replicas: 1, RTTP50MS: 25.3, RTTP99MS: 40.1, LossPct: 2.5}}},
+					{Admin: "http://127.0.0.1:9102", Error: "dial tcp 127.0.0.1:9102: connect: connection refused"},
+				},
 				Exports: 2, Imports: 2},
 			{Context: "fedmesh-north", ClusterID: "north", APIServer: "https://127.0.0.1:6444", Reachable: true,
 				Controller: ControllerStatus{Leader: "north-0", Renewed: now.Add(-2 * time.Second)},

@@ -86,6 +86,9 @@ type GatewayPeerStatus struct {
 	Replicas int     `json:"replicasUp"`
 	RTTP50MS float64 `json:"rttP50ms"`
 	RTTP99MS float64 `json:"rttP99ms"`
+	// LossPct is the highest share of QUIC packets declared lost on any
+	// replica's live connection to this cluster.
+	LossPct float64 `json:"quicLossPct"`
 }
 
 // TrustStatus is the cluster's trust domain and bundle.
@@ -385,6 +388,7 @@ func gatewayStatus(ctx context.Context, admin string) GatewayStatus {
 				p.Replicas++
 				p.RTTP50MS = max(p.RTTP50MS, r.RTTP50MS)
 				p.RTTP99MS = max(p.RTTP99MS, r.RTTP99MS)
+				p.LossPct = max(p.LossPct, r.LossPct)
 			}
 		}
 		gs.Peers = append(gs.Peers, p)
@@ -562,7 +566,7 @@ func renderGateways(w io.Writer, st *Status, c colors) {
 	}
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "GATEWAY	ADMIN	STREAMS	PEER CLUSTERS (replicas up, RTT p50/p99)")
+	fmt.Fprintln(tw, "GATEWAY	ADMIN	STREAMS	PEER CLUSTERS (replicas up, RTT p50/p99, QUIC packets lost)")
 	for _, cl := range st.Clusters {
 		for i, g := range cl.Gateways {
 			name := fmt.Sprintf("%s/%d", cl.ClusterID, i)
@@ -572,7 +576,10 @@ func renderGateways(w io.Writer, st *Status, c colors) {
 			}
 			var peers []string
 			for _, p := range g.Peers {
-				s := fmt.Sprintf("%s %d up %.2f/%.2f ms", p.Cluster, p.Replicas, p.RTTP50MS, p.RTTP99MS)
+				s := fmt.Sprintf("%s %d up %.2f/%.2f ms %.1f%% lost", p.Cluster, p.Replicas, p.RTTP50MS, p.RTTP99MS, p.LossPct)
+				if p.LossPct >= 1 {
+					s = c.bad(s)
+				}
 				if !p.Up {
 					s = c.bad(p.Cluster + " UNREACHABLE")
 				}

@@ -497,6 +497,25 @@ func TestFaultRelay(t *testing.T) {
 	if st := west.State().Clusters[0].Replicas[0]; st.RTTP50 < 30*time.Millisecond {
 		t.Errorf("rtt p50 %s under 15ms-each-way delay", st.RTTP50)
 	}
+	// Three 200 kB round trips are some 500 packets from west: at 3% loss
+	// (p of none lost < 1e-6) the link must report lost packets.
+	func() {
+		c, err := client.Dial(ctxT(t, 10*time.Second), req(80))
+		if err != nil {
+			t.Fatalf("bulk under loss: dial: %v", err)
+		}
+		defer c.Close()
+		for range 3 {
+			if err := roundTrip(c, strings.Repeat("x", 200_000)); err != nil {
+				t.Fatalf("bulk under loss: %v", err)
+			}
+		}
+	}()
+	if st := west.State().Clusters[0].Replicas[0]; st.PacketsLost == 0 || st.LossPct <= 0 || st.LossPct > 20 {
+		t.Errorf("under 3%% loss the link reports %d of %d packets lost (%.2f%%)", st.PacketsLost, st.PacketsSent, st.LossPct)
+	} else {
+		t.Logf("under 3%% loss: %d of %d packets lost (%.2f%%)", st.PacketsLost, st.PacketsSent, st.LossPct)
+	}
 
 	// Partition.
 	if err := relay.SetFaults(faultnet.Faults{Partition: true}); err != nil {

@@ -314,6 +314,11 @@ type Status struct {
 	OpenStreams int64         `json:"open_streams"`
 	Connects    uint64        `json:"connects"`
 	LastError   string        `json:"last_error,omitempty"`
+	// PacketsSent and PacketsLost are the live connection's (quic-go's
+	// loss detection: packets declared lost, which were retransmitted).
+	PacketsSent uint64  `json:"packets_sent"`
+	PacketsLost uint64  `json:"packets_lost"`
+	LossPct     float64 `json:"loss_pct"`
 }
 
 // Status returns the link's state and RTT percentiles over the last 256
@@ -327,6 +332,13 @@ func (l *Link) Status() Status {
 		RTTSamples: n, OpenStreams: l.streams.Load(), Connects: l.reconnects, LastError: l.lastErr,
 	}
 	l.mu.Unlock()
+	if conn := l.conn.Load(); conn != nil {
+		cs := conn.ConnectionStats()
+		st.PacketsSent, st.PacketsLost = cs.PacketsSent, cs.PacketsLost
+		if cs.PacketsSent > 0 {
+			st.LossPct = 100 * float64(cs.PacketsLost) / float64(cs.PacketsSent)
+		}
+	}
 	if n > 0 {
 		slices.Sort(s)
 		st.RTTP50 = s[(n-1)/2]
