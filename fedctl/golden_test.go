@@ -40,7 +40,7 @@ func TestStatusGolden(t *testing.T) {
 				Controller: ControllerStatus{Leader: "east-0", Renewed: now.Add(-time.Second)},
 				Peers: []federation.PeerStatus{{Name: "north", ClusterID: "north", Reachable: true},
 					{Name: "west", ClusterID: "west", Stale: true, StaleSince: now.Add(-42 * time.Second)}},
-				Trust:   &TrustStatus{TrustDomain: "east.fedmesh.test", Roots: 2, RootsExpire: now.Add(23 * time.Hour)},
+				Trust: &TrustStatus{TrustDomain: "east.fedmesh.test", Roots: 2, RootsExpire: now.Add(23 * time.Hour)},
 				Gateways: []GatewayStatus{
 					{Admin: "http://127.0.0.1:9101", OpenStreams: 3, Peers: []GatewayPeerStatus{
 						{Cluster: "north", Up: true, Replicas: 2, RTTP50MS: 0.41, RTTP99MS: 1.2},
