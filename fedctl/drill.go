@@ -539,7 +539,8 @@ func sidecarSends(ctx context.Context, c localfed.Cluster, target string) bool {
 		if w.Outbound == "" || w.Admin == "" {
 			continue
 		}
-		for _, s := range serving(ctx, c.Name, w) {
+		doc, err := sidecarState(ctx, w.Admin)
+		for _, s := range serving(c.Name, w, doc, err) {
 			if s.Shares[target] > 0.01 {
 				return true
 			}

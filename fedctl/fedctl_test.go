@@ -78,6 +78,12 @@ func TestUpStatusDrillDown(t *testing.T) {
 		if !c.Reachable || c.Controller.Leader == "" || len(c.Peers) != 2 || !c.Peers[0].Reachable || !c.Peers[1].Reachable || c.Trust == nil || c.Trust.Roots == 0 {
 			t.Errorf("cluster %s: %+v", c.Context, c)
 		}
+		if os.Geteuid() == 0 && (c.Trust == nil || c.Trust.SVIDs != 3 || !c.Trust.SVIDsExpire.After(time.Now())) {
+			t.Errorf("cluster %s: want the SVIDs of its 3 sample sidecars with a future expiry, got %+v", c.Context, c.Trust)
+		}
+		if c.Controller.Version == "" {
+			t.Errorf("cluster %s: no controller version in status", c.Context)
+		}
 		if len(c.Gateways) != localfed.GatewayReplicas {
 			t.Errorf("cluster %s: %d gateway replicas, want %d", c.Context, len(c.Gateways), localfed.GatewayReplicas)
 		}

@@ -37,10 +37,10 @@ func TestStatusGolden(t *testing.T) {
 	st := &Status{
 		Clusters: []ClusterStatus{
 			{Context: "fedmesh-east", ClusterID: "east", APIServer: "https://127.0.0.1:6443", Reachable: true,
-				Controller: ControllerStatus{Leader: "east-0", Renewed: now.Add(-time.Second)},
+				Controller: ControllerStatus{Leader: "east-0", Renewed: now.Add(-time.Second), Version: "(devel) 28d2133abcde"},
 				Peers: []federation.PeerStatus{{Name: "north", ClusterID: "north", Reachable: true},
 					{Name: "west", ClusterID: "west", Stale: true, StaleSince: now.Add(-42 * time.Second)}},
-				Trust: &TrustStatus{TrustDomain: "east.fedmesh.test", Roots: 2, RootsExpire: now.Add(23 * time.Hour)},
+				Trust: &TrustStatus{TrustDomain: "east.fedmesh.test", Roots: 2, RootsExpire: now.Add(23 * time.Hour), SVIDs: 3, SVIDsExpire: now.Add(42 * time.Minute)},
 				Gateways: []GatewayStatus{
 					{Admin: "http://127.0.0.1:9101", OpenStreams: 3, Peers: []GatewayPeerStatus{
 						{Cluster: "north", Up: true, Replicas: 2, RTTP50MS: 0.41, RTTP99MS: 1.2},

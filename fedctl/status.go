@@ -59,6 +59,10 @@ type ClusterStatus struct {
 type ControllerStatus struct {
 	Leader  string    `json:"leader,omitempty"`
 	Renewed time.Time `json:"renewed,omitzero"`
+	// Version is the controller's build (its admin /version in a local
+	// federation, else the image of the fedmesh-federation-controller
+	// Deployment); empty when unknown.
+	Version string `json:"version,omitempty"`
 }
 
 // ServingStatus is where one client sidecar's upstream is served right now:
@@ -96,6 +100,10 @@ type TrustStatus struct {
 	TrustDomain string    `json:"trustDomain"`
 	Roots       int       `json:"roots"`
 	RootsExpire time.Time `json:"rootsExpire,omitzero"`
+	// SVIDs is how many sample workloads' sidecars reported their SVID,
+	// SVIDsExpire the earliest expiry among them (renewed at half life).
+	SVIDs       int       `json:"svids,omitempty"`
+	SVIDsExpire time.Time `json:"svidsExpire,omitzero"`
 	Federated   []string  `json:"federatedWith,omitempty"`
 	Error       string    `json:"error,omitempty"`
 }
@@ -231,14 +239,33 @@ func gatherCluster(ctx context.Context, m member, cs *ClusterStatus, svc func(ns
 		}
 	}
 	if m.local != nil {
+		cs.Controller.Version = controllerVersion(ctx, m.local.ControllerAdmin)
+	} else if d, err := kube.AppsV1().Deployments(controlplane.SystemNamespace).Get(ctx, "fedmesh-federation-controller", metav1.GetOptions{}); err == nil {
+		for _, c := range d.Spec.Template.Spec.Containers {
+			if c.Name == "controller" || len(d.Spec.Template.Spec.Containers) == 1 {
+				cs.Controller.Version = c.Image
+			}
+		}
+	}
+	if m.local != nil {
 		cs.Peers = controllerPeers(ctx, m.local.ControllerAdmin)
 		cs.Trust = trust(m.local.TrustDomain, m.local.Bundle, cs.Peers)
 		for _, g := range m.local.Gateways {
 			cs.Gateways = append(cs.Gateways, gatewayStatus(ctx, g.Admin))
 		}
 		for _, w := range m.local.Workloads {
-			if w.Outbound != "" && w.Admin != "" {
-				cs.Serving = append(cs.Serving, serving(ctx, id, w)...)
+			if w.Admin == "" {
+				continue
+			}
+			doc, err := sidecarState(ctx, w.Admin)
+			if err == nil && cs.Trust != nil && !doc.SVID.Expires.IsZero() {
+				cs.Trust.SVIDs++
+				if cs.Trust.SVIDsExpire.IsZero() || doc.SVID.Expires.Before(cs.Trust.SVIDsExpire) {
+					cs.Trust.SVIDsExpire = doc.SVID.Expires
+				}
+			}
+			if w.Outbound != "" {
+				cs.Serving = append(cs.Serving, serving(id, w, doc, err)...)
 			}
 		}
 	}
@@ -300,6 +327,27 @@ func gatherCluster(ctx context.Context, m member, cs *ClusterStatus, svc func(ns
 	return nil
 }
 
+// controllerVersion is the build the controller's admin /version reports.
+func controllerVersion(ctx context.Context, admin string) string {
+	if admin == "" {
+		return ""
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, admin+"/version", nil)
+	if err != nil {
+		return ""
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	var v federation.BuildVersion
+	if resp.StatusCode != http.StatusOK || json.NewDecoder(io.LimitReader(resp.Body, 1<<16)).Decode(&v) != nil {
+		return ""
+	}
+	return v.String()
+}
+
 func controllerPeers(ctx context.Context, admin string) []federation.PeerStatus {
 	if admin == "" {
 		return nil
@@ -322,19 +370,26 @@ func controllerPeers(ctx context.Context, admin string) []federation.PeerStatus 
 
 // serving reads a client sidecar's /state: the traffic share per priority,
 // spread over the clusters of that priority by their available endpoints.
-func serving(ctx context.Context, cluster string, w localfed.Workload) []ServingStatus {
-	var st struct {
-		Upstreams []struct {
-			Upstream  string    `json:"upstream"`
-			Loads     []float64 `json:"loads"`
-			Endpoints []struct {
-				Cluster   string `json:"cluster"`
-				Priority  int    `json:"priority"`
-				Available bool   `json:"available"`
-			} `json:"endpoints"`
-		} `json:"upstreams"`
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, w.Admin+"/state", nil)
+// sidecarDoc is the part of a sidecar's /state that status reads.
+type sidecarDoc struct {
+	SVID struct {
+		ID      string    `json:"id"`
+		Expires time.Time `json:"expires"`
+	} `json:"svid"`
+	Upstreams []struct {
+		Upstream  string    `json:"upstream"`
+		Loads     []float64 `json:"loads"`
+		Endpoints []struct {
+			Cluster   string `json:"cluster"`
+			Priority  int    `json:"priority"`
+			Available bool   `json:"available"`
+		} `json:"endpoints"`
+	} `json:"upstreams"`
+}
+
+func sidecarState(ctx context.Context, admin string) (*sidecarDoc, error) {
+	var st sidecarDoc
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, admin+"/state", nil)
 	if err == nil {
 		var resp *http.Response
 		if resp, err = http.DefaultClient.Do(req); err == nil {
@@ -342,6 +397,10 @@ func serving(ctx context.Context, cluster string, w localfed.Workload) []Serving
 			resp.Body.Close()
 		}
 	}
+	return &st, err
+}
+
+func serving(cluster string, w localfed.Workload, st *sidecarDoc, err error) []ServingStatus {
 	if err != nil {
 		return []ServingStatus{{Workload: w.Name, Error: err.Error()}}
 	}
@@ -424,7 +483,7 @@ func trust(td, bundlePath string, peers []federation.PeerStatus) *TrustStatus {
 
 func renderStatus(w io.Writer, st *Status, c colors, now time.Time) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "CLUSTER\tID\tAPI SERVER\tCONTROLLER LEADER\tPEERS\tTRUST DOMAIN\tROOTS\tEXPORTS\tIMPORTS")
+	fmt.Fprintln(tw, "CLUSTER\tID\tAPI SERVER\tCONTROLLER LEADER\tPEERS\tTRUST DOMAIN\tROOTS, SVIDS\tEXPORTS\tIMPORTS")
 	for _, cl := range st.Clusters {
 		if !cl.Reachable {
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\t\t\t\t\n", cl.Context, "-", cl.APIServer, c.bad("UNREACHABLE: "+firstLine(cl.Error)))
@@ -433,6 +492,9 @@ func renderStatus(w io.Writer, st *Status, c colors, now time.Time) {
 		leader := c.bad("none")
 		if cl.Controller.Leader != "" {
 			leader = fmt.Sprintf("%s (renewed %s ago)", cl.Controller.Leader, age(now.Sub(cl.Controller.Renewed)))
+			if cl.Controller.Version != "" {
+				leader += " " + cl.Controller.Version
+			}
 			if now.Sub(cl.Controller.Renewed) > 30*time.Second {
 				leader = c.bad(leader)
 			}
@@ -452,6 +514,9 @@ func renderStatus(w io.Writer, st *Status, c colors, now time.Time) {
 		if cl.Trust != nil {
 			td = cl.Trust.TrustDomain
 			roots = fmt.Sprintf("%d (expire in %s)", cl.Trust.Roots, age(cl.Trust.RootsExpire.Sub(now)))
+			if cl.Trust.SVIDs > 0 {
+				roots += fmt.Sprintf(", %d SVIDs (next expiry in %s)", cl.Trust.SVIDs, age(cl.Trust.SVIDsExpire.Sub(now)))
+			}
 			if cl.Trust.Error != "" {
 				roots = c.bad(firstLine(cl.Trust.Error))
 			}

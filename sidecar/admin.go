@@ -14,8 +14,18 @@ import (
 // State is what /state serves: every upstream's endpoints by priority with
 // their health. `fedctl status` reads it.
 type State struct {
-	Cluster   string          `json:"cluster"`
+	Cluster string `json:"cluster"`
+	// SVID is the workload's current identity and when it expires (the
+	// issuer renews it at half its lifetime).
+	SVID      SVIDState       `json:"svid"`
 	Upstreams []UpstreamState `json:"upstreams"`
+}
+
+// SVIDState is the workload's X.509 SVID as the sidecar holds it.
+type SVIDState struct {
+	ID      string    `json:"id,omitempty"`
+	Expires time.Time `json:"expires,omitzero"`
+	Error   string    `json:"error,omitempty"`
 }
 
 // UpstreamState is one upstream.
@@ -44,6 +54,11 @@ type EndpointState struct {
 func (s *Sidecar) State() State {
 	now := time.Now()
 	st := State{Cluster: s.cfg.Cluster}
+	if svid, err := s.cfg.Source.GetX509SVID(); err != nil {
+		st.SVID.Error = err.Error()
+	} else if len(svid.Certificates) > 0 {
+		st.SVID.ID, st.SVID.Expires = svid.ID.String(), svid.Certificates[0].NotAfter
+	}
 	for _, u := range s.upstreams {
 		us := UpstreamState{Upstream: u.cfg.String(), Ready: u.own.ready.Load(), Loads: u.own.all.Loads(now)}
 		for prio, ts := range u.own.all.Targets() {

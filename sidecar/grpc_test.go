@@ -91,6 +91,11 @@ func TestGRPCStreamThroughTCPUpstream(t *testing.T) {
 			t.Fatalf("unary call beside the open stream: %v", err)
 		}
 	}
+	// /state names the workload's SVID and its expiry (fedctl status shows
+	// the earliest of a cluster's).
+	if sv := client.State().SVID; sv.ID != west.ID("web").String() || !sv.Expires.After(time.Now()) || sv.Error != "" {
+		t.Errorf("client /state svid = %+v, want %s expiring in the future", sv, west.ID("web"))
+	}
 	if n := metricSum(t, server.reg, "fedmesh_sidecar_inbound_connections_total"); n != 1 {
 		t.Errorf("server sidecar accepted %v inbound connections, want 1 (every call on one HTTP/2 connection)", n)
 	}
