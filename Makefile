@@ -29,7 +29,7 @@ $(KUBE_APISERVER): tools/kube-apiserver/go.mod tools/kube-apiserver/go.sum
 ## build: compile every binary into bin/.
 build:
 	@mkdir -p $(BIN)
-	go build -o $(BIN)/ ./cmd/...
+	go build -ldflags "-X github.com/fedmesh/fedmesh/federation.buildRevision=$$(git describe --always --dirty 2>/dev/null)" -o $(BIN)/ ./cmd/...
 
 ## test: everything CI runs: lint, unit and integration tests (real kube-apiserver + etcd), short fuzzing.
 test: deps lint

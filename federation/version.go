@@ -26,6 +26,10 @@ func (v BuildVersion) String() string {
 	return strings.TrimSpace(s)
 }
 
+// buildRevision is set by `make build` (-ldflags -X) to `git describe
+// --always --dirty`, for builds without VCS stamping (GOFLAGS=-buildvcs=false).
+var buildRevision string
+
 // Version reads the running binary's build information.
 func Version() BuildVersion {
 	bi, ok := debug.ReadBuildInfo()
@@ -40,6 +44,9 @@ func Version() BuildVersion {
 		case "vcs.modified":
 			v.Modified = s.Value == "true"
 		}
+	}
+	if v.Revision == "" && buildRevision != "" {
+		v.Revision, v.Modified = strings.TrimSuffix(buildRevision, "-dirty"), strings.HasSuffix(buildRevision, "-dirty")
 	}
 	return v
 }
