@@ -86,12 +86,8 @@ func (u *upstream) serveHTTP(ctx context.Context, c net.Conn) {
 		writers.Put(bw)
 	}()
 	for {
-		req, err := http.ReadRequest(br)
-		if err != nil {
-			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !isReset(err) {
-				writeError(bw, http.StatusBadRequest, "bad_request", err.Error())
-				_ = bw.Flush()
-			}
+		req, ok := nextRequest(br, bw)
+		if !ok {
 			return
 		}
 		keep := u.roundTrip(ctx, req, bw)
@@ -104,6 +100,20 @@ func (u *upstream) serveHTTP(ctx context.Context, c net.Conn) {
 			}
 		}
 	}
+}
+
+// nextRequest reads a client connection's next request, answering 400 to
+// one that does not parse; false means the connection is done.
+func nextRequest(br *bufio.Reader, bw *bufio.Writer) (*http.Request, bool) {
+	req, err := http.ReadRequest(br)
+	if err != nil {
+		if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !isReset(err) {
+			writeError(bw, http.StatusBadRequest, "bad_request", err.Error())
+			_ = bw.Flush()
+		}
+		return nil, false
+	}
+	return req, true
 }
 
 func isReset(err error) bool {

@@ -254,12 +254,8 @@ func (s *Sidecar) serveInboundHTTP(c, app net.Conn, caller, td string) {
 		}
 	}()
 	for {
-		req, err := http.ReadRequest(br)
-		if err != nil {
-			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !isReset(err) {
-				writeError(bw, http.StatusBadRequest, "bad_request", err.Error())
-				_ = bw.Flush()
-			}
+		req, ok := nextRequest(br, bw)
+		if !ok {
 			return
 		}
 		if !s.admitRequest(req, bw, caller, td) {

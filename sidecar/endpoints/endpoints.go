@@ -16,7 +16,6 @@ import (
 	"fmt"
 	"os"
 	"sync"
-	"time"
 
 	"github.com/fedmesh/fedmesh/policy"
 )
@@ -65,25 +64,9 @@ type Source interface {
 	Watch(ctx context.Context, namespace, service string) (<-chan Set, error)
 }
 
-// Duration is a time.Duration that reads and writes as "250ms" in JSON.
-type Duration time.Duration
-
-// MarshalJSON implements json.Marshaler.
-func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
-
-// UnmarshalJSON implements json.Unmarshaler.
-func (d *Duration) UnmarshalJSON(b []byte) error {
-	var s string
-	if err := json.Unmarshal(b, &s); err != nil {
-		return fmt.Errorf("duration: %w", err)
-	}
-	v, err := time.ParseDuration(s)
-	if err != nil {
-		return fmt.Errorf("duration: %w", err)
-	}
-	*d = Duration(v)
-	return nil
-}
+// Duration is a time.Duration that reads and writes as "250ms" in JSON
+// (the same type as the policy contract's).
+type Duration = policy.Duration
 
 // Static is a Source held in memory. Update replaces a service's Set and
 // notifies its watchers. Safe for concurrent use.
