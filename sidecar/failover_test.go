@@ -52,7 +52,11 @@ func TestFailoverThroughGateways(t *testing.T) {
 	results := load(url, 8, 2*time.Millisecond, 40_000, stop)
 	phase := func(d time.Duration) time.Time { time.Sleep(d); return time.Now() }
 
-	killedAt := phase(500 * time.Millisecond)
+	// Kill once west has served some of the load (a fixed sleep was too
+	// short on a loaded machine), and never before 500 ms of it.
+	time.Sleep(500 * time.Millisecond)
+	waitFor(t, "west serving the load", 10*time.Second, func() bool { return w1.app.hits.Load()+w2.app.hits.Load() >= 20 })
+	killedAt := time.Now()
 	w1.kill()
 	w2.kill()
 	restartedAt := phase(1500 * time.Millisecond)
