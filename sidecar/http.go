@@ -157,11 +157,11 @@ func (a *answer) release(reuse bool) {
 // upstream's own service serves as ever.
 func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Writer) bool {
 	start := time.Now()
-	svc := u.cfg.String()
+	svc := u.name
 	if n := u.active.Add(1); n > int64(u.s.cfg.MaxRequests) {
 		u.active.Add(-1)
 		u.s.m.overflows.WithLabelValues(svc).Inc()
-		u.s.m.requests.WithLabelValues(svc, "", "overflow").Inc()
+		u.countRequest("", "overflow")
 		writeError(w, http.StatusServiceUnavailable, "overflow", "too many outstanding requests")
 		return req.Body == http.NoBody
 	}
@@ -175,7 +175,7 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 		if rt = r.match(req); rt != nil {
 			b := rt.pick(start)
 			if b == nil {
-				u.s.m.requests.WithLabelValues(svc, "", "no_endpoint").Inc()
+				u.countRequest("", "no_endpoint")
 				writeError(w, http.StatusServiceUnavailable, "no_healthy_endpoint", "no backend of route "+rt.name+" has an endpoint")
 				return replayable
 			}
@@ -233,7 +233,7 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 			if !sent || safe {
 				continue // nothing reached the app, or it is safe to send again
 			}
-			u.s.m.requests.WithLabelValues(svc, t.Cluster, "error").Inc()
+			u.countRequest(t.Cluster, "error")
 			writeError(w, http.StatusBadGateway, "upstream_failed", err.Error())
 			return false
 		}
@@ -256,11 +256,11 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 		return u.respond(req, last, w, start, rt)
 	}
 	if timedOut || time.Now().After(deadline) {
-		u.s.m.requests.WithLabelValues(svc, "", "timeout").Inc()
+		u.countRequest("", "timeout")
 		writeError(w, http.StatusGatewayTimeout, "timeout", "no answer from "+bp.label+" in time")
 		return replayable
 	}
-	u.s.m.requests.WithLabelValues(svc, "", "no_endpoint").Inc()
+	u.countRequest("", "no_endpoint")
 	writeError(w, http.StatusServiceUnavailable, "no_healthy_endpoint", "no endpoint of "+bp.label+" answered")
 	return replayable
 }
@@ -268,7 +268,6 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 // respond forwards a to the client and returns the upstream connection to
 // its pool when the body was read to the end.
 func (u *upstream) respond(req *http.Request, a *answer, w *bufio.Writer, start time.Time, rt *route) bool {
-	svc := u.cfg.String()
 	result := "ok"
 	if a.resp.StatusCode >= 500 {
 		result = "5xx"
@@ -286,12 +285,12 @@ func (u *upstream) respond(req *http.Request, a *answer, w *bufio.Writer, start 
 	err := a.resp.Write(w)
 	a.resp.Close = upstreamClose
 	if err != nil {
-		u.s.m.requests.WithLabelValues(svc, a.t.Cluster, "client_error").Inc()
+		u.countRequest(a.t.Cluster, "client_error")
 		a.release(false)
 		return false
 	}
-	u.s.m.requests.WithLabelValues(svc, a.t.Cluster, result).Inc()
-	u.s.m.latency.WithLabelValues(svc).Observe(time.Since(start).Seconds())
+	u.countRequest(a.t.Cluster, result)
+	u.latency.Observe(time.Since(start).Seconds())
 	a.release(true)
 	return true
 }

@@ -18,14 +18,14 @@ var spliceBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &
 // failure is the caller's to see. A match-all route rule splits
 // connections between its backends by weight; other rules need HTTP.
 func (u *upstream) serveTCP(ctx context.Context, c net.Conn) {
-	svc := u.cfg.String()
+	svc := u.name
 	start := time.Now()
 	u.budget.request(start)
 	bp, picker := u.own, u.own.all
 	if r := u.router.Load(); r != nil && r.tcp != nil {
 		b := r.tcp.pick(start)
 		if b == nil {
-			u.s.m.requests.WithLabelValues(svc, "", "no_endpoint").Inc()
+			u.countRequest("", "no_endpoint")
 			return
 		}
 		b.count.Inc()
@@ -61,13 +61,13 @@ func (u *upstream) serveTCP(ctx context.Context, c net.Conn) {
 		if len(exclude) > 1 && t.Priority > exclude[0].Priority {
 			u.s.m.failovers.WithLabelValues(svc, t.Cluster).Inc()
 		}
-		u.s.m.requests.WithLabelValues(svc, t.Cluster, "ok").Inc()
+		u.countRequest(t.Cluster, "ok")
 		untrack := u.s.track(up)
 		splice(c, up)
 		untrack()
 		return
 	}
-	u.s.m.requests.WithLabelValues(svc, "", "no_endpoint").Inc()
+	u.countRequest("", "no_endpoint")
 }
 
 type closeWriter interface{ CloseWrite() error }

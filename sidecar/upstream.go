@@ -2,6 +2,7 @@ package sidecar
 
 import (
 	"context"
+	"github.com/prometheus/client_golang/prometheus"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -18,13 +19,19 @@ type poolKey struct{ namespace, name string }
 // send to, the compiled routes, the retry budget. Nothing here calls the
 // control plane.
 type upstream struct {
-	s      *Sidecar
-	cfg    Upstream
-	ln     net.Listener
-	own    *backendPool
-	budget *budget
-	active atomic.Int64 // outstanding requests (circuit breaker)
-	router atomic.Pointer[router]
+	s    *Sidecar
+	cfg  Upstream
+	name string // cfg.String(), the metrics label, made once
+	// latency is the request latency histogram of this upstream.
+	latency prometheus.Observer
+	ln      net.Listener
+	own     *backendPool
+	budget  *budget
+	active  atomic.Int64 // outstanding requests (circuit breaker)
+	router  atomic.Pointer[router]
+
+	reqMu sync.RWMutex
+	reqs  map[reqKey]prometheus.Counter // requests_total by cluster and result
 
 	mu    sync.Mutex // guards extra (writer: watch)
 	extra map[poolKey]*backendPool
@@ -32,11 +39,32 @@ type upstream struct {
 
 func newUpstream(s *Sidecar, cfg Upstream, ln net.Listener) *upstream {
 	return &upstream{
-		s: s, cfg: cfg, ln: ln,
-		own:    newBackendPool(s, cfg.Namespace, cfg.Service, cfg.Port),
-		budget: newBudget(s.cfg.Budget),
-		extra:  map[poolKey]*backendPool{},
+		s: s, cfg: cfg, ln: ln, name: cfg.String(),
+		latency: s.m.latency.WithLabelValues(cfg.String()),
+		own:     newBackendPool(s, cfg.Namespace, cfg.Service, cfg.Port),
+		budget:  newBudget(s.cfg.Budget),
+		extra:   map[poolKey]*backendPool{},
+		reqs:    map[reqKey]prometheus.Counter{},
 	}
+}
+
+type reqKey struct{ cluster, result string }
+
+// countRequest counts a request in fedmesh_sidecar_requests_total. The
+// counters are looked up once per cluster and result, not per request
+// (WithLabelValues hashes the labels and allocates their slice).
+func (u *upstream) countRequest(cluster, result string) {
+	k := reqKey{cluster, result}
+	u.reqMu.RLock()
+	c := u.reqs[k]
+	u.reqMu.RUnlock()
+	if c == nil {
+		c = u.s.m.requests.WithLabelValues(u.name, cluster, result)
+		u.reqMu.Lock()
+		u.reqs[k] = c
+		u.reqMu.Unlock()
+	}
+	c.Inc()
 }
 
 // watch applies the own service's sets until ctx ends: endpoints and
