@@ -135,7 +135,14 @@ type answer struct {
 	uc   *upConn
 	t    *balancer.Target
 	body *[]byte // nil when the body streams from uc
+	rd   bufferedBody
 }
+
+// bufferedBody serves a buffered response body as the Body of the response
+// written to the client, without allocating a reader per request.
+type bufferedBody struct{ bytes.Reader }
+
+func (*bufferedBody) Close() error { return nil }
 
 func (a *answer) release(reuse bool) {
 	putBody(a.body)
@@ -280,7 +287,8 @@ func (u *upstream) respond(req *http.Request, a *answer, w *bufio.Writer, start 
 	// marked by the upstream closing.
 	a.resp.Close = req.Close || (a.resp.ContentLength < 0 && len(a.resp.TransferEncoding) == 0 && a.body == nil)
 	if a.body != nil {
-		a.resp.Body = io.NopCloser(bytes.NewReader(*a.body))
+		a.rd.Reset(*a.body)
+		a.resp.Body = &a.rd
 	}
 	err := a.resp.Write(w)
 	a.resp.Close = upstreamClose
