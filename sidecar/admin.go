@@ -34,6 +34,16 @@ type UpstreamState struct {
 	Ready    bool            `json:"ready"`
 	Loads    []float64       `json:"loads"` // traffic share per priority
 	Targets  []EndpointState `json:"endpoints"`
+	// Routes are the route rules in force for this upstream's port, in the
+	// order they are tried (first match wins).
+	Routes []RouteState `json:"routes,omitempty"`
+}
+
+// RouteState is one route rule as the sidecar applies it.
+type RouteState struct {
+	Route    string   `json:"route"`
+	Match    string   `json:"match"`
+	Backends []string `json:"backends"`
 }
 
 // EndpointState is one endpoint.
@@ -61,6 +71,15 @@ func (s *Sidecar) State() State {
 	}
 	for _, u := range s.upstreams {
 		us := UpstreamState{Upstream: u.cfg.String(), Ready: u.own.ready.Load(), Loads: u.own.all.Loads(now)}
+		if r := u.router.Load(); r != nil {
+			for _, rt := range r.rules {
+				rs := RouteState{Route: rt.name, Match: rt.match}
+				for _, b := range rt.backends {
+					rs.Backends = append(rs.Backends, b.desc)
+				}
+				us.Routes = append(us.Routes, rs)
+			}
+		}
 		for prio, ts := range u.own.all.Targets() {
 			for _, t := range ts {
 				us.Targets = append(us.Targets, EndpointState{

@@ -32,6 +32,7 @@ type router struct {
 // route is one compiled rule.
 type route struct {
 	name     string
+	match    string // the match in words, for /state
 	method   string
 	path     pathMatcher
 	headers  []valueMatcher
@@ -48,6 +49,7 @@ type route struct {
 }
 
 type routeBackend struct {
+	desc   string // "Kind ns/name:port=weight", for /state
 	pool   *backendPool
 	picker *balancer.Picker // pool.all (ServiceImport) or pool.local (Service)
 	weight int
@@ -105,9 +107,10 @@ func compileRouter(u *upstream, pol *policy.Service, pools func(ns, name string,
 			if b.Kind == policy.KindService {
 				pk = p.local
 			}
-			rt.backends = append(rt.backends, routeBackend{pool: p, picker: pk, weight: int(b.Weight),
+			rt.backends = append(rt.backends, routeBackend{desc: fmt.Sprintf("%s=%d", b, b.Weight), pool: p, picker: pk, weight: int(b.Weight),
 				count: u.s.m.routes.WithLabelValues(u.cfg.String(), pr.Route, b.String())})
 		}
+		rt.match = describeMatch(pr.Match)
 		r.rules = append(r.rules, rt)
 		if r.tcp == nil && rt.matchesAll() {
 			r.tcp = rt
@@ -359,4 +362,26 @@ func (rt *route) retryable(code int) bool {
 		return code >= 500
 	}
 	return slices.Contains(rt.codes, code)
+}
+
+// describeMatch is a match in words for /state: "PathPrefix /api, GET,
+// header x-canary Exact yes".
+func describeMatch(m policy.Match) string {
+	var parts []string
+	if m.Path != nil {
+		parts = append(parts, m.Path.Type+" "+m.Path.Value)
+	}
+	if m.Method != "" {
+		parts = append(parts, m.Method)
+	}
+	for _, h := range m.Headers {
+		parts = append(parts, "header "+h.Name+" "+h.Type+" "+h.Value)
+	}
+	for _, q := range m.Query {
+		parts = append(parts, "query "+q.Name+" "+q.Type+" "+q.Value)
+	}
+	if len(parts) == 0 {
+		return "every request"
+	}
+	return strings.Join(parts, ", ")
 }

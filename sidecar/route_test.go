@@ -168,6 +168,19 @@ func TestRouteMatches(t *testing.T) {
 			get(t, "GET", base+"/foo", nil).Header.Get("X-Served-By") == "b"
 	})
 
+	// /state lists the rules for this port in the order they are tried.
+	st := client.State().Upstreams[0].Routes
+	if len(st) != len(rules)-1 || st[0].Route != "exact" || st[0].Match != "Exact /exact" ||
+		len(st[0].Backends) != 1 || st[0].Backends[0] != "Service shop/a:8080=1" ||
+		st[3].Match != "header x-env Exact canary" {
+		t.Errorf("/state routes: %+v", st)
+	}
+	for _, r := range st {
+		if r.Route == "other-port" {
+			t.Errorf("/state lists the rule for port 9090 on the 8080 upstream")
+		}
+	}
+
 	tests := []struct {
 		name, method, path string
 		hdr                map[string]string
