@@ -77,9 +77,13 @@ type Options struct {
 	IgnorePeerSecrets bool
 	Workers           int           // concurrent reconciles; default 8
 	ResyncPeriod      time.Duration // informer resync; default 10m
-	ProbeInterval     time.Duration // peer API server probe period; default 1s
-	ProbeTimeout      time.Duration // default 1s
-	ProbeFailures     int           // consecutive failed probes before a peer is stale; default 2
+	// CRDPollInterval is how often a controller whose cluster serves
+	// neither the Gateway API nor the fedmesh policy CRDs checks whether
+	// they were installed since; default 10s.
+	CRDPollInterval time.Duration
+	ProbeInterval   time.Duration // peer API server probe period; default 1s
+	ProbeTimeout    time.Duration // default 1s
+	ProbeFailures   int           // consecutive failed probes before a peer is stale; default 2
 	// StaleBound is how long an unreachable peer's last known state is kept.
 	// Default 5m; negative keeps it forever.
 	StaleBound time.Duration
@@ -108,6 +112,9 @@ func (o *Options) setDefaults() error {
 	}
 	if o.Workers <= 0 {
 		o.Workers = 8
+	}
+	if o.CRDPollInterval == 0 {
+		o.CRDPollInterval = 10 * time.Second
 	}
 	if o.ResyncPeriod == 0 {
 		o.ResyncPeriod = 10 * time.Minute

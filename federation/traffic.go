@@ -85,24 +85,50 @@ func served(dc discovery.DiscoveryInterface, gv schema.GroupVersion, resources .
 	return true
 }
 
-// startTraffic starts the traffic-policy informers and workers. Clusters
-// without the Gateway API or fedmesh policy CRDs run without them (logged
-// once); with neither, traffic policy is off and Snapshot carries none.
+// startTraffic starts the traffic-policy informers and workers. A cluster
+// with neither the Gateway API nor the fedmesh policy CRDs is checked every
+// CRDPollInterval until one set is installed (Snapshot carries no policy
+// meanwhile); a cluster with one set only runs without the other (logged
+// once; installing it later needs a restart).
 func (c *Controller) startTraffic(ctx context.Context, wg *sync.WaitGroup) error {
 	kube, err := newKube(c.opts.Config)
 	if err != nil {
 		return err
 	}
-	hasRoutes := served(kube.Discovery(), schema.GroupVersion{Group: gwv1.GroupName, Version: "v1"}, "httproutes", "grpcroutes", "referencegrants")
-	hasPolicies := served(kube.Discovery(), v1alpha1.SchemeGroupVersion, "authorizationpolicies", "ratelimitpolicies", "failoverpolicies")
+	check := func() (bool, bool) {
+		return served(kube.Discovery(), schema.GroupVersion{Group: gwv1.GroupName, Version: "v1"}, "httproutes", "grpcroutes", "referencegrants"),
+			served(kube.Discovery(), v1alpha1.SchemeGroupVersion, "authorizationpolicies", "ratelimitpolicies", "failoverpolicies")
+	}
+	hasRoutes, hasPolicies := check()
+	if !hasRoutes && !hasPolicies {
+		// Installing the CRDs after the controller must not need a restart:
+		// wait for them, then start.
+		c.log.Warn("neither the Gateway API CRDs (httproutes, grpcroutes, referencegrants of gateway.networking.k8s.io/v1) nor the fedmesh policy CRDs (policy.fedmesh.dev/v1alpha1) are installed; serving endpoints without traffic policy until they are", "check-every", c.opts.CRDPollInterval)
+		tick := time.NewTicker(c.opts.CRDPollInterval)
+		defer tick.Stop()
+		for !hasRoutes && !hasPolicies {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-tick.C:
+			}
+			if hasRoutes, hasPolicies = check(); hasRoutes || hasPolicies {
+				// Both sets usually arrive together: give the other a moment.
+				select {
+				case <-ctx.Done():
+					return nil
+				case <-time.After(2 * time.Second):
+				}
+				hasRoutes, hasPolicies = check()
+				c.log.Info("traffic policy CRDs installed; starting traffic policy", "routes", hasRoutes, "policies", hasPolicies)
+			}
+		}
+	}
 	if !hasRoutes {
 		c.log.Warn("Gateway API CRDs (httproutes, grpcroutes, referencegrants of gateway.networking.k8s.io/v1) are not installed; running without routes (install them and restart the controller)")
 	}
 	if !hasPolicies {
 		c.log.Warn("fedmesh policy CRDs (policy.fedmesh.dev/v1alpha1) are not installed; running without authorization, rate limit and failover policies (install them and restart the controller)")
-	}
-	if !hasRoutes && !hasPolicies {
-		return nil
 	}
 	t := &traffic{
 		c: c, log: c.log.With("part", "traffic"), compiler: routes.NewCompiler(), compiled: map[string]compiledPolicy{},

@@ -24,6 +24,7 @@ import (
 
 	"github.com/fedmesh/fedmesh/controlplane"
 	"github.com/fedmesh/fedmesh/federation"
+	"github.com/fedmesh/fedmesh/federation/crds"
 	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
 	"github.com/fedmesh/fedmesh/federation/routes"
 	"github.com/fedmesh/fedmesh/policy"
@@ -378,7 +379,8 @@ func TestWithoutTrafficCRDs(t *testing.T) {
 		}
 		return nil
 	})
-	ctrl, err := federation.New(federation.Options{Config: cfg, IgnorePeerSecrets: true, LeaderElection: federation.LeaderElection{Disabled: true}, Logger: testLogger()})
+	ctrl, err := federation.New(federation.Options{Config: cfg, IgnorePeerSecrets: true, LeaderElection: federation.LeaderElection{Disabled: true}, Logger: testLogger(),
+		CRDPollInterval: 500 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -402,6 +404,28 @@ func TestWithoutTrafficCRDs(t *testing.T) {
 	if err != nil || len(set.Policy) != 0 {
 		t.Fatalf("snapshot %v, policy %q", err, set.GetPolicy())
 	}
+
+	// The CRDs installed while it runs: traffic policy starts without a
+	// restart, and a route gets its status.
+	if err := crds.Install(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	gw := gwclient.NewForConfigOrDie(cfg)
+	route := &gwv1.HTTPRoute{
+		ObjectMeta: metav1.ObjectMeta{Name: "api", Namespace: "demo"},
+		Spec: gwv1.HTTPRouteSpec{
+			CommonRouteSpec: gwv1.CommonRouteSpec{ParentRefs: []gwv1.ParentReference{serviceParent("api")}},
+			Rules:           []gwv1.HTTPRouteRule{{BackendRefs: []gwv1.HTTPBackendRef{backendRef("", "Service", "nope", 1)}}},
+		},
+	}
+	eventually(t, 20*time.Second, "route created once its CRD is served", func() error {
+		_, err := gw.GatewayV1().HTTPRoutes("demo").Create(ctx, route, metav1.CreateOptions{})
+		if apierrors.IsAlreadyExists(err) {
+			return nil
+		}
+		return err
+	})
+	eventually(t, 20*time.Second, "route judged after the CRDs appeared", routeCondition(gw, "demo", "api", "ResolvedRefs", metav1.ConditionFalse, "BackendNotFound", "nope"))
 }
 
 // TestPolicySchemas: the API server accepts fedmesh policies the CRD
