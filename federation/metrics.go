@@ -19,6 +19,7 @@ type metrics struct {
 	imports          prometheus.Gauge
 	conflicts        prometheus.Gauge
 	queueDepth       prometheus.GaugeFunc
+	trafficObjects   *prometheus.GaugeVec
 }
 
 func newMetrics(reg prometheus.Registerer, depth func() float64) *metrics {
@@ -60,6 +61,10 @@ func newMetrics(reg prometheus.Registerer, depth func() float64) *metrics {
 			Name: "fedmesh_federation_services_in_conflict",
 			Help: "Multi-cluster services whose exports conflict.",
 		}),
+		trafficObjects: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "fedmesh_federation_traffic_objects",
+			Help: "Routes attached to Services and fedmesh policies in this cluster, by kind and verdict (accepted, rejected).",
+		}, []string{"kind", "verdict"}),
 		queueDepth: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fedmesh_federation_queue_depth",
 			Help: "Services waiting to be reconciled.",
@@ -67,7 +72,7 @@ func newMetrics(reg prometheus.Registerer, depth func() float64) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.reconciles, m.reconcileSeconds, m.peerUp, m.peerStale, m.peerLastSync,
-			m.peerConfigErrors, m.leader, m.imports, m.conflicts, m.queueDepth)
+			m.peerConfigErrors, m.leader, m.imports, m.conflicts, m.queueDepth, m.trafficObjects)
 	}
 	return m
 }

@@ -316,6 +316,34 @@ func gauge(t *testing.T, cluster, name, peer string) float64 {
 	return 0
 }
 
+// gaugeLabels reads a gauge of a cluster's controller whose labels include
+// the given name/value pairs (0 when there is none).
+func gaugeLabels(t *testing.T, cluster, name string, kv ...string) float64 {
+	t.Helper()
+	env.mu.Lock()
+	reg := env.ctrls[cluster].reg
+	env.mu.Unlock()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	next:
+		for _, m := range mf.Metric {
+			for i := 0; i+1 < len(kv); i += 2 {
+				if !hasLabel(m, kv[i], kv[i+1]) {
+					continue next
+				}
+			}
+			return m.GetGauge().GetValue()
+		}
+	}
+	return 0
+}
+
 func hasLabel(m *dto.Metric, k, v string) bool {
 	for _, l := range m.Label {
 		if l.GetName() == k && l.GetValue() == v {

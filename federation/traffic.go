@@ -57,6 +57,52 @@ type traffic struct {
 
 	mu       sync.RWMutex
 	compiled map[string]compiledPolicy // by namespace/name
+
+	tallyMu sync.Mutex
+	tally   map[string]map[verdictKey]int // by namespace: objects by kind and verdict
+}
+
+type verdictKey struct{ kind, verdict string }
+
+// count records a namespace's verdicts and sets the
+// fedmesh_federation_traffic_objects gauges to the cluster's totals.
+func (t *traffic) count(ns string, out routes.Output) {
+	n := map[verdictKey]int{}
+	for k, parents := range out.Routes {
+		v := "accepted"
+		for _, p := range parents {
+			for _, c := range p.Conditions {
+				if c.Status != metav1.ConditionTrue {
+					v = "rejected"
+				}
+			}
+		}
+		n[verdictKey{k.Kind, v}]++
+	}
+	for k, c := range out.Policies {
+		v := "accepted"
+		if c.Status != metav1.ConditionTrue {
+			v = "rejected"
+		}
+		n[verdictKey{k.Kind, v}]++
+	}
+	t.tallyMu.Lock()
+	defer t.tallyMu.Unlock()
+	if t.tally == nil {
+		t.tally = map[string]map[verdictKey]int{}
+	}
+	t.tally[ns] = n
+	total := map[verdictKey]int{}
+	for _, m := range t.tally {
+		for k, v := range m {
+			total[k] += v
+		}
+	}
+	for _, kind := range []string{policy.KindHTTPRoute, policy.KindGRPCRoute, routes.KindAuthorizationPolicy, routes.KindRateLimitPolicy, routes.KindFailoverPolicy} {
+		for _, v := range []string{"accepted", "rejected"} {
+			t.c.metrics.trafficObjects.WithLabelValues(kind, v).Set(float64(total[verdictKey{kind, v}]))
+		}
+	}
 }
 
 type compiledPolicy struct {
@@ -341,6 +387,7 @@ func (t *traffic) sync(ctx context.Context, ns string) error {
 	}
 	out := t.compiler.Compile(in)
 	t.publish(ns, out.Services)
+	t.count(ns, out)
 
 	var errs []error
 	now := metav1.Now()

@@ -308,6 +308,12 @@ func TestTrafficPolicy(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, 10*time.Second, "never-valid route status", routeCondition(gw, ns, "web-canary", "ResolvedRefs", "False", "BackendNotFound", "nothing of it is served"))
+	eventually(t, 5*time.Second, "rejected route counted", func() error {
+		if v := gaugeLabels(t, "east", "fedmesh_federation_traffic_objects", "kind", "HTTPRoute", "verdict", "rejected"); v < 1 {
+			return fmt.Errorf("fedmesh_federation_traffic_objects{HTTPRoute,rejected} = %v", v)
+		}
+		return nil
+	})
 	if set, err := ctrl.Snapshot(ns, "web"); err != nil || len(set.Policy) != 0 {
 		t.Fatalf("web policy %q (%v), want none", set.GetPolicy(), err)
 	}
