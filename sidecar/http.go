@@ -18,9 +18,17 @@ import (
 	"github.com/fedmesh/fedmesh/sidecar/health"
 )
 
-// overloadPenalty is the latency the balancer records for an answer that
-// refuses for overload (429, 503), whatever its real latency.
-const overloadPenalty = 10 * time.Millisecond
+// An answer that refuses for overload (429, 503) is recorded in the
+// balancer's latency as twice the endpoint's current EWMA (at least
+// overloadFloor, at most overloadCap), whatever its real latency: each
+// refusal makes the endpoint look slower than it did, so traffic moves to
+// its peers until they refuse too, and back. A fixed large penalty instead
+// starved a refusing endpoint for longer than its rate limit's burst lasts,
+// and its tokens went unused.
+const (
+	overloadFloor = time.Millisecond
+	overloadCap   = time.Second
+)
 
 // maxBuffered is the largest response body read whole before it is
 // forwarded: up to this size, an upstream that dies mid-body costs a retry,
@@ -340,8 +348,9 @@ func (u *upstream) attempt(ctx context.Context, bp *backendPool, t *balancer.Tar
 			if a.resp.StatusCode == http.StatusTooManyRequests || a.resp.StatusCode == http.StatusServiceUnavailable {
 				// An endpoint shedding load answers fast; counted as fast it
 				// would draw ever more of the traffic it refuses (with two
-				// endpoints P2C would send it everything). It counts as slow.
-				lat = max(lat, overloadPenalty)
+				// endpoints P2C would send it everything). It counts as
+				// slower than before.
+				lat = min(max(lat, 2*t.Latency(), overloadFloor), overloadCap)
 			}
 			t.End(lat, true)
 			return a, true, nil

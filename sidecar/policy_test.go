@@ -189,7 +189,7 @@ func TestBadRemoteEndpointEjectedAlone(t *testing.T) {
 // every request fast with 429 (a rate limit), the other answers 200 more
 // slowly. Counted at its real latency the refusing one would look best and
 // P2C over two endpoints would send it nearly everything; counted as slow
-// (overloadPenalty) it gets a minority.
+// (twice its EWMA per refusal) it gets a minority.
 func TestSheddingEndpointDoesNotDrawTraffic(t *testing.T) {
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
