@@ -295,30 +295,22 @@ func TestTwoReplicas(t *testing.T) {
 
 func gauge(t *testing.T, cluster, name, peer string) float64 {
 	t.Helper()
-	env.mu.Lock()
-	reg := env.ctrls[cluster].reg
-	env.mu.Unlock()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
+	v, ok := findGauge(t, cluster, name, "peer", peer)
+	if !ok {
+		t.Fatalf("metric %s{peer=%s} not found", name, peer)
 	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.Metric {
-			if hasLabel(m, "peer", peer) {
-				return m.GetGauge().GetValue()
-			}
-		}
-	}
-	t.Fatalf("metric %s{peer=%s} not found", name, peer)
-	return 0
+	return v
 }
 
 // gaugeLabels reads a gauge of a cluster's controller whose labels include
 // the given name/value pairs (0 when there is none).
 func gaugeLabels(t *testing.T, cluster, name string, kv ...string) float64 {
+	t.Helper()
+	v, _ := findGauge(t, cluster, name, kv...)
+	return v
+}
+
+func findGauge(t *testing.T, cluster, name string, kv ...string) (float64, bool) {
 	t.Helper()
 	env.mu.Lock()
 	reg := env.ctrls[cluster].reg
@@ -338,10 +330,10 @@ func gaugeLabels(t *testing.T, cluster, name string, kv ...string) float64 {
 					continue next
 				}
 			}
-			return m.GetGauge().GetValue()
+			return m.GetGauge().GetValue(), true
 		}
 	}
-	return 0
+	return 0, false
 }
 
 func hasLabel(m *dto.Metric, k, v string) bool {
