@@ -67,16 +67,21 @@ func (u *upstream) serve(ctx context.Context) {
 			}
 			return
 		}
-		wg.Go(func() {
-			untrack := u.s.track(c)
-			defer untrack()
-			defer c.Close()
-			if u.cfg.Protocol == ProtocolTCP {
-				u.serveTCP(ctx, c)
-			} else {
-				u.serveHTTP(ctx, c)
-			}
-		})
+		wg.Go(func() { u.serveConn(ctx, c) })
+	}
+}
+
+// serveConn proxies one accepted client connection by the upstream's
+// protocol and closes it. Explicit listeners and the transparent listener
+// both hand their connections here.
+func (u *upstream) serveConn(ctx context.Context, c net.Conn) {
+	untrack := u.s.track(c)
+	defer untrack()
+	defer c.Close()
+	if u.cfg.Protocol == ProtocolTCP {
+		u.serveTCP(ctx, c)
+	} else {
+		u.serveHTTP(ctx, c)
 	}
 }
 

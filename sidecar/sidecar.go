@@ -36,8 +36,16 @@ import (
 
 // Protocols of an upstream.
 const (
-	ProtocolHTTP = "http" // HTTP/1.1, parsed per request: retries, failover
-	ProtocolTCP  = "tcp"  // opaque bytes; failover only before the first byte
+	// ProtocolHTTP: HTTP/1.1 parsed per request (retries, failover); a
+	// client that opens with the HTTP/2 preface is served as ProtocolHTTP2.
+	ProtocolHTTP = "http"
+	// ProtocolHTTP2: HTTP/2 without TLS from the app (prior knowledge, as
+	// gRPC clients speak it), HTTP/2 over the mTLS connection between
+	// sidecars; gRPC status codes drive retries and outlier detection.
+	ProtocolHTTP2 = "http2"
+	// ProtocolGRPC is ProtocolHTTP2 under the name users write.
+	ProtocolGRPC = "grpc"
+	ProtocolTCP  = "tcp" // opaque bytes; failover only before the first byte
 )
 
 // Upstream is a service this workload calls, on an explicit local listener.
@@ -46,7 +54,7 @@ type Upstream struct {
 	Service   string
 	Port      uint16
 	Listen    string // e.g. "127.0.0.1:18080"
-	Protocol  string // ProtocolHTTP (default) or ProtocolTCP
+	Protocol  string // ProtocolHTTP (default), ProtocolHTTP2/ProtocolGRPC or ProtocolTCP
 }
 
 func (u Upstream) String() string { return fmt.Sprintf("%s/%s:%d", u.Namespace, u.Service, u.Port) }
@@ -192,8 +200,8 @@ func (c *Config) validate() error {
 		if u.Namespace == "" || u.Service == "" || u.Port == 0 || u.Listen == "" {
 			errs = append(errs, fmt.Errorf("upstream %s: namespace, service, port and listen address are required", u))
 		}
-		if u.Protocol != ProtocolHTTP && u.Protocol != ProtocolTCP {
-			errs = append(errs, fmt.Errorf("upstream %s: unknown protocol %q", u, u.Protocol))
+		if !validProtocol(u.Protocol) {
+			errs = append(errs, fmt.Errorf("upstream %s: unknown protocol %q (want http, http2, grpc or tcp)", u, u.Protocol))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
