@@ -78,9 +78,12 @@ func (u *upstream) serveConn(ctx context.Context, c net.Conn) {
 	untrack := u.s.track(c)
 	defer untrack()
 	defer c.Close()
-	if u.cfg.Protocol == ProtocolTCP {
+	switch u.cfg.Protocol {
+	case ProtocolTCP:
 		u.serveTCP(ctx, c)
-	} else {
+	case ProtocolHTTP2, ProtocolGRPC:
+		u.h2Server(ctx).serve(ctx, c, nil)
+	default:
 		u.serveHTTP(ctx, c)
 	}
 }
@@ -98,6 +101,13 @@ func (u *upstream) serveHTTP(ctx context.Context, c net.Conn) {
 		readers.Put(br)
 		writers.Put(bw)
 	}()
+	if b, err := br.Peek(3); err == nil && string(b) == h2Preface[:3] {
+		// HTTP/2 with prior knowledge (a gRPC client, say) on an http
+		// upstream: served by the HTTP/2 server, which reads the preface
+		// again from br.
+		u.h2Server(ctx).serve(ctx, &prefixConn{Conn: c, br: br}, nil)
+		return
+	}
 	for {
 		req, ok := nextRequest(br, bw)
 		if !ok {

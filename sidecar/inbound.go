@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -26,6 +25,10 @@ const appDialTimeout = time.Second
 const maxDrain = 1 << 20
 
 func (s *Sidecar) serveInbound(ctx context.Context) {
+	// Offer HTTP/2 to client sidecars (their HTTP/2 and gRPC requests);
+	// HTTP/1.1 and opaque TCP callers offer nothing and get what they had.
+	// Set before the first handshake, never after.
+	s.serverTLS.NextProtos = []string{"h2", "http/1.1"}
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
@@ -125,6 +128,11 @@ func (s *Sidecar) handleInbound(c net.Conn) error {
 		return err
 	}
 	caller, td := id.String(), id.TrustDomain().Name()
+	if httpIn && tc.ConnectionState().NegotiatedProtocol == "h2" {
+		s.m.inbound.WithLabelValues("accepted").Inc()
+		s.serveInboundH2(tc, app, caller, td)
+		return nil
+	}
 	if httpIn {
 		// Every request is checked against the policy in force when it
 		// arrives, so a policy change applies to the next request on
@@ -293,34 +301,117 @@ func (s *Sidecar) serveInboundHTTP(c, app net.Conn, caller, td string) {
 	}
 }
 
-// admitRequest checks one request against the policy in force and answers
-// it when refused: 403 naming the caller and the policy, 429 with
-// Retry-After, or for gRPC a trailers-only RESOURCE_EXHAUSTED.
-func (s *Sidecar) admitRequest(req *http.Request, w *bufio.Writer, caller, td string) bool {
+// refusal is why the policy in force refuses one request.
+type refusal struct {
+	forbidden bool   // else rate limited
+	by        string // the policy
+	wait      time.Duration
+}
+
+// checkRequest checks one request against the policy in force; nil admits.
+func (s *Sidecar) checkRequest(req *http.Request, caller, td string) *refusal {
 	pol := s.inPolicy.Load()
 	if pol == nil {
-		return true
+		return nil
 	}
 	if pol.authz != nil {
 		ok, by := pol.authz.request(caller, td, req.Method, req.URL.Path)
 		if !ok {
 			s.denied(pol, caller)
-			writeError(w, http.StatusForbidden, "forbidden", "caller "+caller+" is not allowed by "+by)
-			return false
+			return &refusal{forbidden: true, by: by}
 		}
 		s.m.authz.WithLabelValues(s.cfg.Service.String(), "allow", by).Inc()
 	}
-	l, wait := s.limited(pol, caller)
-	if l == nil {
+	if l, wait := s.limited(pol, caller); l != nil {
+		return &refusal{by: l.policy, wait: wait}
+	}
+	return nil
+}
+
+// admitRequest checks one request against the policy in force and answers
+// it when refused: 403 naming the caller and the policy, 429 with
+// Retry-After, or for gRPC a trailers-only RESOURCE_EXHAUSTED.
+func (s *Sidecar) admitRequest(req *http.Request, w *bufio.Writer, caller, td string) bool {
+	ref := s.checkRequest(req, caller, td)
+	if ref == nil {
 		return true
 	}
-	if strings.HasPrefix(req.Header.Get("Content-Type"), "application/grpc") {
-		// Trailers-only response form: status and message in the headers.
-		w.WriteString("HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\nGrpc-Status: 8\r\nGrpc-Message: rate%20limited%20by%20" + l.policy + "\r\nContent-Length: 0\r\n\r\n")
+	if ref.forbidden {
+		writeError(w, http.StatusForbidden, "forbidden", "caller "+caller+" is not allowed by "+ref.by)
 		return false
 	}
-	body := "rate_limited: " + l.policy + "\n"
+	l, wait := ref, ref.wait
+	if isGRPC(req.Header) {
+		// Trailers-only response form: status and message in the headers.
+		w.WriteString("HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\nGrpc-Status: 8\r\nGrpc-Message: rate%20limited%20by%20" + l.by + "\r\nContent-Length: 0\r\n\r\n")
+		return false
+	}
+	body := "rate_limited: " + l.by + "\n"
 	w.WriteString("HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\nX-Fedmesh-Error: rate_limited\r\nRetry-After: " +
 		retryAfter(wait) + "\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n" + body)
 	return false
+}
+
+// serveInboundH2 serves an HTTP/2 connection from a client sidecar under a
+// policy that needs per-request checks: each request is checked, then
+// passed to the app over one HTTP/2 connection without TLS (the app was
+// dialed before the handshake), many requests at once.
+func (s *Sidecar) serveInboundH2(tc *tls.Conn, app net.Conn, caller, td string) {
+	defer tc.Close()
+	defer app.Close()
+	var once sync.Once
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	appT := &http.Transport{Protocols: &p, DialContext: func(context.Context, string, string) (net.Conn, error) {
+		var c net.Conn
+		once.Do(func() { c = app })
+		if c == nil {
+			return nil, errors.New("the app connection is used up")
+		}
+		return c, nil
+	}}
+	cc, err := appT.NewClientConn(context.Background(), "http", s.cfg.AppAddr)
+	if err != nil {
+		s.log.Debug("inbound HTTP/2 to the app", "err", err)
+		reset(tc)
+		return
+	}
+	defer cc.Close()
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		grpc := isGRPC(r.Header)
+		if ref := s.checkRequest(r, caller, td); ref != nil {
+			if ref.forbidden {
+				h2Error(w, grpc, http.StatusForbidden, grpcPermissionDenied, "forbidden", "caller "+caller+" is not allowed by "+ref.by)
+				return
+			}
+			w.Header().Set("Retry-After", retryAfter(ref.wait))
+			h2Error(w, grpc, http.StatusTooManyRequests, grpcResourceExhausted, "rate_limited", ref.by)
+			return
+		}
+		out := r.Clone(r.Context())
+		out.RequestURI = ""
+		out.URL.Scheme, out.URL.Host = "http", s.cfg.AppAddr
+		for _, k := range hopByHop {
+			out.Header.Del(k)
+		}
+		if out.Body == nil {
+			out.Body = http.NoBody
+		}
+		resp, err := cc.RoundTrip(out)
+		if err != nil {
+			if r.Context().Err() == nil {
+				h2Error(w, grpc, http.StatusBadGateway, grpcUnavailable, "app_failed", err.Error())
+			}
+			return
+		}
+		defer resp.Body.Close()
+		if copyH2Response(w, resp) == errBodyBroken {
+			panic(http.ErrAbortHandler)
+		}
+	})
+	var sp http.Protocols
+	sp.SetHTTP2(true)
+	cs := newConnServer(h, sp, s.log)
+	defer cs.close()
+	cs.serve(context.Background(), tc, nil)
 }

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -36,6 +37,9 @@ type backendPool struct {
 	local     *balancer.Picker
 	ready     atomic.Bool // a first endpoint set arrived
 	cancel    context.CancelFunc
+
+	h2Once sync.Once
+	h2t    *http.Transport // HTTP/2 connections to endpoints (h2.go)
 
 	mu       sync.Mutex // guards targets, groups and failover (writer: apply)
 	targets  map[string]*balancer.Target
@@ -161,6 +165,7 @@ func (p *backendPool) apply(set endpoints.Set) {
 			delete(p.targets, key)
 			p.groups[t.Cluster].Remove(t.Outlier)
 			t.Data.(*pool).closeIdle()
+			t.Data.(*pool).closeH2()
 		}
 	}
 	p.all.SetOverprovisioning(over)
@@ -259,11 +264,13 @@ type upConn struct {
 	reused bool
 }
 
-// pool is a target's idle connections, newest first out.
+// pool is a target's idle HTTP/1.1 connections, newest first out, and its
+// HTTP/2 connections (each carries many requests at once).
 type pool struct {
 	max  int
 	mu   sync.Mutex
 	idle []*upConn
+	h2   []*http.ClientConn
 	shut bool
 }
 
@@ -300,12 +307,29 @@ func (p *pool) closeIdle() {
 	}
 }
 
+// closeH2 closes the target's HTTP/2 connections, with the requests on
+// them (the target is gone).
+func (p *pool) closeH2() {
+	p.mu.Lock()
+	h2 := p.h2
+	p.h2 = nil
+	p.mu.Unlock()
+	for _, c := range h2 {
+		_ = c.Close()
+	}
+}
+
 // dial opens an mTLS connection to t: directly, or inside a stream through
 // the local gateway's egress for a gateway target, with this service's
 // namespace, name and port in the tunnel header (the remote gateway
 // forwards only to exported services). Any error here means no byte of the
 // caller's reached the endpoint.
 func (p *backendPool) dial(ctx context.Context, t *balancer.Target) (net.Conn, error) {
+	return p.dialTLS(ctx, t, p.s.clientTLS)
+}
+
+// dialTLS is dial with the given mTLS client config (HTTP/2 offers ALPN h2).
+func (p *backendPool) dialTLS(ctx context.Context, t *balancer.Target, cfg *tls.Config) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.s.cfg.HandshakeTimeout)
 	defer cancel()
 	var raw net.Conn
@@ -340,7 +364,7 @@ func (p *backendPool) dial(ctx context.Context, t *balancer.Target) (net.Conn, e
 		}
 		raw = c
 	}
-	tc := tls.Client(raw, p.s.clientTLS)
+	tc := tls.Client(raw, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		_ = raw.Close()
 		return nil, fmt.Errorf("mtls handshake with %s endpoint %s: %w", p.label, t.Name, err)

@@ -33,6 +33,9 @@ type upstream struct {
 	reqMu sync.RWMutex
 	reqs  map[reqKey]prometheus.Counter // requests_total by cluster and result
 
+	h2Once sync.Once
+	h2srv  *connServer // HTTP/2 (and HTTP/1.1 on an http2 upstream), h2.go
+
 	mu    sync.Mutex // guards extra (writer: watch)
 	extra map[poolKey]*backendPool
 }

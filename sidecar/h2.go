@@ -1,0 +1,671 @@
+package sidecar
+
+// HTTP/2, and so gRPC, through the sidecars. The app speaks HTTP/2 without
+// TLS to its sidecar (prior knowledge, as gRPC clients do); the sidecars
+// speak HTTP/2 to each other inside the mTLS connection (ALPN "h2"), many
+// requests multiplexed on one connection per endpoint; the server sidecar
+// passes HTTP/2 to its app without TLS. Requests are routed, balanced,
+// retried and failed over one by one, like HTTP/1.1 requests; bodies and
+// trailers stream both ways, so gRPC streams of any kind work.
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/fedmesh/fedmesh/sidecar/balancer"
+	"github.com/fedmesh/fedmesh/sidecar/health"
+)
+
+// h2Preface is how every HTTP/2 connection without TLS begins (RFC 9113,
+// 3.4); no HTTP/1.1 request begins with "PRI".
+const h2Preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+// h2Dummy is the address handed to net/http for a connection to an
+// endpoint; the dial ignores it and dials the target in the context.
+const h2Dummy = "endpoint.fedmesh.invalid:443"
+
+// gRPC status codes the sidecar reads or writes.
+const (
+	grpcOK                = 0
+	grpcDeadlineExceeded  = 4
+	grpcPermissionDenied  = 7
+	grpcResourceExhausted = 8
+	grpcUnimplemented     = 12
+	grpcUnavailable       = 14
+)
+
+type ctxKey int
+
+const (
+	connValueKey ctxKey = iota // a connServer connection's value
+	targetKey                  // the *balancer.Target a dial is for
+)
+
+// connServer is an http.Server fed connections one at a time by the code
+// that accepted them (and sniffed, or TLS-terminated, them). serve blocks
+// until the server is done with the connection, so the caller's tracking
+// and cleanup keep working as for every other connection.
+type connServer struct {
+	srv *http.Server
+	ln  chanListener
+
+	mu    sync.Mutex
+	conns map[net.Conn]*servedConn
+}
+
+type servedConn struct {
+	done  chan struct{}
+	value any
+}
+
+func newConnServer(h http.Handler, protos http.Protocols, log *slog.Logger) *connServer {
+	cs := &connServer{
+		ln:    chanListener{ch: make(chan net.Conn), closed: make(chan struct{})},
+		conns: map[net.Conn]*servedConn{},
+	}
+	cs.srv = &http.Server{
+		Handler:   h,
+		Protocols: &protos,
+		// Errors here are a client's (a bad frame, a reset): one debug line.
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		ReadHeaderTimeout: 30 * time.Second, // HTTP/1.1 only; HTTP/2 has its own
+		HTTP2: &http.HTTP2Config{
+			MaxConcurrentStreams: 1000,
+			// A peer that stops answering pings is gone: its streams end
+			// and the connection is closed.
+			SendPingTimeout: 15 * time.Second,
+			PingTimeout:     5 * time.Second,
+		},
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			cs.mu.Lock()
+			sc := cs.conns[c]
+			cs.mu.Unlock()
+			if sc != nil && sc.value != nil {
+				ctx = context.WithValue(ctx, connValueKey, sc.value)
+			}
+			return ctx
+		},
+		ConnState: func(c net.Conn, st http.ConnState) {
+			if st != http.StateClosed && st != http.StateHijacked {
+				return
+			}
+			cs.mu.Lock()
+			sc := cs.conns[c]
+			delete(cs.conns, c)
+			cs.mu.Unlock()
+			if sc != nil {
+				close(sc.done)
+			}
+		},
+	}
+	go func() { _ = cs.srv.Serve(&cs.ln) }()
+	return cs
+}
+
+// serve hands c to the server with a value the handler finds in the
+// request's context under connValueKey, and returns when c is closed.
+func (cs *connServer) serve(ctx context.Context, c net.Conn, value any) {
+	sc := &servedConn{done: make(chan struct{}), value: value}
+	cs.mu.Lock()
+	cs.conns[c] = sc
+	cs.mu.Unlock()
+	select {
+	case cs.ln.ch <- c:
+	case <-cs.ln.closed:
+		_ = c.Close()
+		return
+	case <-ctx.Done():
+		_ = c.Close()
+		return
+	}
+	select {
+	case <-sc.done:
+	case <-ctx.Done():
+		_ = c.Close()
+		<-sc.done
+	}
+}
+
+func (cs *connServer) close() {
+	cs.ln.close()
+	_ = cs.srv.Close()
+}
+
+// chanListener is a net.Listener whose connections come from serve.
+type chanListener struct {
+	ch     chan net.Conn
+	once   sync.Once
+	closed chan struct{}
+}
+
+func (l *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.closed:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *chanListener) close()         { l.once.Do(func() { close(l.closed) }) }
+func (l *chanListener) Close() error   { l.close(); return nil }
+func (l *chanListener) Addr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)} }
+
+// prefixConn is a connection whose first bytes were already read into br.
+type prefixConn struct {
+	net.Conn
+	br *bufio.Reader
+}
+
+func (c *prefixConn) Read(p []byte) (int, error) { return c.br.Read(p) }
+
+// h2Server is the upstream's HTTP/2 server, made on first use and closed
+// when ctx (the sidecar's) ends.
+func (u *upstream) h2Server(ctx context.Context) *connServer {
+	u.h2Once.Do(func() {
+		var p http.Protocols
+		p.SetUnencryptedHTTP2(true)
+		p.SetHTTP1(true) // an http2 upstream serves HTTP/1.1 clients too
+		u.h2srv = newConnServer(http.HandlerFunc(u.serveH2), p, u.s.log)
+		context.AfterFunc(ctx, u.h2srv.close)
+	})
+	return u.h2srv
+}
+
+// h2ClientConfig is the sidecars' mTLS client config offering HTTP/2.
+func h2ClientConfig(c *tls.Config) *tls.Config {
+	c = c.Clone()
+	c.NextProtos = []string{"h2"}
+	return c
+}
+
+// h2Transport makes the pool's HTTP/2 connections to its endpoints; made
+// on first use.
+func (p *backendPool) h2Transport() *http.Transport {
+	p.h2Once.Do(func() {
+		var protos http.Protocols
+		protos.SetHTTP2(true)
+		cfg := h2ClientConfig(p.s.clientTLS)
+		p.h2t = &http.Transport{
+			Protocols: &protos,
+			HTTP2: &http.HTTP2Config{
+				MaxConcurrentStreams: 1000,
+				SendPingTimeout:      15 * time.Second,
+				PingTimeout:          5 * time.Second,
+			},
+			DialTLSContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				t, _ := ctx.Value(targetKey).(*balancer.Target)
+				if t == nil {
+					return nil, errors.New("no target to dial")
+				}
+				c, err := p.dialTLS(ctx, t, cfg)
+				if err != nil {
+					return nil, err
+				}
+				if tc, ok := c.(*tls.Conn); ok && tc.ConnectionState().NegotiatedProtocol != "h2" {
+					_ = c.Close()
+					return nil, fmt.Errorf("endpoint %s of %s does not speak HTTP/2 over mTLS (an older sidecar?)", t.Name, p.label)
+				}
+				return c, nil
+			},
+		}
+	})
+	return p.h2t
+}
+
+// h2Conn returns an HTTP/2 connection to t with a stream reserved on it,
+// opening one when none has room. An error means nothing was sent.
+func (p *backendPool) h2Conn(ctx context.Context, t *balancer.Target) (*http.ClientConn, error) {
+	pl := t.Data.(*pool)
+	pl.mu.Lock()
+	for i := 0; i < len(pl.h2); {
+		cc := pl.h2[i]
+		if cc.Err() != nil {
+			pl.h2 = append(pl.h2[:i], pl.h2[i+1:]...)
+			_ = cc.Close()
+			continue
+		}
+		if cc.Reserve() == nil {
+			pl.mu.Unlock()
+			return cc, nil
+		}
+		i++
+	}
+	pl.mu.Unlock()
+	dctx, cancel := context.WithTimeout(context.WithValue(context.WithoutCancel(ctx), targetKey, t), p.s.cfg.HandshakeTimeout)
+	defer cancel()
+	cc, err := p.h2Transport().NewClientConn(dctx, "https", h2Dummy)
+	if err != nil {
+		return nil, err
+	}
+	if err := cc.Reserve(); err != nil {
+		_ = cc.Close()
+		return nil, err
+	}
+	pl.mu.Lock()
+	if pl.shut {
+		pl.mu.Unlock()
+		cc.Release()
+		_ = cc.Close()
+		return nil, errors.New("endpoint removed")
+	}
+	pl.h2 = append(pl.h2, cc)
+	pl.mu.Unlock()
+	return cc, nil
+}
+
+// isGRPC reports whether a request is gRPC (any application/grpc
+// content type).
+func isGRPC(h http.Header) bool {
+	return strings.HasPrefix(h.Get("Content-Type"), "application/grpc")
+}
+
+// grpcStatus reads a gRPC status from h; ok is false when there is none.
+func grpcStatus(h http.Header) (int, bool) {
+	v := h.Get("Grpc-Status")
+	if v == "" {
+		return 0, false
+	}
+	n, err := strconv.Atoi(v)
+	return n, err == nil
+}
+
+// hopByHop are headers that belong to one connection (RFC 9110, 7.6.1);
+// HTTP/2 forbids them.
+var hopByHop = []string{"Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade"}
+
+// h2Error answers a request the sidecar could not serve: for gRPC in the
+// trailers-only form (HTTP 200, the status in the headers), else as
+// writeError does for HTTP/1.1.
+func h2Error(w http.ResponseWriter, grpc bool, code, grpcCode int, reason, detail string) {
+	h := w.Header()
+	h.Set("X-Fedmesh-Error", reason)
+	if grpc {
+		h.Set("Content-Type", "application/grpc")
+		h.Set("Grpc-Status", strconv.Itoa(grpcCode))
+		h.Set("Grpc-Message", grpcEscape(reason+": "+detail))
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(code)
+	_, _ = io.WriteString(w, reason+": "+detail+"\n")
+}
+
+// grpcEscape percent-encodes a grpc-message (gRPC over HTTP/2 spec).
+func grpcEscape(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= 0x20 && c <= 0x7e && c != '%' {
+			b.WriteByte(c)
+			continue
+		}
+		fmt.Fprintf(&b, "%%%02X", c)
+	}
+	return b.String()
+}
+
+// replayBody keeps the first maxBuffered bytes of a request body as the
+// attempts read it, so a request whose body was read whole (or not at all)
+// can be sent again to another endpoint.
+type replayBody struct {
+	src     io.ReadCloser
+	mu      sync.Mutex
+	buf     []byte
+	eof     bool // src is done
+	over    bool // more than maxBuffered was read: no replay
+	started bool // a read of src began
+}
+
+// replayable reports whether a new attempt can send the body whole: no
+// read of src is in progress or lost.
+func (b *replayBody) replayable() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return !b.over && (b.eof || !b.started)
+}
+
+func (b *replayBody) empty() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.eof && len(b.buf) == 0
+}
+
+// attemptBody is one attempt's reader of a replayBody. The transport reads
+// it in its own goroutine, possibly after the attempt was given up; end
+// cuts it off.
+type attemptBody struct {
+	b    *replayBody
+	off  int
+	done atomic.Bool
+}
+
+func (a *attemptBody) Read(p []byte) (int, error) {
+	if a.done.Load() {
+		return 0, io.ErrUnexpectedEOF
+	}
+	b := a.b
+	b.mu.Lock()
+	if a.off < len(b.buf) {
+		n := copy(p, b.buf[a.off:])
+		a.off += n
+		b.mu.Unlock()
+		return n, nil
+	}
+	if b.eof {
+		b.mu.Unlock()
+		return 0, io.EOF
+	}
+	b.started = true
+	b.mu.Unlock()
+	n, err := b.src.Read(p) // without the lock: it may wait for the client
+	b.mu.Lock()
+	if n > 0 && !b.over {
+		if len(b.buf)+n <= maxBuffered {
+			b.buf = append(b.buf, p[:n]...)
+			a.off = len(b.buf)
+		} else {
+			b.over = true
+		}
+	}
+	if err == io.EOF {
+		b.eof = true
+	}
+	b.mu.Unlock()
+	return n, err
+}
+
+func (a *attemptBody) Close() error { return nil }
+func (a *attemptBody) end()         { a.done.Store(true) }
+
+// serveH2 serves one HTTP/2 request (or HTTP/1.1 on an http2 upstream):
+// route, pick, send over HTTP/2 with mTLS, retry and fail over where safe,
+// then stream the answer and its trailers back.
+func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	svc := u.name
+	grpc := isGRPC(r.Header)
+	if n := u.active.Add(1); n > int64(u.s.cfg.MaxRequests) {
+		u.active.Add(-1)
+		u.s.m.overflows.WithLabelValues(svc).Inc()
+		u.countRequest("", "overflow")
+		h2Error(w, grpc, http.StatusServiceUnavailable, grpcResourceExhausted, "overflow", "too many outstanding requests")
+		return
+	}
+	defer u.active.Add(-1)
+	u.budget.request(start)
+	bp, picker := u.own, u.own.all
+	attemptTimeout, maxAttempts := u.s.cfg.AttemptTimeout, u.s.cfg.MaxAttempts
+	// The request deadline bounds the wait for the answer's head; a
+	// stream's life is its client's business (gRPC sends its deadline
+	// along), unless a route sets timeouts.request, which bounds it all.
+	headDeadline := start.Add(u.s.cfg.RequestTimeout)
+	ctx := r.Context()
+	var rt *route
+	if rtr := u.router.Load(); rtr != nil {
+		if rt = rtr.match(r); rt != nil {
+			b := rt.pick(start)
+			if b == nil {
+				u.countRequest("", "no_endpoint")
+				h2Error(w, grpc, http.StatusServiceUnavailable, grpcUnavailable, "no_healthy_endpoint", "no backend of route "+rt.name+" has an endpoint")
+				return
+			}
+			b.count.Inc()
+			bp, picker = b.pool, b.picker
+			if rt.timeout > 0 {
+				headDeadline = start.Add(rt.timeout)
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithDeadline(ctx, headDeadline)
+				defer cancel()
+			}
+			if rt.backendTimeout > 0 {
+				attemptTimeout = rt.backendTimeout
+			}
+			if rt.attempts > 0 {
+				maxAttempts = rt.attempts
+			}
+			if rt.reqHeaders != nil {
+				rt.reqHeaders.apply(r.Header, &r.Host)
+			}
+		}
+	}
+	body := &replayBody{src: r.Body}
+	if r.Body == nil || r.Body == http.NoBody {
+		body.eof = true
+	}
+	// A request that may have reached the app is sent again only when its
+	// method is idempotent; gRPC calls (POST) only after a trailers-only
+	// UNAVAILABLE, gRPC's own transparent-retry condition.
+	idem := idempotent(r.Method)
+
+	var exBuf [8]*balancer.Target
+	exclude := exBuf[:0]
+	firstPrio := -1
+	timedOut := false
+	var lastErr error
+	for attempt := 0; attempt < maxAttempts; attempt++ {
+		now := time.Now()
+		if attempt > 0 && now.After(headDeadline) {
+			break
+		}
+		if attempt > 0 && !body.replayable() {
+			break
+		}
+		t := picker.Pick(now, exclude)
+		if t == nil {
+			break
+		}
+		if attempt > 0 {
+			if !u.budget.allowRetry(now) {
+				u.s.m.budgetExhausted.WithLabelValues(svc).Inc()
+				break
+			}
+			u.s.m.retries.WithLabelValues(svc).Inc()
+			if rt != nil && rt.backoff > 0 {
+				time.Sleep(min(rt.backoff, time.Until(headDeadline)))
+			}
+		}
+		exclude = append(exclude, t)
+		if firstPrio < 0 {
+			firstPrio = t.Priority
+		}
+		resp, ab, cancel, sent, err := u.h2Attempt(ctx, bp, t, r, body, min(attemptTimeout, time.Until(headDeadline)))
+		if err != nil {
+			lastErr = err
+			u.s.log.Debug("attempt failed", "upstream", svc, "cluster", t.Cluster, "endpoint", t.Name, "err", err)
+			timedOut = timedOut || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded)
+			if r.Context().Err() != nil {
+				u.countRequest(t.Cluster, "client_error")
+				return // the client went away
+			}
+			if !sent || (idem && body.replayable()) {
+				continue
+			}
+			u.countRequest(t.Cluster, "error")
+			h2Error(w, grpc, http.StatusBadGateway, grpcUnavailable, "upstream_failed", err.Error())
+			return
+		}
+		code, _ := grpcStatus(resp.Header)
+		retry := false
+		if grpc {
+			// Trailers-only UNAVAILABLE: the server refused before doing
+			// anything (gRPC's own transparent-retry condition).
+			retry = code == grpcUnavailable && body.replayable()
+		} else {
+			retry = idem && body.replayable() && rt.retryable(resp.StatusCode)
+		}
+		if retry && attempt+1 < maxAttempts {
+			_ = resp.Body.Close()
+			ab.end()
+			cancel()
+			lastErr = fmt.Errorf("%s answered %s", t.Name, resp.Status)
+			continue
+		}
+		if t.Priority > firstPrio {
+			u.s.m.failovers.WithLabelValues(svc, t.Cluster).Inc()
+		}
+		aborted := u.h2Respond(w, resp, t, start, rt)
+		ab.end()
+		cancel()
+		if aborted {
+			panic(http.ErrAbortHandler) // the client sees a reset stream, not a clean end
+		}
+		return
+	}
+	if timedOut || time.Now().After(headDeadline) {
+		u.countRequest("", "timeout")
+		h2Error(w, grpc, http.StatusGatewayTimeout, grpcDeadlineExceeded, "timeout", "no answer from "+bp.label+" in time")
+		return
+	}
+	detail := "no endpoint of " + bp.label + " answered"
+	if lastErr != nil {
+		detail += " (last: " + lastErr.Error() + ")"
+	}
+	u.countRequest("", "no_endpoint")
+	h2Error(w, grpc, http.StatusServiceUnavailable, grpcUnavailable, "no_healthy_endpoint", detail)
+}
+
+// h2Attempt sends r to t and waits for the answer's head, at most timeout.
+// The caller ends ab and calls cancel once done with the response. sent
+// reports whether the request may have reached the endpoint.
+func (u *upstream) h2Attempt(ctx context.Context, bp *backendPool, t *balancer.Target, r *http.Request, body *replayBody, timeout time.Duration) (resp *http.Response, ab *attemptBody, cancel context.CancelFunc, sent bool, err error) {
+	t.Begin()
+	began := time.Now()
+	cc, err := bp.h2Conn(ctx, t)
+	if err != nil {
+		t.Outlier.Report(health.ConnectFailure)
+		t.End(0, false)
+		return nil, nil, nil, false, err
+	}
+	actx, cancel := context.WithCancel(ctx)
+	timer := time.AfterFunc(timeout, cancel)
+	defer func() {
+		if err != nil {
+			cancel()
+		}
+	}()
+	out := r.Clone(actx)
+	out.RequestURI = ""
+	out.URL.Scheme, out.URL.Host = "https", h2Dummy
+	out.Close = false
+	for _, h := range hopByHop {
+		out.Header.Del(h)
+	}
+	ab = &attemptBody{b: body}
+	if body.empty() {
+		out.Body = http.NoBody
+	} else {
+		out.Body = ab
+		out.ContentLength = r.ContentLength
+	}
+	resp, err = cc.RoundTrip(out)
+	if !timer.Stop() && err == nil {
+		err = context.DeadlineExceeded // the head came, but too late
+		_ = resp.Body.Close()
+	}
+	if err != nil {
+		ab.end()
+		if ctx.Err() == nil {
+			t.Outlier.Report(health.ConnectFailure)
+		}
+		t.End(0, false)
+		return nil, nil, nil, true, fmt.Errorf("%s: %w", t.Name, err)
+	}
+	code, _ := grpcStatus(resp.Header)
+	if resp.StatusCode >= 500 || code == grpcUnavailable {
+		t.Outlier.Report(health.ServerFailure)
+	} else {
+		t.Outlier.Report(health.Success)
+		returnIfEjected(t)
+	}
+	lat := time.Since(began)
+	if resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusServiceUnavailable || code == grpcResourceExhausted {
+		lat = min(max(lat, 2*t.Latency(), overloadFloor), overloadCap)
+	}
+	t.End(lat, true)
+	return resp, ab, cancel, true, nil
+}
+
+// h2Respond streams resp to the client: head, body (flushed as it comes,
+// so streams stay live) and trailers. aborted means the answer broke off
+// and the client's stream must be reset.
+func (u *upstream) h2Respond(w http.ResponseWriter, resp *http.Response, t *balancer.Target, start time.Time, rt *route) (aborted bool) {
+	defer resp.Body.Close()
+	if rt != nil && rt.respHeaders != nil {
+		rt.respHeaders.apply(resp.Header, nil)
+	}
+	result := "ok"
+	if resp.StatusCode >= 500 {
+		result = "5xx"
+	}
+	err := copyH2Response(w, resp)
+	aborted = errors.Is(err, errBodyBroken)
+	if code, ok := grpcStatus(resp.Trailer); ok && code != grpcOK && result == "ok" {
+		result = "grpc_error"
+	} else if code, ok := grpcStatus(resp.Header); ok && code != grpcOK && result == "ok" {
+		result = "grpc_error"
+	}
+	if err != nil {
+		result = "client_error"
+	}
+	u.countRequest(t.Cluster, result)
+	u.latency.Observe(time.Since(start).Seconds())
+	return aborted
+}
+
+// errBodyBroken: an answer's body ended with an error, not its end.
+var errBodyBroken = errors.New("answer body broke off")
+
+// copyH2Response writes resp's head, body and trailers to w. A body that
+// breaks off returns errBodyBroken: the caller must reset the stream
+// (panic with http.ErrAbortHandler), never end it cleanly.
+func copyH2Response(w http.ResponseWriter, resp *http.Response) error {
+	h := w.Header()
+	for k, vs := range resp.Header {
+		h[k] = vs
+	}
+	for _, k := range hopByHop {
+		h.Del(k)
+	}
+	h.Del("Trailer") // trailers are sent with TrailerPrefix below
+	w.WriteHeader(resp.StatusCode)
+	bp := spliceBufs.Get().(*[]byte)
+	defer spliceBufs.Put(bp)
+	buf := *bp
+	flusher, _ := w.(http.Flusher)
+	for {
+		n, err := resp.Body.Read(buf)
+		if n > 0 {
+			if _, werr := w.Write(buf[:n]); werr != nil {
+				return werr
+			}
+			if flusher != nil {
+				flusher.Flush()
+			}
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return errBodyBroken
+		}
+	}
+	for k, vs := range resp.Trailer {
+		h[http.TrailerPrefix+k] = vs
+	}
+	return nil
+}
