@@ -10,6 +10,7 @@ package sidecar
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -265,6 +266,58 @@ func (p *backendPool) h2Conn(ctx context.Context, t *balancer.Target) (*http.Cli
 	pl.h2 = append(pl.h2, cc)
 	pl.mu.Unlock()
 	return cc, nil
+}
+
+func isH2(protocol string) bool { return protocol == ProtocolHTTP2 || protocol == ProtocolGRPC }
+
+// grpcHealthRequest is grpc.health.v1.Health/Check's empty request (the
+// server as a whole) in gRPC's length-prefixed framing.
+var grpcHealthRequest = []byte{0, 0, 0, 0, 0}
+
+// grpcHealth is the active check of an http2/grpc pool's endpoint: the
+// standard gRPC health check (grpc.health.v1, service ""), sent through
+// the endpoint's sidecar like any call. SERVING is healthy; an app without
+// the health service (UNIMPLEMENTED) is healthy when it answers at all;
+// NOT_SERVING, another status or no answer is not.
+func (p *backendPool) grpcHealth(ctx context.Context, t *balancer.Target) error {
+	cc, err := p.h2Conn(ctx, t)
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "https://"+h2Dummy+"/grpc.health.v1.Health/Check", bytes.NewReader(grpcHealthRequest))
+	if err != nil {
+		cc.Release()
+		return err
+	}
+	req.Host = p.name + "." + p.namespace
+	req.Header.Set("Content-Type", "application/grpc")
+	req.Header.Set("Te", "trailers")
+	resp, err := cc.RoundTrip(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64))
+	if err != nil {
+		return err
+	}
+	code, ok := grpcStatus(resp.Trailer)
+	if !ok {
+		code, ok = grpcStatus(resp.Header)
+	}
+	switch {
+	case !ok:
+		return fmt.Errorf("health check of %s: HTTP %d without a gRPC status", t.Name, resp.StatusCode)
+	case code == grpcUnimplemented:
+		return nil
+	case code != grpcOK:
+		return fmt.Errorf("health check of %s: gRPC status %d", t.Name, code)
+	}
+	// HealthCheckResponse{status = 1 (SERVING)}: field 1, varint 1.
+	if len(body) == 7 && body[5] == 0x08 && body[6] == 1 {
+		return nil
+	}
+	return fmt.Errorf("health check of %s: not serving (%x)", t.Name, body)
 }
 
 // isGRPC reports whether a request is gRPC (any application/grpc

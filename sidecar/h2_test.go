@@ -15,6 +15,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	testpb "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -28,6 +30,7 @@ import (
 // who it is in a header and can be told to refuse with UNAVAILABLE.
 type grpcApp struct {
 	testpb.UnimplementedTestServiceServer
+	health      *health.Server
 	name        string
 	unavailable atomic.Bool
 	calls       atomic.Int64
@@ -69,9 +72,10 @@ func startGRPCApp(t testing.TB, name string) (*grpcApp, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := &grpcApp{name: name}
+	a := &grpcApp{name: name, health: health.NewServer()}
 	srv := grpc.NewServer()
 	testpb.RegisterTestServiceServer(srv, a)
+	healthpb.RegisterHealthServer(srv, a.health)
 	go func() { _ = srv.Serve(ln) }()
 	t.Cleanup(srv.Stop)
 	return a, ln.Addr().String()
@@ -283,4 +287,60 @@ func TestHTTP2ThroughSidecars(t *testing.T) {
 	if string(body) != "HTTP/2.0 GET /h1 " {
 		t.Errorf("HTTP/1.1 client on an http2 upstream: %s %q, want the app to see HTTP/2.0 GET /h1", resp.Status, body)
 	}
+}
+
+// TestGRPCHealthCheck: a grpc upstream checks its endpoints with the
+// standard gRPC health check, through their sidecars. A pod whose app says
+// NOT_SERVING (while still answering calls) is ejected and gets no calls;
+// once it says SERVING again it is back and serves again.
+func TestGRPCHealthCheck(t *testing.T) {
+	doms := gatewaytest.Start(t, []string{"west"}, nil)
+	west := doms["west"]
+	a, aAddr := startGRPCApp(t, "a")
+	_, bAddr := startGRPCApp(t, "b")
+	var eps []endpoints.Endpoint
+	for name, addr := range map[string]string{"a": aAddr, "b": bAddr} {
+		s := startSidecar(t, name, sidecar.Config{
+			Cluster: west.Cluster, TrustDomain: west.TD, Source: west.Source(t, "web"),
+			InboundAddr: "127.0.0.1:0", AppAddr: addr,
+		})
+		eps = append(eps, endpoints.Endpoint{Name: name, Addr: s.InboundAddr().String(), Ready: true})
+	}
+	src := &endpoints.Static{}
+	src.Update(endpoints.Set{Namespace: "shop", Service: "checkout", Port: 9090, Clusters: []endpoints.Cluster{{Name: "west", Endpoints: eps}}})
+	client := startSidecar(t, "client", sidecar.Config{
+		Cluster: west.Cluster, TrustDomain: west.TD, Source: west.Source(t, "web"), Endpoints: src,
+		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 9090, Listen: "127.0.0.1:0", Protocol: sidecar.ProtocolGRPC}},
+	})
+	waitFor(t, "client ready", 5*time.Second, client.Ready)
+	cc, err := grpc.NewClient("passthrough:///"+client.UpstreamAddr(0).String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	tc := testpb.NewTestServiceClient(cc)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	servedBy := func(n int) map[string]int {
+		by := map[string]int{}
+		for range n {
+			var hdr metadata.MD
+			if _, err := tc.UnaryCall(ctx, &testpb.SimpleRequest{}, grpc.Header(&hdr)); err != nil {
+				t.Fatalf("call: %v", err)
+			}
+			by[strings.Join(hdr.Get("served-by"), ",")]++
+			time.Sleep(2 * time.Millisecond) // spread over several check rounds' worth of decay
+		}
+		return by
+	}
+
+	a.health.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+	waitFor(t, "pod a ejected by the gRPC health check", 5*time.Second, func() bool {
+		return metricSum(t, client.reg, "fedmesh_sidecar_ejections_total") >= 1
+	})
+	if by := servedBy(100); by["a"] != 0 {
+		t.Fatalf("pod a says NOT_SERVING, yet served %d of 100 calls (%v)", by["a"], by)
+	}
+	a.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	waitFor(t, "pod a serving again", 5*time.Second, func() bool { return servedBy(20)["a"] > 0 })
 }

@@ -38,8 +38,11 @@ type backendPool struct {
 	ready     atomic.Bool // a first endpoint set arrived
 	cancel    context.CancelFunc
 
+	// h2: the pool serves an http2/grpc upstream: prewarmed connections
+	// are HTTP/2 and active checks are gRPC health checks (h2.go).
+	h2     bool
 	h2Once sync.Once
-	h2t    *http.Transport // HTTP/2 connections to endpoints (h2.go)
+	h2t    *http.Transport // HTTP/2 connections to endpoints
 
 	mu       sync.Mutex // guards targets, groups and failover (writer: apply)
 	targets  map[string]*balancer.Target
@@ -180,6 +183,15 @@ func (p *backendPool) apply(set endpoints.Set) {
 // ahead of need: the QUIC connection to the gateway and the end-to-end
 // handshake are then already done when the local endpoints fail.
 func (p *backendPool) prewarm(t *balancer.Target) {
+	if p.h2 {
+		cc, err := p.h2Conn(context.Background(), t)
+		if err != nil {
+			p.s.log.Debug("prewarm", "upstream", p.label, "cluster", t.Cluster, "err", err)
+			return
+		}
+		cc.Release()
+		return
+	}
 	c, err := p.dial(context.Background(), t)
 	if err != nil {
 		p.s.log.Debug("prewarm", "upstream", p.label, "cluster", t.Cluster, "err", err)
@@ -229,6 +241,9 @@ func (p *backendPool) checkTargets() []health.Target {
 		ts = append(ts, health.Target{Outlier: t.Outlier, Probe: func(ctx context.Context) error {
 			if gw && !t.Outlier.Ejected(time.Now()) {
 				return nil
+			}
+			if p.h2 {
+				return p.grpcHealth(ctx, t)
 			}
 			c, err := p.dial(ctx, t)
 			if err != nil {

@@ -41,7 +41,7 @@ type upstream struct {
 }
 
 func newUpstream(s *Sidecar, cfg Upstream, ln net.Listener) *upstream {
-	return &upstream{
+	u := &upstream{
 		s: s, cfg: cfg, ln: ln, name: cfg.String(),
 		latency: s.m.latency.WithLabelValues(cfg.String()),
 		own:     newBackendPool(s, cfg.Namespace, cfg.Service, cfg.Port),
@@ -49,6 +49,8 @@ func newUpstream(s *Sidecar, cfg Upstream, ln net.Listener) *upstream {
 		extra:   map[poolKey]*backendPool{},
 		reqs:    map[reqKey]prometheus.Counter{},
 	}
+	u.own.h2 = isH2(cfg.Protocol)
+	return u
 }
 
 type reqKey struct{ cluster, result string }
@@ -105,6 +107,7 @@ func (u *upstream) applyRoutes(ctx context.Context, set endpoints.Set, wg *sync.
 			return p
 		}
 		p := newBackendPool(u.s, ns, name, port)
+		p.h2 = isH2(u.cfg.Protocol)
 		ch, err := u.s.cfg.Endpoints.Watch(ctx, ns, name)
 		if err != nil {
 			u.s.log.Error("watch route backend", "upstream", u.cfg.String(), "backend", ns+"/"+name, "err", err)
