@@ -295,6 +295,9 @@ func (c *Controller) lead(ctx context.Context) error {
 		return fmt.Errorf("local cluster cache: %w", err)
 	}
 	c.local = local // before the informers start: their handlers read it
+	if err := c.feedDirectory(local); err != nil {
+		return fmt.Errorf("local cluster cache: %w", err)
+	}
 	local.start()
 	defer local.stop()
 	if !local.waitSynced(ctx) {

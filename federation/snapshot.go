@@ -1,6 +1,9 @@
 package federation
 
 import (
+	"cmp"
+	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -9,6 +12,8 @@ import (
 	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/tools/cache"
 	mcsv1beta1 "sigs.k8s.io/mcs-api/pkg/apis/v1beta1"
 
 	"github.com/fedmesh/fedmesh/federation/discovery"
@@ -24,7 +29,10 @@ const (
 	AnnotationEgress = "multicluster.fedmesh.dev/egress-addresses"
 )
 
-var _ discovery.Source = (*Controller)(nil)
+var (
+	_ discovery.Source          = (*Controller)(nil)
+	_ discovery.DirectorySource = (*Controller)(nil)
+)
 
 // Discovery is the discovery API server fed by this controller.
 func (c *Controller) Discovery() *discovery.Server { return c.disco }
@@ -135,4 +143,99 @@ func deref[T any](p *T) T {
 		return zero
 	}
 	return *p
+}
+
+// Directory lists the local cluster's service directory from the informer
+// cache: every Service with its cluster IPs and every ServiceImport with its
+// IPs (its derived Service's cluster IPs), with their ports. Derived
+// Services are left out (their import stands for them), and so are entries
+// without an IP (headless Services, imports whose derived Service has no IP
+// yet).
+func (c *Controller) Directory() (*pb.Directory, error) {
+	select {
+	case <-c.leading:
+	default:
+		return nil, status.Error(codes.Unavailable, "this federation controller replica is not leading; retry")
+	}
+	local := c.local
+	dir := &pb.Directory{LocalCluster: c.clusterID}
+	svcs, err := local.services.List(labels.Everything())
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "list services: %v", err)
+	}
+	for _, svc := range svcs {
+		if svc.Labels[labelDerivedService] == "true" {
+			continue
+		}
+		ips := virtualIPs(svc.Spec.ClusterIPs)
+		if len(ips) == 0 && svc.Spec.ClusterIP != "" {
+			ips = virtualIPs([]string{svc.Spec.ClusterIP})
+		}
+		if len(ips) == 0 {
+			continue
+		}
+		vs := &pb.VirtualService{Namespace: svc.Namespace, Name: svc.Name, Ips: ips}
+		for _, p := range svc.Spec.Ports {
+			vs.Ports = append(vs.Ports, &pb.Port{Name: p.Name, Protocol: string(p.Protocol), Port: p.Port, AppProtocol: deref(p.AppProtocol)})
+		}
+		dir.Services = append(dir.Services, vs)
+	}
+	imps, err := local.imports.List(labels.Everything())
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "list service imports: %v", err)
+	}
+	for _, imp := range imps {
+		ips := virtualIPs(imp.Spec.IPs)
+		if len(ips) == 0 {
+			continue
+		}
+		vs := &pb.VirtualService{Namespace: imp.Namespace, Name: imp.Name, Imported: true, Ips: ips}
+		for _, p := range imp.Spec.Ports {
+			vs.Ports = append(vs.Ports, &pb.Port{Name: p.Name, Protocol: string(p.Protocol), Port: p.Port, AppProtocol: deref(p.AppProtocol)})
+		}
+		dir.Services = append(dir.Services, vs)
+	}
+	slices.SortFunc(dir.Services, func(a, b *pb.VirtualService) int {
+		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name), compareBool(a.Imported, b.Imported))
+	})
+	return dir, nil
+}
+
+// virtualIPs keeps the addresses of a Service's clusterIPs or an import's
+// ips that are IPs ("None" of a headless Service is not).
+func virtualIPs(in []string) []string {
+	var out []string
+	for _, s := range in {
+		if _, err := netip.ParseAddr(s); err == nil {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+func compareBool(a, b bool) int {
+	switch {
+	case a == b:
+		return 0
+	case !a:
+		return -1
+	}
+	return 1
+}
+
+// feedDirectory tells the discovery server about every change of the local
+// cluster's Services and ServiceImports; it rebuilds the directory once per
+// debounce window, and only while a sidecar watches it.
+func (c *Controller) feedDirectory(local *clusterCache) error {
+	notify := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { c.disco.NotifyDirectory() },
+		UpdateFunc: func(_, _ any) { c.disco.NotifyDirectory() },
+		DeleteFunc: func(any) { c.disco.NotifyDirectory() },
+	}
+	for _, inf := range []cache.SharedIndexInformer{local.serviceInformer, local.importInformer} {
+		if _, err := inf.AddEventHandler(notify); err != nil {
+			return err
+		}
+	}
+	return nil
 }

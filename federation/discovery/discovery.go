@@ -2,8 +2,10 @@
 // controller streams to every sidecar the endpoint set of each service the
 // sidecar uses — local endpoints with readiness, every other exporting
 // cluster's endpoints with their health and staleness, and the local
-// gateway's egress — so sidecars never watch the API server and keep serving
-// from their last state when the controller is away.
+// gateway's egress — and the cluster's service directory (every Service and
+// ServiceImport by its virtual IPs, for sidecars in transparent mode), so
+// sidecars never watch the API server and keep serving from their last
+// state when the controller is away.
 package discovery
 
 import (
@@ -39,6 +41,8 @@ type Server struct {
 
 	streams prometheus.Gauge
 	sent    prometheus.Counter
+
+	dir *directory // WatchDirectory, when src is a DirectorySource
 }
 
 type subscriber struct{ dirty chan struct{} }
@@ -55,13 +59,14 @@ func NewServer(src Source, log *slog.Logger, reg prometheus.Registerer) *Server 
 	s := &Server{
 		src: src, log: log, subs: map[string]map[*subscriber]struct{}{},
 		streams: prometheus.NewGauge(prometheus.GaugeOpts{Name: "fedmesh_federation_discovery_streams",
-			Help: "Open discovery Watch streams."}),
+			Help: "Open discovery streams (Watch and WatchDirectory)."}),
 		sent: prometheus.NewCounter(prometheus.CounterOpts{Name: "fedmesh_federation_discovery_updates_total",
 			Help: "Endpoint sets sent on discovery streams."}),
 	}
 	if reg != nil {
 		reg.MustRegister(s.streams, s.sent)
 	}
+	s.dir = newDirectory(reg)
 	return s
 }
 

@@ -25,6 +25,187 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type DirectoryRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DirectoryRequest) Reset() {
+	*x = DirectoryRequest{}
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DirectoryRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DirectoryRequest) ProtoMessage() {}
+
+func (x *DirectoryRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DirectoryRequest.ProtoReflect.Descriptor instead.
+func (*DirectoryRequest) Descriptor() ([]byte, []int) {
+	return file_federation_discovery_discoveryv1_discovery_proto_rawDescGZIP(), []int{0}
+}
+
+type Directory struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The cluster the controller (and so the caller) runs in.
+	LocalCluster string `protobuf:"bytes,1,opt,name=local_cluster,json=localCluster,proto3" json:"local_cluster,omitempty"`
+	// Sorted by namespace, name, then Services before ServiceImports. Only
+	// entries with at least one IP (headless Services have none).
+	Services []*VirtualService `protobuf:"bytes,2,rep,name=services,proto3" json:"services,omitempty"`
+	// Increases with every change of the directory; the same directory has
+	// the same version on every stream of a controller replica.
+	Version       uint64 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Directory) Reset() {
+	*x = Directory{}
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Directory) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Directory) ProtoMessage() {}
+
+func (x *Directory) ProtoReflect() protoreflect.Message {
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Directory.ProtoReflect.Descriptor instead.
+func (*Directory) Descriptor() ([]byte, []int) {
+	return file_federation_discovery_discoveryv1_discovery_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Directory) GetLocalCluster() string {
+	if x != nil {
+		return x.LocalCluster
+	}
+	return ""
+}
+
+func (x *Directory) GetServices() []*VirtualService {
+	if x != nil {
+		return x.Services
+	}
+	return nil
+}
+
+func (x *Directory) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+// VirtualService is a Service or a ServiceImport by its virtual IPs.
+type VirtualService struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Name      string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// True for a ServiceImport (its spec.ips, which are its derived
+	// Service's cluster IPs), false for a Service (spec.clusterIPs).
+	Imported bool `protobuf:"varint,3,opt,name=imported,proto3" json:"imported,omitempty"`
+	// IPv4 and IPv6 addresses as text.
+	Ips           []string `protobuf:"bytes,4,rep,name=ips,proto3" json:"ips,omitempty"`
+	Ports         []*Port  `protobuf:"bytes,5,rep,name=ports,proto3" json:"ports,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VirtualService) Reset() {
+	*x = VirtualService{}
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VirtualService) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VirtualService) ProtoMessage() {}
+
+func (x *VirtualService) ProtoReflect() protoreflect.Message {
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VirtualService.ProtoReflect.Descriptor instead.
+func (*VirtualService) Descriptor() ([]byte, []int) {
+	return file_federation_discovery_discoveryv1_discovery_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *VirtualService) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *VirtualService) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *VirtualService) GetImported() bool {
+	if x != nil {
+		return x.Imported
+	}
+	return false
+}
+
+func (x *VirtualService) GetIps() []string {
+	if x != nil {
+		return x.Ips
+	}
+	return nil
+}
+
+func (x *VirtualService) GetPorts() []*Port {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
 type WatchRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
@@ -35,7 +216,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[0]
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -47,7 +228,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[0]
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -60,7 +241,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_federation_discovery_discoveryv1_discovery_proto_rawDescGZIP(), []int{0}
+	return file_federation_discovery_discoveryv1_discovery_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *WatchRequest) GetNamespace() string {
@@ -104,7 +285,7 @@ type EndpointSet struct {
 
 func (x *EndpointSet) Reset() {
 	*x = EndpointSet{}
-	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[1]
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -116,7 +297,7 @@ func (x *EndpointSet) String() string {
 func (*EndpointSet) ProtoMessage() {}
 
 func (x *EndpointSet) ProtoReflect() protoreflect.Message {
-	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[1]
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -129,7 +310,7 @@ func (x *EndpointSet) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EndpointSet.ProtoReflect.Descriptor instead.
 func (*EndpointSet) Descriptor() ([]byte, []int) {
-	return file_federation_discovery_discoveryv1_discovery_proto_rawDescGZIP(), []int{1}
+	return file_federation_discovery_discoveryv1_discovery_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *EndpointSet) GetNamespace() string {
@@ -207,7 +388,7 @@ type Port struct {
 
 func (x *Port) Reset() {
 	*x = Port{}
-	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[2]
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -219,7 +400,7 @@ func (x *Port) String() string {
 func (*Port) ProtoMessage() {}
 
 func (x *Port) ProtoReflect() protoreflect.Message {
-	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[2]
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -232,7 +413,7 @@ func (x *Port) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Port.ProtoReflect.Descriptor instead.
 func (*Port) Descriptor() ([]byte, []int) {
-	return file_federation_discovery_discoveryv1_discovery_proto_rawDescGZIP(), []int{2}
+	return file_federation_discovery_discoveryv1_discovery_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Port) GetName() string {
@@ -279,7 +460,7 @@ type Cluster struct {
 
 func (x *Cluster) Reset() {
 	*x = Cluster{}
-	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[3]
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -291,7 +472,7 @@ func (x *Cluster) String() string {
 func (*Cluster) ProtoMessage() {}
 
 func (x *Cluster) ProtoReflect() protoreflect.Message {
-	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[3]
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -304,7 +485,7 @@ func (x *Cluster) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Cluster.ProtoReflect.Descriptor instead.
 func (*Cluster) Descriptor() ([]byte, []int) {
-	return file_federation_discovery_discoveryv1_discovery_proto_rawDescGZIP(), []int{3}
+	return file_federation_discovery_discoveryv1_discovery_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Cluster) GetName() string {
@@ -365,7 +546,7 @@ type Endpoint struct {
 
 func (x *Endpoint) Reset() {
 	*x = Endpoint{}
-	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[4]
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -377,7 +558,7 @@ func (x *Endpoint) String() string {
 func (*Endpoint) ProtoMessage() {}
 
 func (x *Endpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[4]
+	mi := &file_federation_discovery_discoveryv1_discovery_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -390,7 +571,7 @@ func (x *Endpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Endpoint.ProtoReflect.Descriptor instead.
 func (*Endpoint) Descriptor() ([]byte, []int) {
-	return file_federation_discovery_discoveryv1_discovery_proto_rawDescGZIP(), []int{4}
+	return file_federation_discovery_discoveryv1_discovery_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Endpoint) GetAddress() string {
@@ -446,7 +627,18 @@ var File_federation_discovery_discoveryv1_discovery_proto protoreflect.FileDescr
 
 const file_federation_discovery_discoveryv1_discovery_proto_rawDesc = "" +
 	"\n" +
-	"0federation/discovery/discoveryv1/discovery.proto\x12\x14fedmesh.discovery.v1\"F\n" +
+	"0federation/discovery/discoveryv1/discovery.proto\x12\x14fedmesh.discovery.v1\"\x12\n" +
+	"\x10DirectoryRequest\"\x8c\x01\n" +
+	"\tDirectory\x12#\n" +
+	"\rlocal_cluster\x18\x01 \x01(\tR\flocalCluster\x12@\n" +
+	"\bservices\x18\x02 \x03(\v2$.fedmesh.discovery.v1.VirtualServiceR\bservices\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\x04R\aversion\"\xa2\x01\n" +
+	"\x0eVirtualService\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1a\n" +
+	"\bimported\x18\x03 \x01(\bR\bimported\x12\x10\n" +
+	"\x03ips\x18\x04 \x03(\tR\x03ips\x120\n" +
+	"\x05ports\x18\x05 \x03(\v2\x1a.fedmesh.discovery.v1.PortR\x05ports\"F\n" +
 	"\fWatchRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\"\xbd\x02\n" +
@@ -479,9 +671,10 @@ const file_federation_discovery_discoveryv1_discovery_proto_rawDesc = "" +
 	"\vterminating\x18\x04 \x01(\bR\vterminating\x12\x1a\n" +
 	"\bhostname\x18\x05 \x01(\tR\bhostname\x12\x12\n" +
 	"\x04zone\x18\x06 \x01(\tR\x04zone\x120\n" +
-	"\x05ports\x18\a \x03(\v2\x1a.fedmesh.discovery.v1.PortR\x05ports2]\n" +
+	"\x05ports\x18\a \x03(\v2\x1a.fedmesh.discovery.v1.PortR\x05ports2\xba\x01\n" +
 	"\tDiscovery\x12P\n" +
-	"\x05Watch\x12\".fedmesh.discovery.v1.WatchRequest\x1a!.fedmesh.discovery.v1.EndpointSet0\x01B=Z;github.com/fedmesh/fedmesh/federation/discovery/discoveryv1b\x06proto3"
+	"\x05Watch\x12\".fedmesh.discovery.v1.WatchRequest\x1a!.fedmesh.discovery.v1.EndpointSet0\x01\x12[\n" +
+	"\x0eWatchDirectory\x12&.fedmesh.discovery.v1.DirectoryRequest\x1a\x1f.fedmesh.discovery.v1.Directory0\x01B=Z;github.com/fedmesh/fedmesh/federation/discovery/discoveryv1b\x06proto3"
 
 var (
 	file_federation_discovery_discoveryv1_discovery_proto_rawDescOnce sync.Once
@@ -495,26 +688,33 @@ func file_federation_discovery_discoveryv1_discovery_proto_rawDescGZIP() []byte 
 	return file_federation_discovery_discoveryv1_discovery_proto_rawDescData
 }
 
-var file_federation_discovery_discoveryv1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_federation_discovery_discoveryv1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_federation_discovery_discoveryv1_discovery_proto_goTypes = []any{
-	(*WatchRequest)(nil), // 0: fedmesh.discovery.v1.WatchRequest
-	(*EndpointSet)(nil),  // 1: fedmesh.discovery.v1.EndpointSet
-	(*Port)(nil),         // 2: fedmesh.discovery.v1.Port
-	(*Cluster)(nil),      // 3: fedmesh.discovery.v1.Cluster
-	(*Endpoint)(nil),     // 4: fedmesh.discovery.v1.Endpoint
+	(*DirectoryRequest)(nil), // 0: fedmesh.discovery.v1.DirectoryRequest
+	(*Directory)(nil),        // 1: fedmesh.discovery.v1.Directory
+	(*VirtualService)(nil),   // 2: fedmesh.discovery.v1.VirtualService
+	(*WatchRequest)(nil),     // 3: fedmesh.discovery.v1.WatchRequest
+	(*EndpointSet)(nil),      // 4: fedmesh.discovery.v1.EndpointSet
+	(*Port)(nil),             // 5: fedmesh.discovery.v1.Port
+	(*Cluster)(nil),          // 6: fedmesh.discovery.v1.Cluster
+	(*Endpoint)(nil),         // 7: fedmesh.discovery.v1.Endpoint
 }
 var file_federation_discovery_discoveryv1_discovery_proto_depIdxs = []int32{
-	2, // 0: fedmesh.discovery.v1.EndpointSet.ports:type_name -> fedmesh.discovery.v1.Port
-	3, // 1: fedmesh.discovery.v1.EndpointSet.clusters:type_name -> fedmesh.discovery.v1.Cluster
-	4, // 2: fedmesh.discovery.v1.Cluster.endpoints:type_name -> fedmesh.discovery.v1.Endpoint
-	2, // 3: fedmesh.discovery.v1.Endpoint.ports:type_name -> fedmesh.discovery.v1.Port
-	0, // 4: fedmesh.discovery.v1.Discovery.Watch:input_type -> fedmesh.discovery.v1.WatchRequest
-	1, // 5: fedmesh.discovery.v1.Discovery.Watch:output_type -> fedmesh.discovery.v1.EndpointSet
-	5, // [5:6] is the sub-list for method output_type
-	4, // [4:5] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	2, // 0: fedmesh.discovery.v1.Directory.services:type_name -> fedmesh.discovery.v1.VirtualService
+	5, // 1: fedmesh.discovery.v1.VirtualService.ports:type_name -> fedmesh.discovery.v1.Port
+	5, // 2: fedmesh.discovery.v1.EndpointSet.ports:type_name -> fedmesh.discovery.v1.Port
+	6, // 3: fedmesh.discovery.v1.EndpointSet.clusters:type_name -> fedmesh.discovery.v1.Cluster
+	7, // 4: fedmesh.discovery.v1.Cluster.endpoints:type_name -> fedmesh.discovery.v1.Endpoint
+	5, // 5: fedmesh.discovery.v1.Endpoint.ports:type_name -> fedmesh.discovery.v1.Port
+	3, // 6: fedmesh.discovery.v1.Discovery.Watch:input_type -> fedmesh.discovery.v1.WatchRequest
+	0, // 7: fedmesh.discovery.v1.Discovery.WatchDirectory:input_type -> fedmesh.discovery.v1.DirectoryRequest
+	4, // 8: fedmesh.discovery.v1.Discovery.Watch:output_type -> fedmesh.discovery.v1.EndpointSet
+	1, // 9: fedmesh.discovery.v1.Discovery.WatchDirectory:output_type -> fedmesh.discovery.v1.Directory
+	8, // [8:10] is the sub-list for method output_type
+	6, // [6:8] is the sub-list for method input_type
+	6, // [6:6] is the sub-list for extension type_name
+	6, // [6:6] is the sub-list for extension extendee
+	0, // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_federation_discovery_discoveryv1_discovery_proto_init() }
@@ -528,7 +728,7 @@ func file_federation_discovery_discoveryv1_discovery_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_federation_discovery_discoveryv1_discovery_proto_rawDesc), len(file_federation_discovery_discoveryv1_discovery_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   5,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

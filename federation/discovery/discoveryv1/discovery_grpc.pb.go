@@ -23,7 +23,8 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Discovery_Watch_FullMethodName = "/fedmesh.discovery.v1.Discovery/Watch"
+	Discovery_Watch_FullMethodName          = "/fedmesh.discovery.v1.Discovery/Watch"
+	Discovery_WatchDirectory_FullMethodName = "/fedmesh.discovery.v1.Discovery/WatchDirectory"
 )
 
 // DiscoveryClient is the client API for Discovery service.
@@ -33,6 +34,14 @@ type DiscoveryClient interface {
 	// Watch streams the endpoint set of one service: the complete set at once,
 	// then again, complete, after every change. One stream per service.
 	Watch(ctx context.Context, in *WatchRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[EndpointSet], error)
+	// WatchDirectory streams the cluster's service directory: every Service
+	// with its cluster IPs (<name>.<ns>.svc.cluster.local) and every
+	// ServiceImport with its clusterset IPs (<name>.<ns>.svc.clusterset.local),
+	// with their ports. A sidecar in transparent mode looks up the original
+	// destination of a redirected connection in it. The complete directory at
+	// once, then again, complete, after changes (debounced: a burst of changes
+	// is one message).
+	WatchDirectory(ctx context.Context, in *DirectoryRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Directory], error)
 }
 
 type discoveryClient struct {
@@ -62,6 +71,25 @@ func (c *discoveryClient) Watch(ctx context.Context, in *WatchRequest, opts ...g
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Discovery_WatchClient = grpc.ServerStreamingClient[EndpointSet]
 
+func (c *discoveryClient) WatchDirectory(ctx context.Context, in *DirectoryRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Directory], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Discovery_ServiceDesc.Streams[1], Discovery_WatchDirectory_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[DirectoryRequest, Directory]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Discovery_WatchDirectoryClient = grpc.ServerStreamingClient[Directory]
+
 // DiscoveryServer is the server API for Discovery service.
 // All implementations must embed UnimplementedDiscoveryServer
 // for forward compatibility.
@@ -69,6 +97,14 @@ type DiscoveryServer interface {
 	// Watch streams the endpoint set of one service: the complete set at once,
 	// then again, complete, after every change. One stream per service.
 	Watch(*WatchRequest, grpc.ServerStreamingServer[EndpointSet]) error
+	// WatchDirectory streams the cluster's service directory: every Service
+	// with its cluster IPs (<name>.<ns>.svc.cluster.local) and every
+	// ServiceImport with its clusterset IPs (<name>.<ns>.svc.clusterset.local),
+	// with their ports. A sidecar in transparent mode looks up the original
+	// destination of a redirected connection in it. The complete directory at
+	// once, then again, complete, after changes (debounced: a burst of changes
+	// is one message).
+	WatchDirectory(*DirectoryRequest, grpc.ServerStreamingServer[Directory]) error
 	mustEmbedUnimplementedDiscoveryServer()
 }
 
@@ -81,6 +117,9 @@ type UnimplementedDiscoveryServer struct{}
 
 func (UnimplementedDiscoveryServer) Watch(*WatchRequest, grpc.ServerStreamingServer[EndpointSet]) error {
 	return status.Error(codes.Unimplemented, "method Watch not implemented")
+}
+func (UnimplementedDiscoveryServer) WatchDirectory(*DirectoryRequest, grpc.ServerStreamingServer[Directory]) error {
+	return status.Error(codes.Unimplemented, "method WatchDirectory not implemented")
 }
 func (UnimplementedDiscoveryServer) mustEmbedUnimplementedDiscoveryServer() {}
 func (UnimplementedDiscoveryServer) testEmbeddedByValue()                   {}
@@ -114,6 +153,17 @@ func _Discovery_Watch_Handler(srv interface{}, stream grpc.ServerStream) error {
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Discovery_WatchServer = grpc.ServerStreamingServer[EndpointSet]
 
+func _Discovery_WatchDirectory_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(DirectoryRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(DiscoveryServer).WatchDirectory(m, &grpc.GenericServerStream[DirectoryRequest, Directory]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Discovery_WatchDirectoryServer = grpc.ServerStreamingServer[Directory]
+
 // Discovery_ServiceDesc is the grpc.ServiceDesc for Discovery service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -125,6 +175,11 @@ var Discovery_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "Watch",
 			Handler:       _Discovery_Watch_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "WatchDirectory",
+			Handler:       _Discovery_WatchDirectory_Handler,
 			ServerStreams: true,
 		},
 	},
