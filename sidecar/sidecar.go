@@ -8,7 +8,10 @@
 // requests within a budget and fails a request over to the next priority,
 // so the death of every local backend costs no request. Inbound, it
 // terminates mTLS, admits callers by SPIFFE ID and hands plaintext to the
-// app on localhost.
+// app on localhost. In transparent mode (Kubernetes, iptables) it also
+// takes every outbound TCP connection of the workload on one listener and
+// finds the service from the connection's original destination in the
+// cluster's service directory; what is no service passes through.
 package sidecar
 
 import (
@@ -80,6 +83,16 @@ type Config struct {
 	Endpoints endpoints.Source // required when Upstreams are set
 
 	Upstreams []Upstream
+
+	// OutboundAddr is the transparent outbound listener (e.g. ":15001"),
+	// where iptables redirects the workload's outbound TCP; "" disables
+	// it. Each connection's original destination is looked up in
+	// Directory: a service's virtual IP and port is proxied like an
+	// explicit upstream of that service port, anything else is passed
+	// through unchanged. Explicit Upstreams keep working beside it.
+	OutboundAddr string
+	// Directory is the service directory; required with OutboundAddr.
+	Directory DirectorySource
 
 	// InboundAddr is the mTLS listener; "" disables inbound.
 	InboundAddr string
@@ -184,6 +197,12 @@ func (c *Config) validate() error {
 	if len(c.Upstreams) > 0 && c.Endpoints == nil {
 		errs = append(errs, errors.New("upstreams without an endpoint source"))
 	}
+	if c.OutboundAddr != "" && c.Endpoints == nil {
+		errs = append(errs, errors.New("transparent outbound without an endpoint source"))
+	}
+	if c.OutboundAddr != "" && c.Directory == nil {
+		errs = append(errs, errors.New("transparent outbound without a service directory"))
+	}
 	if !c.Service.IsZero() && (c.Service.Namespace == "" || c.Service.Name == "") {
 		errs = append(errs, fmt.Errorf("service %s: namespace and name are required", c.Service))
 	}
@@ -218,9 +237,10 @@ type Sidecar struct {
 	clientTLS *tls.Config
 	serverTLS *tls.Config
 
-	inbound   net.Listener
-	admin     net.Listener
-	upstreams []*upstream
+	inbound     net.Listener
+	admin       net.Listener
+	upstreams   []*upstream
+	transparent *transparent // nil unless OutboundAddr is set
 
 	gwOnce sync.Once
 	gw     *gateway.Client
@@ -291,6 +311,16 @@ func New(cfg Config) (*Sidecar, error) {
 		lns = append(lns, ln)
 		s.upstreams = append(s.upstreams, newUpstream(s, u, ln))
 	}
+	if cfg.OutboundAddr != "" {
+		ln, err := net.Listen("tcp", cfg.OutboundAddr)
+		if err != nil {
+			return fail(fmt.Errorf("listen transparent outbound: %w", err))
+		}
+		lns = append(lns, ln)
+		if s.transparent, err = newTransparent(s, ln); err != nil {
+			return fail(err)
+		}
+	}
 	if cfg.InboundAddr != "" {
 		if s.inbound, err = net.Listen("tcp", cfg.InboundAddr); err != nil {
 			return fail(fmt.Errorf("listen inbound: %w", err))
@@ -311,6 +341,15 @@ func (s *Sidecar) InboundAddr() net.Addr {
 		return nil
 	}
 	return s.inbound.Addr()
+}
+
+// OutboundAddr is the bound transparent outbound listener, nil when
+// disabled.
+func (s *Sidecar) OutboundAddr() net.Addr {
+	if s.transparent == nil {
+		return nil
+	}
+	return s.transparent.ln.Addr()
 }
 
 // UpstreamAddr is the bound outbound listener of the i-th upstream.
@@ -350,6 +389,14 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		}
 		wg.Go(func() { s.watchOwn(ctx, ch) })
 	}
+	if s.transparent != nil {
+		if err := s.transparent.run(ctx, &wg); err != nil {
+			cancel()
+			wg.Wait()
+			s.closeAll()
+			return err
+		}
+	}
 	if s.inbound != nil {
 		wg.Go(func() { s.serveInbound(ctx) })
 	}
@@ -358,7 +405,8 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		adminSrv = &http.Server{Handler: s.AdminHandler(), ReadHeaderTimeout: 5 * time.Second}
 		wg.Go(func() { _ = adminSrv.Serve(s.admin) })
 	}
-	s.log.Info("sidecar running", "cluster", s.cfg.Cluster, "upstreams", len(s.upstreams), "inbound", addrString(s.InboundAddr()))
+	s.log.Info("sidecar running", "cluster", s.cfg.Cluster, "upstreams", len(s.upstreams), "inbound", addrString(s.InboundAddr()),
+		"transparent", addrString(s.OutboundAddr()))
 	<-ctx.Done()
 	if adminSrv != nil {
 		_ = adminSrv.Close()
@@ -376,6 +424,9 @@ func (s *Sidecar) closeAll() {
 	for _, u := range s.upstreams {
 		_ = u.ln.Close()
 		u.closeIdle()
+	}
+	if s.transparent != nil {
+		s.transparent.close()
 	}
 	if s.inbound != nil {
 		_ = s.inbound.Close()

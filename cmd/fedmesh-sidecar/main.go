@@ -69,13 +69,15 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	fs := flag.NewFlagSet("fedmesh-sidecar", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var (
-		cluster    = fs.String("cluster", "", "own cluster name (required)")
+		cluster    = fs.String("cluster", os.Getenv("FEDMESH_CLUSTER"), "own cluster name (required; default $FEDMESH_CLUSTER)")
 		td         = fs.String("trust-domain", "", "own trust domain (default <cluster>.fedmesh.test)")
 		federated  = fs.String("federated", "", "comma-separated federated trust domains")
 		wapi       = fs.String("workload-api", "", "Workload API address (default $"+mtls.EndpointSocketEnv+")")
 		epFile     = fs.String("endpoints", "", "JSON file of endpoint sets (static source)")
-		disco      = fs.String("discovery", "", "federation controller's discovery API (host:port); SPIFFE mTLS unless the address is loopback")
+		disco      = fs.String("discovery", os.Getenv("FEDMESH_DISCOVERY"), "federation controller's discovery API (host:port; default $FEDMESH_DISCOVERY); SPIFFE mTLS unless the address is loopback")
 		inbound    = fs.String("inbound", "", "mTLS inbound listen address; empty disables inbound")
+		inPort     = fs.Uint("inbound-port", 0, "mTLS inbound on every address at this port (the port iptables redirects inbound TCP to, 15006 when injected): --inbound=:PORT")
+		outPort    = fs.Uint("outbound-port", 0, "transparent outbound listener on every address at this port (the port iptables redirects outbound TCP to, 15001 when injected); needs --discovery for the service directory")
 		app        = fs.String("app", "", "app address on localhost, e.g. 127.0.0.1:8080")
 		egress     = fs.String("gateway-egress", "", "local gateway egress address (UDP)")
 		admin      = fs.String("admin", "", "admin listen address (/live, /ready, /state, /metrics)")
@@ -118,6 +120,24 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("--service-port %d: not a port", *svcPort)
 	}
 	cfg.ServicePort = uint16(*svcPort)
+	if *inPort != 0 {
+		if *inbound != "" {
+			return errors.New("--inbound and --inbound-port are exclusive: give one")
+		}
+		if *inPort > 65535 {
+			return fmt.Errorf("--inbound-port %d: not a port", *inPort)
+		}
+		cfg.InboundAddr = ":" + strconv.FormatUint(uint64(*inPort), 10)
+	}
+	if *outPort != 0 {
+		if *outPort > 65535 {
+			return fmt.Errorf("--outbound-port %d: not a port", *outPort)
+		}
+		if *disco == "" {
+			return errors.New("--outbound-port needs --discovery: the service directory transparent connections are looked up in comes from the federation controller")
+		}
+		cfg.OutboundAddr = ":" + strconv.FormatUint(uint64(*outPort), 10)
+	}
 	if *inProto != sidecar.ProtocolTCP && *inProto != sidecar.ProtocolHTTP {
 		return fmt.Errorf("--inbound-protocol %q: want tcp or http", *inProto)
 	}
@@ -179,7 +199,11 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 			return fmt.Errorf("--discovery: %w", err)
 		}
 		defer conn.Close()
-		cfg.Endpoints = discoverysource.New(conn, log)
+		ds := discoverysource.New(conn, log)
+		cfg.Endpoints = ds
+		if cfg.OutboundAddr != "" {
+			cfg.Directory = ds
+		}
 	}
 	sc, err := sidecar.New(cfg)
 	if err != nil {

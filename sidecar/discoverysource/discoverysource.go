@@ -3,7 +3,8 @@
 // mapped onto the sidecar's Set, reconnected with jittered backoff. While the
 // controller is away the sidecar keeps the last Set it received: a broken
 // stream is never turned into "no endpoints", and a policy it cannot decode
-// never turns into "no policy".
+// never turns into "no policy". It is also the sidecar's service directory
+// in transparent mode (one WatchDirectory stream), kept the same way.
 package discoverysource
 
 import (
@@ -19,6 +20,7 @@ import (
 
 	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
 	"github.com/fedmesh/fedmesh/policy"
+	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
 
@@ -30,7 +32,11 @@ type Source struct {
 	MinBackoff, MaxBackoff time.Duration
 }
 
-var _ endpoints.Source = (*Source)(nil)
+var (
+	_ endpoints.Source        = (*Source)(nil)
+	_ sidecar.PortWatcher     = (*Source)(nil)
+	_ sidecar.DirectorySource = (*Source)(nil)
+)
 
 // New wraps a gRPC connection to the controller (its credentials are the
 // caller's business: SPIFFE mTLS in a real deployment).
@@ -44,11 +50,19 @@ func New(conn grpc.ClientConnInterface, log *slog.Logger) *Source {
 // Watch implements endpoints.Source.
 func (s *Source) Watch(ctx context.Context, ns, name string) (<-chan endpoints.Set, error) {
 	out := make(chan endpoints.Set, 1)
-	go s.run(ctx, ns, name, out)
+	go s.run(ctx, ns, name, 0, out)
 	return out, nil
 }
 
-func (s *Source) run(ctx context.Context, ns, name string, out chan endpoints.Set) {
+// WatchPort implements sidecar.PortWatcher: the sets name port as the
+// service port, and local endpoints are dialed at its target port.
+func (s *Source) WatchPort(ctx context.Context, ns, name string, port uint16) (<-chan endpoints.Set, error) {
+	out := make(chan endpoints.Set, 1)
+	go s.run(ctx, ns, name, port, out)
+	return out, nil
+}
+
+func (s *Source) backoffs() (time.Duration, time.Duration) {
 	minB, maxB := s.MinBackoff, s.MaxBackoff
 	if minB <= 0 {
 		minB = 100 * time.Millisecond
@@ -56,10 +70,15 @@ func (s *Source) run(ctx context.Context, ns, name string, out chan endpoints.Se
 	if maxB <= 0 {
 		maxB = 5 * time.Second
 	}
+	return minB, maxB
+}
+
+func (s *Source) run(ctx context.Context, ns, name string, port uint16, out chan endpoints.Set) {
+	minB, maxB := s.backoffs()
 	backoff := minB
 	var last *policy.Service // the last policy that decoded, kept across streams
 	for ctx.Err() == nil {
-		received, err := s.stream(ctx, ns, name, out, &last)
+		received, err := s.stream(ctx, ns, name, port, out, &last)
 		if ctx.Err() != nil {
 			return
 		}
@@ -80,7 +99,7 @@ func (s *Source) run(ctx context.Context, ns, name string, out chan endpoints.Se
 // stream runs one Watch; it reports whether any set arrived. A policy that
 // does not decode is replaced by *last, the last good one, and logged once
 // per stream.
-func (s *Source) stream(ctx context.Context, ns, name string, out chan endpoints.Set, last **policy.Service) (bool, error) {
+func (s *Source) stream(ctx context.Context, ns, name string, port uint16, out chan endpoints.Set, last **policy.Service) (bool, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	st, err := s.client.Watch(ctx, &pb.WatchRequest{Namespace: ns, Service: name})
@@ -94,7 +113,7 @@ func (s *Source) stream(ctx context.Context, ns, name string, out chan endpoints
 			return received, err
 		}
 		received = true
-		set, perr := convert(in)
+		set, perr := convert(in, port)
 		if perr != nil {
 			if !logged {
 				logged = true
@@ -110,7 +129,7 @@ func (s *Source) stream(ctx context.Context, ns, name string, out chan endpoints
 }
 
 // publish replaces whatever the reader has not taken yet: newest wins.
-func publish(out chan endpoints.Set, set endpoints.Set) {
+func publish[T any](out chan T, set T) {
 	for {
 		select {
 		case out <- set:
@@ -132,12 +151,13 @@ func publish(out chan endpoints.Set, set endpoints.Set) {
 // only carry readiness. The policy is decoded into Set.Policy; one that does
 // not decode is left out (nil).
 func Convert(in *pb.EndpointSet) endpoints.Set {
-	out, _ := convert(in)
+	out, _ := convert(in, 0)
 	return out
 }
 
-// convert is Convert that also returns why the policy did not decode.
-func convert(in *pb.EndpointSet) (endpoints.Set, error) {
+// convert is Convert for a given service port (0: the first) that also
+// returns why the policy did not decode.
+func convert(in *pb.EndpointSet, port uint16) (endpoints.Set, error) {
 	out := endpoints.Set{Namespace: in.GetNamespace(), Service: in.GetService()}
 	p, perr := policy.Decode(in.GetPolicy())
 	out.Policy = p
@@ -145,6 +165,14 @@ func convert(in *pb.EndpointSet) (endpoints.Set, error) {
 	if len(in.GetPorts()) > 0 {
 		out.Port = uint16(in.GetPorts()[0].GetPort())
 		portName = in.GetPorts()[0].GetName()
+	}
+	if port != 0 {
+		out.Port, portName = port, ""
+		for _, p := range in.GetPorts() {
+			if p.GetPort() == int32(port) {
+				portName = p.GetName()
+			}
+		}
 	}
 	for _, cl := range in.GetClusters() {
 		c := endpoints.Cluster{Name: cl.GetName(), Gateway: !cl.GetLocal(), Endpoints: []endpoints.Endpoint{}}
@@ -175,4 +203,68 @@ func targetPort(e *pb.Endpoint, name string) int32 {
 		return e.GetPorts()[0].GetPort()
 	}
 	return 0
+}
+
+// WatchDirectory implements sidecar.DirectorySource: one WatchDirectory
+// stream, reconnected with jittered backoff; while the controller is away
+// the sidecar keeps the last directory.
+func (s *Source) WatchDirectory(ctx context.Context) (<-chan []sidecar.VirtualService, error) {
+	out := make(chan []sidecar.VirtualService, 1)
+	go func() {
+		minB, maxB := s.backoffs()
+		backoff := minB
+		for ctx.Err() == nil {
+			received, err := s.directory(ctx, out)
+			if ctx.Err() != nil {
+				return
+			}
+			if received {
+				backoff = minB
+			}
+			s.log.Warn("service directory stream ended; keeping the last directory and reconnecting", "err", err, "backoff", backoff)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff/2 + rand.N(backoff/2+1)):
+			}
+			backoff = min(2*backoff, maxB)
+		}
+	}()
+	return out, nil
+}
+
+func (s *Source) directory(ctx context.Context, out chan []sidecar.VirtualService) (bool, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	st, err := s.client.WatchDirectory(ctx, &pb.DirectoryRequest{}, grpc.MaxCallRecvMsgSize(maxDirectoryBytes))
+	if err != nil {
+		return false, err
+	}
+	received := false
+	for {
+		in, err := st.Recv()
+		if err != nil {
+			return received, err
+		}
+		received = true
+		publish(out, ConvertDirectory(in))
+	}
+}
+
+// maxDirectoryBytes bounds a directory message (gRPC's default is 4 MiB,
+// about 30,000 services; this allows ten times that).
+const maxDirectoryBytes = 64 << 20
+
+// ConvertDirectory maps a discovery Directory onto the sidecar's entries,
+// unchecked: the sidecar skips (and logs) entries that make no sense.
+func ConvertDirectory(in *pb.Directory) []sidecar.VirtualService {
+	out := make([]sidecar.VirtualService, 0, len(in.GetServices()))
+	for _, vs := range in.GetServices() {
+		e := sidecar.VirtualService{Namespace: vs.GetNamespace(), Name: vs.GetName(), Imported: vs.GetImported(), IPs: vs.GetIps()}
+		for _, p := range vs.GetPorts() {
+			e.Ports = append(e.Ports, sidecar.ServicePort{Name: p.GetName(), Port: p.GetPort(), Protocol: p.GetProtocol(), AppProtocol: p.GetAppProtocol()})
+		}
+		out = append(out, e)
+	}
+	return out
 }

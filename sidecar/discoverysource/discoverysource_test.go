@@ -15,6 +15,7 @@ import (
 
 	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
 	"github.com/fedmesh/fedmesh/policy"
+	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
 
@@ -210,4 +211,102 @@ func (s *syncBuf) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// TestConvertPort: a set watched for one service port names that port and
+// dials local endpoints at its target port, not the first port's.
+func TestConvertPort(t *testing.T) {
+	in := &pb.EndpointSet{Namespace: "demo", Service: "echo", LocalCluster: "east",
+		Ports: []*pb.Port{{Name: "http", Port: 80}, {Name: "grpc", Port: 9090}},
+		Clusters: []*pb.Cluster{{Name: "east", Local: true, Endpoints: []*pb.Endpoint{
+			{Address: "127.0.0.10", Ready: true, Ports: []*pb.Port{{Name: "http", Port: 8080}, {Name: "grpc", Port: 9443}}}}}}}
+	for _, tc := range []struct {
+		port     uint16
+		wantPort uint16
+		wantAddr string
+	}{{0, 80, "127.0.0.10:8080"}, {80, 80, "127.0.0.10:8080"}, {9090, 9090, "127.0.0.10:9443"}} {
+		got, _ := convert(in, tc.port)
+		if got.Port != tc.wantPort || got.Clusters[0].Endpoints[0].Addr != tc.wantAddr {
+			t.Errorf("port %d: set port %d, endpoint %s; want %d, %s", tc.port, got.Port, got.Clusters[0].Endpoints[0].Addr, tc.wantPort, tc.wantAddr)
+		}
+	}
+}
+
+// dirServer serves directories the test pushes.
+type dirServer struct {
+	pb.UnimplementedDiscoveryServer
+	dirs chan *pb.Directory
+}
+
+func (s *dirServer) WatchDirectory(_ *pb.DirectoryRequest, st pb.Discovery_WatchDirectoryServer) error {
+	for {
+		select {
+		case <-st.Context().Done():
+			return nil
+		case d := <-s.dirs:
+			if err := st.Send(d); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// TestDirectoryAcrossOutage: the directory arrives converted; while the
+// controller is away nothing is delivered (the sidecar keeps the last one);
+// after it comes back the new one arrives on the same channel.
+func TestDirectoryAcrossOutage(t *testing.T) {
+	serveDir := func(addr string, s *dirServer) (*grpc.Server, string) {
+		var ln net.Listener
+		var err error
+		for range 50 {
+			if ln, err = net.Listen("tcp", addr); err == nil {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		g := grpc.NewServer()
+		pb.RegisterDiscoveryServer(g, s)
+		go g.Serve(ln)
+		return g, ln.Addr().String()
+	}
+	srv := &dirServer{dirs: make(chan *pb.Directory, 2)}
+	g, addr := serveDir("127.0.0.1:0", srv)
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	src := New(conn, nil)
+	src.MinBackoff, src.MaxBackoff = 20*time.Millisecond, 100*time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	ch, _ := src.WatchDirectory(ctx)
+	srv.dirs <- &pb.Directory{LocalCluster: "east", Version: 1, Services: []*pb.VirtualService{
+		{Namespace: "demo", Name: "echo", Imported: true, Ips: []string{"10.97.0.1"}, Ports: []*pb.Port{{Name: "http", Protocol: "TCP", Port: 80, AppProtocol: "http"}}}}}
+	want := []sidecar.VirtualService{{Namespace: "demo", Name: "echo", Imported: true, IPs: []string{"10.97.0.1"},
+		Ports: []sidecar.ServicePort{{Name: "http", Protocol: "TCP", Port: 80, AppProtocol: "http"}}}}
+	if diff := cmp.Diff(want, <-ch); diff != "" {
+		t.Fatalf("(-want +got):\n%s", diff)
+	}
+	g.Stop()
+	select {
+	case got := <-ch:
+		t.Fatalf("a directory was delivered while the controller was away: %+v", got)
+	case <-time.After(300 * time.Millisecond):
+	}
+	srv2 := &dirServer{dirs: make(chan *pb.Directory, 2)}
+	g2, _ := serveDir(addr, srv2)
+	defer g2.Stop()
+	srv2.dirs <- &pb.Directory{LocalCluster: "east", Version: 1}
+	select {
+	case got := <-ch:
+		if len(got) != 0 {
+			t.Fatalf("after reconnect: %+v", got)
+		}
+	case <-ctx.Done():
+		t.Fatal("no directory after the controller came back")
+	}
 }

@@ -1,0 +1,445 @@
+package sidecar_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
+
+	"github.com/fedmesh/fedmesh/federation/discovery"
+	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
+	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/injector"
+	"github.com/fedmesh/fedmesh/sidecar"
+)
+
+// fakeController is a discovery API source with fixed endpoint sets and a
+// fixed service directory (the federation package tests the controller's
+// own, against a real API server).
+type fakeController struct {
+	sets map[string]*pb.EndpointSet
+	dir  *pb.Directory
+}
+
+func (f *fakeController) Snapshot(ns, name string) (*pb.EndpointSet, error) {
+	if s := f.sets[ns+"/"+name]; s != nil {
+		return s, nil
+	}
+	return &pb.EndpointSet{Namespace: ns, Service: name, LocalCluster: "west"}, nil
+}
+
+func (f *fakeController) Directory() (*pb.Directory, error) {
+	if f.dir == nil {
+		return nil, status.Error(codes.Unavailable, "no directory")
+	}
+	return f.dir, nil
+}
+
+// podNetns is a network namespace standing for a pod: a veth pair to the
+// host (host end .1, pod .2 of a 198.19.x.0/24 no route uses yet) and a
+// default route through the host.
+type podNetns struct {
+	name, hostIf  string
+	prefix        string // "198.19.N."
+	hostIP, podIP string
+	path          string // /run/netns/<name>
+}
+
+func needTransparentPrereqs(t *testing.T) {
+	t.Helper()
+	if runtime.GOOS != "linux" {
+		t.Skip("transparent mode needs Linux")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates a network namespace and installs iptables rules in it")
+	}
+	for _, bin := range []string{"ip", "iptables", "setpriv"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Skipf("needs %s (scripts/install-deps.sh installs iptables and iproute2): %v", bin, err)
+		}
+	}
+}
+
+func mustRun(t *testing.T, name string, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+}
+
+func newPodNetns(t *testing.T) *podNetns {
+	t.Helper()
+	routes, err := exec.Command("ip", "-4", "route", "show").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	third := -1
+	for i := 200; i < 256; i++ {
+		if !strings.Contains(string(routes), fmt.Sprintf("198.19.%d.0/24", i)) {
+			third = i
+			break
+		}
+	}
+	if third < 0 {
+		t.Fatal("no free 198.19.x.0/24")
+	}
+	n := &podNetns{
+		name:   fmt.Sprintf("fmtp-%d-%d", os.Getpid(), third),
+		hostIf: fmt.Sprintf("fmtp%dh", third),
+		prefix: fmt.Sprintf("198.19.%d.", third),
+	}
+	n.hostIP, n.podIP, n.path = n.prefix+"1", n.prefix+"2", "/run/netns/"+n.name
+	peer := fmt.Sprintf("fmtp%dn", third)
+	t.Cleanup(func() {
+		exec.Command("ip", "netns", "delete", n.name).Run()
+		exec.Command("ip", "link", "delete", n.hostIf).Run()
+	})
+	mustRun(t, "ip", "netns", "add", n.name)
+	mustRun(t, "ip", "link", "add", n.hostIf, "type", "veth", "peer", "name", peer)
+	mustRun(t, "ip", "link", "set", peer, "netns", n.name)
+	mustRun(t, "ip", "addr", "add", n.hostIP+"/24", "dev", n.hostIf)
+	mustRun(t, "ip", "link", "set", n.hostIf, "up")
+	mustRun(t, "ip", "-n", n.name, "link", "set", "lo", "up")
+	mustRun(t, "ip", "-n", n.name, "addr", "add", n.podIP+"/24", "dev", peer)
+	mustRun(t, "ip", "-n", n.name, "link", "set", peer, "up")
+	mustRun(t, "ip", "-n", n.name, "route", "add", "default", "via", n.hostIP)
+	return n
+}
+
+// dial connects from inside the namespace, as the pod's app would (as
+// root, so its traffic is redirected): the socket is made on a thread
+// moved into the namespace, and that thread is thrown away afterwards.
+func (n *podNetns) dial(addr string) (net.Conn, error) {
+	type res struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with this goroutine
+		f, err := os.Open(n.path)
+		if err != nil {
+			ch <- res{nil, err}
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			ch <- res{nil, fmt.Errorf("setns: %w", err)}
+			return
+		}
+		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		ch <- res{c, err}
+	}()
+	r := <-ch
+	return r.c, r.err
+}
+
+func (n *podNetns) httpClient() *http.Client {
+	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DisableKeepAlives: true, // one redirected connection per request
+		DialContext:       func(_ context.Context, _, addr string) (net.Conn, error) { return n.dial(addr) },
+	}}
+}
+
+// startEcho runs a TCP server that answers every line with prefix+line.
+func startEcho(t *testing.T, addr, prefix string) (net.Listener, chan string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	peers := make(chan string, 16)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			select {
+			case peers <- c.RemoteAddr().String():
+			default:
+			}
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					line, err := br.ReadString('\n')
+					if err != nil {
+						return
+					}
+					if _, err := io.WriteString(c, prefix+line); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return ln, peers
+}
+
+func echoOnce(c net.Conn, line string) (string, error) {
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, line+"\n"); err != nil {
+		return "", err
+	}
+	got, err := bufio.NewReader(c).ReadString('\n')
+	return strings.TrimSuffix(got, "\n"), err
+}
+
+// TestTransparentOutbound runs the fedmesh-sidecar binary in a pod-like
+// network namespace with the injector's own iptables script installed, as
+// UID 1337 (the injector's ProxyUID), with its endpoint sets and service
+// directory from a discovery API server over SPIFFE mTLS. The app (this
+// test, dialing from inside the namespace as root) calls services by
+// virtual IPs only: a Service's cluster IP and a ServiceImport's clusterset
+// IP reach the HTTP backend through the server's sidecar (mTLS inbound),
+// a tcp- port reaches a TCP backend the same way, an unknown destination is
+// passed through unchanged, and a connection to the sidecar's own port is
+// refused rather than looped.
+func TestTransparentOutbound(t *testing.T) {
+	needTransparentPrereqs(t)
+	ns := newPodNetns(t)
+
+	// The injector's script, with the admin port exempt from the inbound
+	// redirect (as a probe port would be) so the test can read metrics.
+	inj := injector.Config{ExcludeInboundPorts: []int32{15000}}
+	if err := inj.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, "ip", "netns", "exec", ns.name, "sh", "-c", inj.RedirectScript())
+
+	doms := gatewaytest.Start(t, []string{"west"}, nil)
+	west := doms["west"]
+	// The sidecar runs as 1337: let it reach its Workload API socket.
+	if err := os.Chmod(filepath.Dir(west.Socket("web")), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(west.Socket("web"), 0o777); err != nil {
+		t.Fatal(err)
+	}
+
+	// Backends in the host's namespace, reached through the veth pair:
+	// an HTTP app and a TCP echo app, each behind a server sidecar.
+	checkout := startApp(t, "checkout", "")
+	checkoutSC := startSidecar(t, "checkout", sidecar.Config{Cluster: "west", TrustDomain: west.TD,
+		Source: west.Source(t, "web"), InboundAddr: ns.hostIP + ":0", AppAddr: checkout.addr()})
+	dbApp, _ := startEcho(t, "127.0.0.1:0", "db:")
+	dbSC := startSidecar(t, "db", sidecar.Config{Cluster: "west", TrustDomain: west.TD,
+		Source: west.Source(t, "web"), InboundAddr: ns.hostIP + ":0", AppAddr: dbApp.Addr().String()})
+	// Something outside the mesh, not in the directory.
+	plain, plainPeers := startEcho(t, ns.hostIP+":0", "plain:")
+
+	endpointSet := func(name, port string, svcPort int32, sc *runningSidecar) *pb.EndpointSet {
+		_, p, _ := net.SplitHostPort(sc.InboundAddr().String())
+		target, _ := strconv.Atoi(p)
+		return &pb.EndpointSet{Namespace: "shop", Service: name, LocalCluster: "west",
+			Ports: []*pb.Port{{Name: port, Protocol: "TCP", Port: svcPort}},
+			Clusters: []*pb.Cluster{{Name: "west", Local: true, Ready: 1, Total: 1, Endpoints: []*pb.Endpoint{{
+				Address: ns.hostIP, Ready: true, Serving: true, Ports: []*pb.Port{{Name: port, Protocol: "TCP", Port: int32(target)}}}}}}}
+	}
+	vipSvc, vipImport, vipDB, vipGarbage := ns.prefix+"200", ns.prefix+"201", ns.prefix+"202", ns.prefix+"203"
+	ctrl := &fakeController{
+		sets: map[string]*pb.EndpointSet{
+			"shop/checkout": endpointSet("checkout", "http", 80, checkoutSC),
+			"shop/db":       endpointSet("db", "tcp-postgres", 5432, dbSC),
+		},
+		dir: &pb.Directory{LocalCluster: "west", Version: 1, Services: []*pb.VirtualService{
+			{Namespace: "shop", Name: "checkout", Ips: []string{vipSvc}, Ports: []*pb.Port{{Name: "http", Protocol: "TCP", Port: 80}}},
+			{Namespace: "shop", Name: "checkout", Imported: true, Ips: []string{vipImport}, Ports: []*pb.Port{{Name: "http", Protocol: "TCP", Port: 80}}},
+			{Namespace: "shop", Name: "db", Ips: []string{vipDB}, Ports: []*pb.Port{{Name: "tcp-postgres", Protocol: "TCP", Port: 5432}}},
+			{Namespace: "shop", Name: "garbage", Ips: []string{"not-an-ip", vipGarbage}, Ports: []*pb.Port{{Name: "http", Protocol: "TCP", Port: 80}}},
+		}},
+	}
+	discoLn, err := net.Listen("tcp", ns.hostIP+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(mtls.ServerConfig(west.Source(t, "gateway"), mtls.MemberOf(west.TD)))))
+	pb.RegisterDiscoveryServer(srv, discovery.NewServer(ctrl, nil, nil))
+	go srv.Serve(discoLn)
+	t.Cleanup(srv.Stop)
+
+	bin := buildSidecarBinary(t)
+	admin := ns.podIP + ":15000"
+	logs := &syncBuffer{}
+	cmd := exec.Command("ip", "netns", "exec", ns.name, "setpriv", "--reuid=1337", "--regid=1337", "--clear-groups", bin,
+		"--cluster", "west", "--workload-api", west.Addr("web"), "--discovery", discoLn.Addr().String(),
+		"--outbound-port", "15001", "--admin", admin, "--log-level", "debug")
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+		}
+		if t.Failed() {
+			t.Logf("transparent sidecar logs:\n%s", logs.String())
+		}
+	})
+	waitFor(t, "the sidecar's admin endpoint", 30*time.Second, func() bool {
+		select {
+		case <-exited:
+			t.Fatalf("sidecar exited:\n%s", logs.String())
+		default:
+		}
+		resp, err := http.Get("http://" + admin + "/live")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+
+	client := ns.httpClient()
+	get := func(url string) (string, error) {
+		resp, err := client.Get(url)
+		if err != nil {
+			return "", err
+		}
+		defer resp.Body.Close()
+		io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			return "", fmt.Errorf("status %d (%s)", resp.StatusCode, resp.Header.Get("X-Fedmesh-Error"))
+		}
+		return resp.Header.Get("X-Served-By"), nil
+	}
+	t.Run("service cluster IP", func(t *testing.T) {
+		for i := range 5 {
+			by, err := get("http://" + vipSvc + "/")
+			if err != nil || by != "checkout" {
+				t.Fatalf("request %d to %s: served by %q, %v", i, vipSvc, by, err)
+			}
+		}
+	})
+	t.Run("import clusterset IP", func(t *testing.T) {
+		by, err := get("http://" + vipImport + "/")
+		if err != nil || by != "checkout" {
+			t.Fatalf("request to %s: served by %q, %v", vipImport, by, err)
+		}
+	})
+	if n := metricSum(t, checkoutSC.reg, "fedmesh_sidecar_inbound_connections_total"); n < 1 {
+		t.Errorf("checkout's sidecar accepted %v mTLS connections", n)
+	}
+	if n := strings.Count(logs.String(), `"transparent upstream started","upstream":"shop/checkout:80"`); n != 1 {
+		t.Errorf("the upstream of shop/checkout:80 was started %d times, want once (both IPs, every connection)", n)
+	}
+	t.Run("tcp port", func(t *testing.T) {
+		c, err := ns.dial(vipDB + ":5432")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := echoOnce(c, "select 1"); err != nil || got != "db:select 1" {
+			t.Fatalf("echo through db: %q, %v", got, err)
+		}
+		if n := metricSum(t, dbSC.reg, "fedmesh_sidecar_inbound_connections_total"); n < 1 {
+			t.Errorf("db's sidecar accepted %v mTLS connections", n)
+		}
+	})
+	t.Run("passthrough", func(t *testing.T) {
+		c, err := ns.dial(plain.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := echoOnce(c, "hello"); err != nil || got != "plain:hello" {
+			t.Fatalf("passthrough echo: %q, %v", got, err)
+		}
+		// The sidecar dialed it from the pod's address, as the app would.
+		if from := <-plainPeers; !strings.HasPrefix(from, ns.podIP+":") {
+			t.Errorf("plain server saw %s, want the pod address %s", from, ns.podIP)
+		}
+	})
+	t.Run("no loop", func(t *testing.T) {
+		for _, addr := range []string{"127.0.0.1:15001", ns.podIP + ":15001"} {
+			c, err := ns.dial(addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+			io.WriteString(c, "x\n")
+			n, err := c.Read(make([]byte, 1))
+			c.Close()
+			if n != 0 || err == nil {
+				t.Errorf("%s: read %d bytes, %v; want the connection closed", addr, n, err)
+			}
+		}
+	})
+	metrics := scrape(t, "http://"+admin+"/metrics")
+	for _, want := range []string{
+		`fedmesh_sidecar_transparent_connections_total{result="service"} 7`,
+		`fedmesh_sidecar_transparent_connections_total{result="passthrough"} 1`,
+		`fedmesh_sidecar_transparent_connections_total{result="loop"} 2`,
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("metrics lack %s:\n%s", want, grepLines(metrics, "transparent"))
+		}
+	}
+	if n := strings.Count(logs.String(), "service directory entry skipped"); n != 1 {
+		t.Errorf("garbage entry logged %d times, want once", n)
+	}
+}
+
+func scrape(t *testing.T, url string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+func grepLines(s, sub string) string {
+	var out bytes.Buffer
+	for l := range strings.SplitSeq(s, "\n") {
+		if strings.Contains(l, sub) {
+			out.WriteString(l + "\n")
+		}
+	}
+	return out.String()
+}
+
+// buildSidecarBinary builds cmd/fedmesh-sidecar where UID 1337 can run it.
+func buildSidecarBinary(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "fmtp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "fedmesh-sidecar")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/fedmesh/fedmesh/cmd/fedmesh-sidecar").CombinedOutput(); err != nil {
+		t.Fatalf("build sidecar: %v\n%s", err, out)
+	}
+	return bin
+}
