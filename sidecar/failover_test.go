@@ -18,7 +18,15 @@ import (
 // east backends behind a real west/east gateway pair. Under steady load of
 // GETs, every west backend is killed; no request may fail and traffic must
 // move to east; when the west backends come back, traffic must move home.
+// The same over HTTP/2 (an http2 upstream; HTTP/2 between the sidecars,
+// through the gateways).
 func TestFailoverThroughGateways(t *testing.T) {
+	for _, proto := range []string{sidecar.ProtocolHTTP, sidecar.ProtocolHTTP2} {
+		t.Run(proto, func(t *testing.T) { testFailoverThroughGateways(t, proto) })
+	}
+}
+
+func testFailoverThroughGateways(t *testing.T, proto string) {
 	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
 	west, east := doms["west"], doms["east"]
 
@@ -43,13 +51,13 @@ func TestFailoverThroughGateways(t *testing.T) {
 	client := startSidecar(t, "client", sidecar.Config{
 		Cluster: "west", TrustDomain: west.TD, Federated: []spiffeid.TrustDomain{east.TD},
 		Source: west.Source(t, "web"), Endpoints: src, GatewayEgress: westGW.EgressAddr().String(),
-		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 8080, Listen: "127.0.0.1:0"}},
+		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 8080, Listen: "127.0.0.1:0", Protocol: proto}},
 	})
 	url := "http://" + client.UpstreamAddr(0).String() + "/"
 	waitFor(t, "client sidecar ready", 5*time.Second, client.Ready)
 
 	stop := make(chan struct{})
-	results := load(url, 8, 2*time.Millisecond, 40_000, stop)
+	results := loadProto(url, proto == sidecar.ProtocolHTTP2, 8, 2*time.Millisecond, 40_000, stop)
 	phase := func(d time.Duration) time.Time { time.Sleep(d); return time.Now() }
 
 	// Kill once west has served some of the load (a fixed sleep was too

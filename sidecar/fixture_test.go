@@ -65,7 +65,10 @@ func startApp(t testing.TB, name, addr string) *app {
 	}
 	a := &app{name: name, ln: ln}
 	body := bytes.Repeat([]byte("x"), 1024)
-	a.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	var protos http.Protocols // HTTP/1.1, and HTTP/2 without TLS for http2 upstreams
+	protos.SetHTTP1(true)
+	protos.SetUnencryptedHTTP2(true)
+	a.srv = &http.Server{Protocols: &protos, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		a.hits.Add(1)
 		if d := a.delay.Load(); d > 0 {
 			time.Sleep(time.Duration(d))
@@ -229,6 +232,11 @@ type result struct {
 // load sends GETs from workers connections until stop is closed or limit
 // requests were sent, each worker pausing pause between requests.
 func load(url string, workers int, pause time.Duration, limit int, stop <-chan struct{}) <-chan []result {
+	return loadProto(url, false, workers, pause, limit, stop)
+}
+
+// loadProto is load, over HTTP/2 without TLS (prior knowledge) with h2.
+func loadProto(url string, h2 bool, workers int, pause time.Duration, limit int, stop <-chan struct{}) <-chan []result {
 	out := make(chan []result, 1)
 	go func() {
 		var mu sync.Mutex
@@ -237,7 +245,12 @@ func load(url string, workers int, pause time.Duration, limit int, stop <-chan s
 		var wg sync.WaitGroup
 		for range workers {
 			wg.Go(func() {
-				c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
+				tr := &http.Transport{MaxIdleConnsPerHost: 1}
+				if h2 {
+					tr.Protocols = new(http.Protocols)
+					tr.Protocols.SetUnencryptedHTTP2(true)
+				}
+				c := &http.Client{Timeout: 10 * time.Second, Transport: tr}
 				defer c.CloseIdleConnections()
 				for n.Add(1) <= int64(limit) {
 					select {

@@ -11,11 +11,13 @@ package sidecar
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
+	stdlog "log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -78,10 +80,9 @@ func newConnServer(h http.Handler, protos http.Protocols, log *slog.Logger) *con
 		conns: map[net.Conn]*servedConn{},
 	}
 	cs.srv = &http.Server{
-		Handler:   h,
-		Protocols: &protos,
-		// Errors here are a client's (a bad frame, a reset): one debug line.
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		Handler:           h,
+		Protocols:         &protos,
+		ErrorLog:          stdlog.New(httpErrorLog{log}, "", 0),
 		ReadHeaderTimeout: 30 * time.Second, // HTTP/1.1 only; HTTP/2 has its own
 		HTTP2: &http.HTTP2Config{
 			MaxConcurrentStreams: 1000,
@@ -143,6 +144,21 @@ func (cs *connServer) serve(ctx context.Context, c net.Conn, value any) {
 func (cs *connServer) close() {
 	cs.ln.close()
 	_ = cs.srv.Close()
+}
+
+// httpErrorLog takes net/http's server log: a handler's panic is a bug
+// and logged as an error; the rest is about a client (a bad frame, a
+// reset, a failed handshake) and logged at debug level.
+type httpErrorLog struct{ log *slog.Logger }
+
+func (l httpErrorLog) Write(p []byte) (int, error) {
+	msg := strings.TrimSpace(string(p))
+	if strings.Contains(msg, "panic serving") {
+		l.log.Error("HTTP handler panicked", "err", msg)
+	} else {
+		l.log.Debug("HTTP server", "msg", msg)
+	}
+	return len(p), nil
 }
 
 // chanListener is a net.Listener whose connections come from serve.
@@ -568,10 +584,34 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 			lastErr = fmt.Errorf("%s answered %s", t.Name, resp.Status)
 			continue
 		}
+		var buffered *[]byte
+		if n := resp.ContentLength; !grpc && n > 0 && n <= maxBuffered {
+			// A small answer is read whole before its head is passed on:
+			// an endpoint dying mid-body then costs a retry, not a failed
+			// request (as on HTTP/1.1). gRPC answers stream.
+			buffered = getBody(int(n))
+			if err := readWhole(resp.Body, *buffered); err != nil {
+				putBody(buffered)
+				_ = resp.Body.Close()
+				ab.end()
+				cancel()
+				t.Outlier.Report(health.ConnectFailure)
+				lastErr = fmt.Errorf("%s: read answer body: %w", t.Name, err)
+				if idem && body.replayable() && r.Context().Err() == nil {
+					continue
+				}
+				u.countRequest(t.Cluster, "error")
+				h2Error(w, grpc, http.StatusBadGateway, grpcUnavailable, "upstream_failed", lastErr.Error())
+				return
+			}
+			_ = resp.Body.Close()
+			resp.Body = io.NopCloser(bytes.NewReader(*buffered))
+		}
 		if t.Priority > firstPrio {
 			u.s.m.failovers.WithLabelValues(svc, t.Cluster).Inc()
 		}
 		aborted := u.h2Respond(w, resp, t, start, rt)
+		putBody(buffered)
 		ab.end()
 		cancel()
 		if aborted {
@@ -592,6 +632,23 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 	h2Error(w, grpc, http.StatusServiceUnavailable, grpcUnavailable, "no_healthy_endpoint", detail)
 }
 
+// readWhole fills buf from a body of exactly len(buf) bytes and reads on
+// to its end, where HTTP/2 trailers arrive.
+func readWhole(body io.Reader, buf []byte) error {
+	if _, err := io.ReadFull(body, buf); err != nil {
+		return err
+	}
+	var one [1]byte
+	if n, err := body.Read(one[:]); n > 0 || (err != nil && err != io.EOF) {
+		return cmp.Or(err, errors.New("body longer than its Content-Length"))
+	} else if err == nil {
+		if _, err := body.Read(one[:]); err != io.EOF {
+			return cmp.Or(err, errors.New("body longer than its Content-Length"))
+		}
+	}
+	return nil
+}
+
 // h2Attempt sends r to t and waits for the answer's head, at most timeout.
 // The caller ends ab and calls cancel once done with the response. sent
 // reports whether the request may have reached the endpoint.
@@ -604,11 +661,11 @@ func (u *upstream) h2Attempt(ctx context.Context, bp *backendPool, t *balancer.T
 		t.End(0, false)
 		return nil, nil, nil, false, err
 	}
-	actx, cancel := context.WithCancel(ctx)
-	timer := time.AfterFunc(timeout, cancel)
+	actx, cancelAttempt := context.WithCancel(ctx)
+	timer := time.AfterFunc(timeout, cancelAttempt)
 	defer func() {
 		if err != nil {
-			cancel()
+			cancelAttempt()
 		}
 	}()
 	out := r.Clone(actx)
@@ -650,7 +707,7 @@ func (u *upstream) h2Attempt(ctx context.Context, bp *backendPool, t *balancer.T
 		lat = min(max(lat, 2*t.Latency(), overloadFloor), overloadCap)
 	}
 	t.End(lat, true)
-	return resp, ab, cancel, true, nil
+	return resp, ab, cancelAttempt, true, nil
 }
 
 // h2Respond streams resp to the client: head, body (flushed as it comes,

@@ -38,11 +38,12 @@ type backendPool struct {
 	ready     atomic.Bool // a first endpoint set arrived
 	cancel    context.CancelFunc
 
-	// h2: the pool serves an http2/grpc upstream: prewarmed connections
-	// are HTTP/2 and active checks are gRPC health checks (h2.go).
-	h2     bool
-	h2Once sync.Once
-	h2t    *http.Transport // HTTP/2 connections to endpoints
+	// h2: the pool serves an http2/grpc upstream, so prewarmed connections
+	// are HTTP/2; grpc: a grpc upstream, whose active checks are gRPC
+	// health checks (h2.go).
+	h2, grpc bool
+	h2Once   sync.Once
+	h2t      *http.Transport // HTTP/2 connections to endpoints
 
 	mu       sync.Mutex // guards targets, groups and failover (writer: apply)
 	targets  map[string]*balancer.Target
@@ -242,7 +243,7 @@ func (p *backendPool) checkTargets() []health.Target {
 			if gw && !t.Outlier.Ejected(time.Now()) {
 				return nil
 			}
-			if p.h2 {
+			if p.grpc {
 				return p.grpcHealth(ctx, t)
 			}
 			c, err := p.dial(ctx, t)

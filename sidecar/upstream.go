@@ -49,7 +49,7 @@ func newUpstream(s *Sidecar, cfg Upstream, ln net.Listener) *upstream {
 		extra:   map[poolKey]*backendPool{},
 		reqs:    map[reqKey]prometheus.Counter{},
 	}
-	u.own.h2 = isH2(cfg.Protocol)
+	u.own.h2, u.own.grpc = isH2(cfg.Protocol), cfg.Protocol == ProtocolGRPC
 	return u
 }
 
@@ -107,7 +107,7 @@ func (u *upstream) applyRoutes(ctx context.Context, set endpoints.Set, wg *sync.
 			return p
 		}
 		p := newBackendPool(u.s, ns, name, port)
-		p.h2 = isH2(u.cfg.Protocol)
+		p.h2, p.grpc = isH2(u.cfg.Protocol), u.cfg.Protocol == ProtocolGRPC
 		ch, err := u.s.cfg.Endpoints.Watch(ctx, ns, name)
 		if err != nil {
 			u.s.log.Error("watch route backend", "upstream", u.cfg.String(), "backend", ns+"/"+name, "err", err)
