@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
@@ -343,4 +344,61 @@ func TestGRPCHealthCheck(t *testing.T) {
 	}
 	a.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	waitFor(t, "pod a serving again", 5*time.Second, func() bool { return servedBy(20)["a"] > 0 })
+}
+
+// TestInboundPolicyOverHTTP2: a server sidecar that parses requests applies
+// its AuthorizationPolicy to each HTTP/2 request: on one multiplexed
+// connection from the caller's sidecar, the gRPC method a path rule admits
+// is served and another is refused with PERMISSION_DENIED, never reaching
+// the app.
+func TestInboundPolicyOverHTTP2(t *testing.T) {
+	doms := gatewaytest.Start(t, []string{"west"}, nil)
+	west := doms["west"]
+	a, aAddr := startGRPCApp(t, "a")
+	src := &endpoints.Static{}
+	server := startSidecar(t, "server", sidecar.Config{
+		Cluster: west.Cluster, TrustDomain: west.TD, Source: west.Source(t, "web"),
+		InboundAddr: "127.0.0.1:0", AppAddr: aAddr, InboundProtocol: sidecar.ProtocolHTTP,
+		Service: sidecar.ServiceName{Namespace: "shop", Name: "checkout"}, ServicePort: 9090, Endpoints: src,
+	})
+	src.Update(endpoints.Set{Namespace: "shop", Service: "checkout", Port: 9090,
+		Clusters: []endpoints.Cluster{{Name: "west", Endpoints: []endpoints.Endpoint{{Name: "a", Addr: server.InboundAddr().String(), Ready: true}}}},
+		Policy: &policy.Service{Namespace: "shop", Name: "checkout", Authz: &policy.Authorization{Policies: []string{"shop/unary-only"}, Rules: []policy.AuthzRule{
+			{Policy: "shop/unary-only", IDs: []string{west.ID("web").String()}, Methods: []string{"POST"},
+				Paths: []policy.PathMatch{{Type: policy.PathExact, Value: "/grpc.testing.TestService/UnaryCall"}}},
+		}}},
+	})
+	client := startSidecar(t, "client", sidecar.Config{
+		Cluster: west.Cluster, TrustDomain: west.TD, Source: west.Source(t, "web"), Endpoints: src, NoActiveChecks: true,
+		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 9090, Listen: "127.0.0.1:0", Protocol: sidecar.ProtocolGRPC}},
+	})
+	waitFor(t, "client ready", 5*time.Second, client.Ready)
+	cc, err := grpc.NewClient("passthrough:///"+client.UpstreamAddr(0).String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	tc := testpb.NewTestServiceClient(cc)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	waitFor(t, "policy in force", 5*time.Second, func() bool {
+		_, err := tc.EmptyCall(ctx, &testpb.Empty{})
+		return status.Code(err) == codes.PermissionDenied
+	})
+	before := a.calls.Load()
+	for i := range 10 {
+		if _, err := tc.UnaryCall(ctx, &testpb.SimpleRequest{}); err != nil {
+			t.Fatalf("admitted call %d: %v", i, err)
+		}
+		stream, err := tc.FullDuplexCall(ctx)
+		if err == nil {
+			_, err = stream.Recv()
+		}
+		if st, _ := status.FromError(err); st.Code() != codes.PermissionDenied || !strings.Contains(st.Message(), "shop/unary-only") {
+			t.Fatalf("refused stream %d: %v, want PermissionDenied naming shop/unary-only", i, err)
+		}
+	}
+	if n := a.calls.Load() - before; n != 10 {
+		t.Errorf("the app served %d unary calls, want 10 (refused streams never reach it)", n)
+	}
 }
