@@ -141,8 +141,11 @@ type Config struct {
 	Checks         health.CheckConfig
 	NoActiveChecks bool
 
-	Logger   *slog.Logger
-	Registry prometheus.Registerer
+	Logger *slog.Logger
+	// AccessLog, when set, gets one line per HTTP request (HTTP/1.1 and
+	// HTTP/2) through the outbound: see accessLog in trace.go.
+	AccessLog *slog.Logger
+	Registry  prometheus.Registerer
 }
 
 func (c *Config) setDefaults() {

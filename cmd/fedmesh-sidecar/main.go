@@ -82,6 +82,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		egress     = fs.String("gateway-egress", "", "local gateway egress address (UDP)")
 		admin      = fs.String("admin", "", "admin listen address (/live, /ready, /state, /metrics)")
 		logLevel   = fs.String("log-level", "info", "debug, info, warn or error")
+		accessLog  = fs.String("access-log", "", "one JSON line per outbound HTTP request: stdout, stderr or a file path (appended); empty: off")
 		attempt    = fs.Duration("attempt-timeout", sidecar.DefaultAttemptTimeout, "per-attempt timeout until the response head")
 		service    = fs.String("service", "", "ns/name of the service this workload serves: its authorization and rate limit policy is enforced at the inbound (needs --endpoints or --discovery)")
 		svcPort    = fs.Uint("service-port", 0, "the service port the inbound serves (policy rules limited to other ports do not apply)")
@@ -108,6 +109,20 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		Cluster: *cluster, InboundAddr: *inbound, AppAddr: *app, GatewayEgress: *egress,
 		AdminAddr: *admin, AttemptTimeout: *attempt, Logger: log,
 		InboundProtocol: *inProto,
+	}
+	switch *accessLog {
+	case "":
+	case "stdout":
+		cfg.AccessLog = slog.New(slog.NewJSONHandler(os.Stdout, nil))
+	case "stderr":
+		cfg.AccessLog = slog.New(slog.NewJSONHandler(stderr, nil))
+	default:
+		f, err := os.OpenFile(*accessLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+		if err != nil {
+			return fmt.Errorf("--access-log: %w", err)
+		}
+		defer f.Close()
+		cfg.AccessLog = slog.New(slog.NewJSONHandler(f, nil))
 	}
 	if *service != "" {
 		ns, name, ok := strings.Cut(*service, "/")
