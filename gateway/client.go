@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -252,7 +253,18 @@ func (c *Client) DialEarly(ctx context.Context, req tunnel.Request) (*Conn, erro
 // unless early, reads the answer, all under ctx. A ready connection that
 // turns out dead before the answer (the gateway restarted) is replaced by a
 // fresh one: no byte of the caller's was forwarded.
+//
+// Early, the header is not written yet: it goes with the caller's first
+// write (or before its first read or close) in one TLS record, so that the
+// gateway forwards both in one packet (see tlsEnd.early).
 func (c *Client) dialTCP(ctx context.Context, req *tunnel.Request, early bool) (*Conn, error) {
+	var hdr []byte
+	if early {
+		var err error
+		if hdr, err = tunnel.AppendRequest(nil, req); err != nil {
+			return nil, fmt.Errorf("dial %s in %s through gateway: %w", req.Target(), req.Cluster, err)
+		}
+	}
 	for attempt := 1; ; attempt++ {
 		sp, reused, err := c.take(ctx)
 		if err != nil {
@@ -265,11 +277,16 @@ func (c *Client) dialTCP(ctx context.Context, req *tunnel.Request, early bool) (
 			// handshakes then do not compete for CPU with it.
 			conn.answered = c.wantSpares
 		}
+		if early {
+			conn.hdr = hdr
+			conn.hdrPending.Store(true)
+			return conn, nil
+		}
 		if dl, ok := ctx.Deadline(); ok {
 			_ = sp.tcp.SetDeadline(dl)
 		}
 		err = tunnel.WriteRequest(sp.tls, req)
-		if err == nil && !early {
+		if err == nil {
 			err = conn.readAnswer()
 		}
 		if err == nil {
@@ -435,10 +452,15 @@ type Conn struct {
 
 	local, remote net.Addr
 
-	pending  bool // the answer is still to be read
-	once     sync.Once
-	answer   error
-	answered func() // called once the answer is read, if set
+	pending bool // the answer is still to be read
+	// DialEarly over TCP: the encoded header, sent with the first write
+	// (or before the first read or the end) under hdrMu.
+	hdrMu      sync.Mutex
+	hdr        []byte
+	hdrPending atomic.Bool
+	once       sync.Once
+	answer     error
+	answered   func() // called once the answer is read, if set
 
 	// TCP egress: application bytes travel in frames after the answer (see
 	// frameReader), so a connection whose both directions ended cleanly
@@ -466,9 +488,53 @@ func (c *Conn) readAnswer() error {
 	return c.answer
 }
 
+// sendHeader writes the pending header of a DialEarly connection with the
+// first frame of p and, if end, the end frame, in one TLS write, then the
+// rest of p. sent is false when another call already sent the header.
+func (c *Conn) sendHeader(p []byte, end bool) (n int, sent bool, err error) {
+	c.hdrMu.Lock()
+	defer c.hdrMu.Unlock()
+	if c.hdr == nil {
+		return 0, false, nil
+	}
+	c.fw.mu.Lock()
+	defer c.fw.mu.Unlock()
+	if c.fw.err != nil {
+		return 0, true, c.fw.err
+	}
+	bp := framePool.Get().(*[]byte)
+	defer framePool.Put(bp)
+	msg := append((*bp)[:0], c.hdr...)
+	c.hdr = nil
+	c.hdrPending.Store(false)
+	if len(p) > 0 {
+		n = min(len(p), cap(msg)-len(msg)-2)
+		msg = binary.BigEndian.AppendUint16(msg, uint16(n))
+		msg = append(msg, p[:n]...)
+	}
+	if end && n == len(p) {
+		msg = append(msg, 0, 0)
+		c.fw.ended = true
+	}
+	if _, err := c.tls.Write(msg); err != nil {
+		c.fw.err = err
+		return 0, true, err
+	}
+	if n < len(p) {
+		m, err := c.fw.writeLocked(p[n:])
+		return n + m, true, err
+	}
+	return n, true, nil
+}
+
 // Read reads application bytes, after the gateway's answer when the
 // connection came from DialEarly.
 func (c *Conn) Read(p []byte) (int, error) {
+	if c.hdrPending.Load() {
+		if _, _, err := c.sendHeader(nil, false); err != nil {
+			return 0, err
+		}
+	}
 	if c.pending {
 		if err := c.readAnswer(); err != nil {
 			return 0, err
@@ -484,6 +550,11 @@ func (c *Conn) Read(p []byte) (int, error) {
 func (c *Conn) Write(p []byte) (int, error) {
 	if c.stream != nil {
 		return c.stream.Write(p)
+	}
+	if c.hdrPending.Load() {
+		if n, sent, err := c.sendHeader(p, false); sent {
+			return n, err
+		}
 	}
 	return c.fw.Write(p)
 }
@@ -502,7 +573,10 @@ func (c *Conn) CloseWrite() error {
 // anyway), and it leaves no deadline, so the connection can be reused.
 func (c *Conn) end() error {
 	_ = c.tcp.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	err := c.fw.end()
+	var err error
+	if _, sent, herr := c.sendHeader(nil, true); herr != nil || !sent {
+		err = c.fw.end()
+	}
 	_ = c.tcp.SetWriteDeadline(time.Time{})
 	return err
 }

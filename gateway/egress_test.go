@@ -3,6 +3,7 @@ package gateway
 import (
 	"crypto/tls"
 	"errors"
+	"io"
 	"net"
 	"testing"
 	"time"
@@ -256,4 +257,97 @@ func TestTCPEgress(t *testing.T) {
 			c.Close()
 		}
 	})
+}
+
+// TestEarlyBytes: a DialEarly connection sends its header with the first
+// write in one TLS record, and the egress gets those bytes, without
+// blocking, to forward them with the header; with no early bytes, early
+// returns at once, and the end frame that came early is kept.
+func TestEarlyBytes(t *testing.T) {
+	cert, pool := selfSigned(t)
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	hdr, err := tunnel.AppendRequest(nil, &tunnel.Request{Cluster: "east", Namespace: "shop", Service: "checkout", Port: 80})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		send  func(c *Conn) error
+		early string
+		eof   bool // the end frame came early too
+	}{
+		{"first write", func(c *Conn) error { _, err := c.Write([]byte("hello")); return err }, "hello", false},
+		{"write and half-close", func(c *Conn) error {
+			if _, err := c.Write([]byte("bye")); err != nil {
+				return err
+			}
+			return c.CloseWrite()
+		}, "bye", true},
+		{"header alone", func(c *Conn) error { _, _, err := c.sendHeader(nil, false); return err }, "", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			raw, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer raw.Close()
+			srv, err := ln.AcceptTCP()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer srv.Close()
+			_ = srv.SetDeadline(time.Now().Add(10 * time.Second))
+			cc := tls.Client(raw, &tls.Config{RootCAs: pool, ServerName: "checkout.shop", MinVersion: tls.VersionTLS13})
+			br := &batchReader{TCPConn: srv}
+			sc := tls.Server(br, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13})
+			errc := make(chan error, 1)
+			go func() { errc <- cc.Handshake() }()
+			if err := sc.Handshake(); err != nil {
+				t.Fatal(err)
+			}
+			if err := <-errc; err != nil {
+				t.Fatal(err)
+			}
+			c := &Conn{tls: cc, tcp: raw, pending: true, client: &Client{}, hdr: hdr}
+			c.fr.r, c.fw.w = cc, cc
+			c.hdrPending.Store(true)
+			if err := tc.send(c); err != nil {
+				t.Fatal(err)
+			}
+
+			e := &tlsEnd{c: sc, tcp: srv, br: br}
+			got, err := tunnel.ReadRequest(e)
+			if err != nil || got.Service != "checkout" {
+				t.Fatalf("header: %+v, %v", got, err)
+			}
+			start := time.Now()
+			early, done := e.early()
+			defer done()
+			if string(early) != tc.early {
+				t.Errorf("early bytes %q, want %q", early, tc.early)
+			}
+			if d := time.Since(start); d > time.Second {
+				t.Errorf("early took %s: it must not wait", d)
+			}
+			if tc.eof {
+				if n, err := e.Read(make([]byte, 8)); n != 0 || !errors.Is(err, io.EOF) {
+					t.Errorf("read after the early end frame: %d, %v, want EOF", n, err)
+				}
+				return
+			}
+			// Later bytes still arrive, in frames.
+			if _, err := c.Write([]byte("later")); err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, 16)
+			n, err := e.Read(buf)
+			if err != nil || string(buf[:n]) != "later" {
+				t.Errorf("read after early: %q, %v", buf[:n], err)
+			}
+		})
+	}
 }

@@ -89,6 +89,11 @@ func (f *frameWriter) Write(p []byte) (int, error) {
 	if f.ended {
 		return 0, errEnded
 	}
+	return f.writeLocked(p)
+}
+
+// writeLocked writes p as frames; f.mu is held.
+func (f *frameWriter) writeLocked(p []byte) (int, error) {
 	bp := framePool.Get().(*[]byte)
 	defer framePool.Put(bp)
 	buf := *bp

@@ -790,7 +790,9 @@ func (g *Gateway) serveEgress(ctx context.Context, s downstream, caller spiffeid
 	}
 	req.SourceCluster = g.cfg.Cluster
 	req.Caller = caller.String()
-	ps, link, err := g.openUpstream(ctx, links, &req)
+	early, done := s.early()
+	defer done()
+	ps, link, err := g.openUpstream(ctx, links, &req, early)
 	if err != nil {
 		var te *tunnel.Error
 		if !errors.As(err, &te) {
@@ -808,16 +810,28 @@ func (g *Gateway) serveEgress(ctx context.Context, s downstream, caller spiffeid
 		return
 	}
 	s.startData()
-	err = splice(ctx, s, streamEnd{ps}, g.counter("egress"))
+	count := g.counter("egress")
+	if len(early) > 0 {
+		count(true, len(early))
+	}
+	done()
+	err = splice(ctx, s, streamEnd{ps}, count)
 	g.finishSpliced("egress", err)
 }
 
-// openUpstream opens a stream to the target cluster, sends the header and
-// waits for the peer's answer. The sidecar's bytes are not read before the
-// answer, so when a stream dies without one (a replica that died and is not
-// yet declared dead) the next live replica is tried and nothing is lost.
-// A refusal from the peer is returned as a *tunnel.Error.
-func (g *Gateway) openUpstream(ctx context.Context, links []*peer.Link, req *tunnel.Request) (*quic.Stream, *peer.Link, error) {
+// openUpstream opens a stream to the target cluster, sends the header with
+// early (the bytes that came with the sidecar's header, see
+// downstream.early) in one write, and waits for the peer's answer. The
+// sidecar's other bytes are not read before the answer, so when a stream
+// dies without one (a replica that died and is not yet declared dead) the
+// next live replica is tried with the same header and early bytes, and
+// nothing is lost. A refusal from the peer is returned as a *tunnel.Error.
+func (g *Gateway) openUpstream(ctx context.Context, links []*peer.Link, req *tunnel.Request, early []byte) (*quic.Stream, *peer.Link, error) {
+	msg, err := tunnel.AppendRequest(make([]byte, 0, tunnel.HeaderPrefixLen+tunnel.MaxBodyLen+len(early)), req)
+	if err != nil {
+		return nil, nil, err
+	}
+	msg = append(msg, early...)
 	var errs []error
 	tried := make([]bool, len(links))
 	for range links {
@@ -832,7 +846,7 @@ func (g *Gateway) openUpstream(ctx context.Context, links []*peer.Link, req *tun
 			errs = append(errs, err)
 			continue
 		}
-		if err := tunnel.WriteRequest(ps, req); err == nil {
+		if _, err := ps.Write(msg); err == nil {
 			err = tunnel.ReadResponse(ps)
 			if err == nil {
 				return ps, l, nil

@@ -49,7 +49,8 @@ func (e streamEnd) SetReadDeadline(t time.Time) error { return e.s.SetReadDeadli
 func (e streamEnd) refuse(code tunnel.Code, reason string) {
 	refuse(e.s, code, reason)
 }
-func (e streamEnd) startData() {}
+func (e streamEnd) startData()              {}
+func (e streamEnd) early() ([]byte, func()) { return nil, func() {} }
 
 // downstream is the sidecar's end of an egress connection (a QUIC stream
 // or a TLS connection), or a peer's stream at ingress: the header is read
@@ -58,8 +59,16 @@ type downstream interface {
 	end
 	SetReadDeadline(t time.Time) error
 	refuse(code tunnel.Code, reason string)
+	// early returns, without blocking, the application bytes that arrived
+	// with the header (at most maxEarly), to be forwarded with it before
+	// the answer; done releases them and may be called more than once.
+	early() (b []byte, done func())
 	startData() // the ok answer was written: application bytes follow
 }
+
+// maxEarly bounds the bytes early returns: a first flight (a TLS
+// ClientHello, a request) fits.
+const maxEarly = 16 << 10
 
 var (
 	_ downstream = streamEnd{}
@@ -75,15 +84,46 @@ type tlsEnd struct {
 	br  *batchReader
 	pre []byte
 
-	data    bool // after the answer: frames (see frameReader)
+	frames  bool // after the header, the sidecar's bytes come in frames (see frameReader)
+	data    bool // after the answer: frames both ways
 	fr      frameReader
 	fw      frameWriter
 	aborted atomic.Bool
 }
 
 func (e *tlsEnd) startData() {
-	e.data = true
+	e.frames, e.data = true, true
 	e.fr.r, e.fw.w = e.c, e.c
+}
+
+// early returns the application bytes the sidecar sent right after its
+// header (Client.DialEarly sends its first write in the same TLS record)
+// that are already received: in crypto/tls's buffer, the batch buffer or
+// the socket, read without blocking. The gateway forwards them with the
+// header, so the first flight reaches the target one gateway-to-gateway
+// round trip sooner, and keeps them until the answer to resend them if it
+// retries on another replica.
+func (e *tlsEnd) early() ([]byte, func()) {
+	e.frames, e.fr.r = true, e.c
+	if e.br == nil {
+		return nil, func() {}
+	}
+	bp := bufPool.Get().(*[]byte)
+	buf := (*bp)[:maxEarly]
+	e.br.nonblock = true
+	n := 0
+	for n < len(buf) {
+		m, err := e.Read(buf[n:])
+		n += m
+		// Nothing more without blocking, the end frame, or an error: a
+		// failure repeats on the next Read, after the answer.
+		if err != nil || m == 0 {
+			break
+		}
+	}
+	e.br.nonblock = false
+	var once sync.Once
+	return buf[:n], func() { once.Do(func() { bufPool.Put(bp) }) }
 }
 
 // reusable reports whether both directions ended with end frames, so the
@@ -107,7 +147,7 @@ func (e *tlsEnd) Read(p []byte) (int, error) {
 		e.pre = e.pre[n:]
 		return n, nil
 	}
-	if !e.data {
+	if !e.frames {
 		return e.c.Read(p) // the header
 	}
 	n, err := e.fr.Read(p)
@@ -130,6 +170,10 @@ type batchReader struct {
 	*net.TCPConn
 	buf  *[]byte // nil when empty
 	r, w int
+	// nonblock: when empty, read only what the socket holds, and fail
+	// with os.ErrDeadlineExceeded (a temporary error to crypto/tls, which
+	// keeps its state) instead of waiting.
+	nonblock bool
 }
 
 const batchReadSize = 128 << 10
@@ -139,7 +183,13 @@ var batchPool = sync.Pool{New: func() any { b := make([]byte, batchReadSize); re
 func (b *batchReader) Read(p []byte) (int, error) {
 	if b.buf == nil {
 		bp := batchPool.Get().(*[]byte)
-		n, err := b.TCPConn.Read(*bp)
+		var n int
+		var err error
+		if b.nonblock {
+			n, err = readNow(b.TCPConn, *bp)
+		} else {
+			n, err = b.TCPConn.Read(*bp)
+		}
 		if n <= 0 {
 			batchPool.Put(bp)
 			return 0, err
