@@ -29,7 +29,7 @@ func checkInjected(got, before *corev1.Pod, cfg Config) error {
 		return fmt.Errorf("last container is %s (%s), want %s (%s)", sc.Name, sc.Image, SidecarName, cfg.SidecarImage)
 	}
 	wantSock := "unix://" + cfg.SocketDir + "/" + cfg.SocketName
-	if len(sc.Env) != 1 || sc.Env[0].Name != SocketEnv || sc.Env[0].Value != wantSock {
+	if len(sc.Env) == 0 || sc.Env[0].Name != SocketEnv || sc.Env[0].Value != wantSock {
 		return fmt.Errorf("sidecar env %+v, want %s=%s", sc.Env, SocketEnv, wantSock)
 	}
 	if len(sc.VolumeMounts) != 1 || sc.VolumeMounts[0].Name != SocketVolume || sc.VolumeMounts[0].MountPath != cfg.SocketDir {

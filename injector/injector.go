@@ -33,6 +33,10 @@ const (
 	// SocketEnv is the environment variable go-spiffe reads the Workload API
 	// address from.
 	SocketEnv = "SPIFFE_ENDPOINT_SOCKET"
+	// EnvCluster and EnvDiscovery are the sidecar's defaults of --cluster
+	// and --discovery (Config.Cluster, Config.Discovery).
+	EnvCluster   = "FEDMESH_CLUSTER"
+	EnvDiscovery = "FEDMESH_DISCOVERY"
 )
 
 // SocketSource says where the Workload API socket comes from.
@@ -62,8 +66,18 @@ const (
 type Config struct {
 	SidecarImage   string   // default ghcr.io/fedmesh/fedmesh:dev
 	SidecarCommand []string // default /usr/local/bin/fedmesh-sidecar (clusters/Dockerfile)
-	SidecarArgs    []string // default: the ports below
-	InitImage      string   // default ghcr.io/fedmesh/fedmesh-init:dev (clusters/Dockerfile target init)
+	// SidecarArgs replaces the default arguments, which are made per pod:
+	// --outbound-port (transparent outbound) and, for a pod that declares a
+	// container port, --inbound-port with --app=127.0.0.1:<its first TCP
+	// container port> (the mTLS inbound hands plaintext to that port).
+	SidecarArgs []string
+	// Cluster and Discovery, when set, reach every sidecar as
+	// FEDMESH_CLUSTER and FEDMESH_DISCOVERY, the defaults of its --cluster
+	// and --discovery: the own cluster's name and the federation
+	// controller's discovery API (host:port), where transparent mode gets
+	// the service directory and every endpoint set.
+	Cluster, Discovery string
+	InitImage          string // default ghcr.io/fedmesh/fedmesh-init:dev (clusters/Dockerfile target init)
 	// InboundPort and OutboundPort are where the sidecar listens for
 	// redirected traffic; ProxyUID is the UID it runs as, whose own traffic
 	// is not redirected. Defaults 15006, 15001, 1337.
@@ -117,10 +131,6 @@ func (c *Config) Validate() error {
 	}
 	if len(c.SidecarCommand) == 0 {
 		c.SidecarCommand = []string{"/usr/local/bin/fedmesh-sidecar"}
-	}
-	if len(c.SidecarArgs) == 0 {
-		c.SidecarArgs = []string{"--inbound-port=" + strconv.Itoa(int(c.InboundPort)),
-			"--outbound-port=" + strconv.Itoa(int(c.OutboundPort))}
 	}
 	var errs []error
 	for _, p := range append([]int32{c.InboundPort, c.OutboundPort}, c.ExcludeInboundPorts...) {
@@ -213,7 +223,7 @@ func (c *Config) Patch(pod *corev1.Pod) ([]byte, error) {
 	} else {
 		ops = append(ops, patchOp{"add", "/spec/initContainers", []any{c.initContainer()}})
 	}
-	add("/spec/containers", len(pod.Spec.Containers) > 0, c.sidecar())
+	add("/spec/containers", len(pod.Spec.Containers) > 0, c.sidecar(pod))
 	add("/spec/volumes", len(pod.Spec.Volumes) > 0, c.socketVolume())
 	if pod.Annotations == nil {
 		ops = append(ops, patchOp{"add", "/metadata/annotations", map[string]string{AnnotationInjected: "true"}})
@@ -225,23 +235,60 @@ func (c *Config) Patch(pod *corev1.Pod) ([]byte, error) {
 
 // RedirectScript is the iptables program the init container runs: every
 // inbound TCP connection goes to InboundPort, every outbound one (except the
-// sidecar's own, by UID, and loopback) to OutboundPort.
+// sidecar's own, by UID, and loopback) to OutboundPort. The same rules go
+// into ip6tables when the pod's kernel has IPv6 NAT.
 func (c *Config) RedirectScript() string {
-	in, out, uid := c.InboundPort, c.OutboundPort, c.ProxyUID
 	var b strings.Builder
 	fmt.Fprintf(&b, "set -e\n")
-	fmt.Fprintf(&b, "iptables -t nat -N FEDMESH_INBOUND\n")
-	for _, p := range c.ExcludeInboundPorts {
-		fmt.Fprintf(&b, "iptables -t nat -A FEDMESH_INBOUND -p tcp --dport %d -j RETURN\n", p)
-	}
-	fmt.Fprintf(&b, "iptables -t nat -A FEDMESH_INBOUND -p tcp -j REDIRECT --to-ports %d\n", in)
-	fmt.Fprintf(&b, "iptables -t nat -A PREROUTING -p tcp -j FEDMESH_INBOUND\n")
-	fmt.Fprintf(&b, "iptables -t nat -N FEDMESH_OUTBOUND\n")
-	fmt.Fprintf(&b, "iptables -t nat -A FEDMESH_OUTBOUND -m owner --uid-owner %d -j RETURN\n", uid)
-	fmt.Fprintf(&b, "iptables -t nat -A FEDMESH_OUTBOUND -o lo -j RETURN\n")
-	fmt.Fprintf(&b, "iptables -t nat -A FEDMESH_OUTBOUND -p tcp -j REDIRECT --to-ports %d\n", out)
-	fmt.Fprintf(&b, "iptables -t nat -A OUTPUT -p tcp -j FEDMESH_OUTBOUND\n")
+	c.redirectRules(&b, "iptables", "")
+	fmt.Fprintf(&b, "if command -v ip6tables >/dev/null 2>&1 && ip6tables -t nat -L >/dev/null 2>&1; then\n")
+	c.redirectRules(&b, "ip6tables", "  ")
+	fmt.Fprintf(&b, "fi\n")
 	return b.String()
+}
+
+func (c *Config) redirectRules(b *strings.Builder, ipt, indent string) {
+	in, out, uid := c.InboundPort, c.OutboundPort, c.ProxyUID
+	fmt.Fprintf(b, "%s%s -t nat -N FEDMESH_INBOUND\n", indent, ipt)
+	for _, p := range c.ExcludeInboundPorts {
+		fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_INBOUND -p tcp --dport %d -j RETURN\n", indent, ipt, p)
+	}
+	fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_INBOUND -p tcp -j REDIRECT --to-ports %d\n", indent, ipt, in)
+	fmt.Fprintf(b, "%s%s -t nat -A PREROUTING -p tcp -j FEDMESH_INBOUND\n", indent, ipt)
+	fmt.Fprintf(b, "%s%s -t nat -N FEDMESH_OUTBOUND\n", indent, ipt)
+	fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_OUTBOUND -m owner --uid-owner %d -j RETURN\n", indent, ipt, uid)
+	fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_OUTBOUND -o lo -j RETURN\n", indent, ipt)
+	fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_OUTBOUND -p tcp -j REDIRECT --to-ports %d\n", indent, ipt, out)
+	fmt.Fprintf(b, "%s%s -t nat -A OUTPUT -p tcp -j FEDMESH_OUTBOUND\n", indent, ipt)
+}
+
+// sidecarArgs are the sidecar's arguments for pod: SidecarArgs when set,
+// else the transparent outbound and, when the pod declares a TCP container
+// port, the inbound handing plaintext to the first one.
+func (c *Config) sidecarArgs(pod *corev1.Pod) []string {
+	if len(c.SidecarArgs) > 0 {
+		return c.SidecarArgs
+	}
+	args := []string{"--outbound-port=" + strconv.Itoa(int(c.OutboundPort))}
+	if p := appPort(pod); p > 0 {
+		args = append(args, "--inbound-port="+strconv.Itoa(int(c.InboundPort)), "--app=127.0.0.1:"+strconv.Itoa(int(p)))
+	}
+	return args
+}
+
+// appPort is the pod's first TCP container port, 0 when it declares none.
+func appPort(pod *corev1.Pod) int32 {
+	for _, ct := range pod.Spec.Containers {
+		if ct.Name == SidecarName {
+			continue
+		}
+		for _, p := range ct.Ports {
+			if p.Protocol == "" || p.Protocol == corev1.ProtocolTCP {
+				return p.ContainerPort
+			}
+		}
+	}
+	return 0
 }
 
 func (c *Config) initContainer() corev1.Container {
@@ -265,15 +312,22 @@ func (c *Config) initContainer() corev1.Container {
 	}
 }
 
-func (c *Config) sidecar() corev1.Container {
+func (c *Config) sidecar(pod *corev1.Pod) corev1.Container {
 	f, t := false, true
 	uid := c.ProxyUID
+	env := []corev1.EnvVar{{Name: SocketEnv, Value: "unix://" + strings.TrimSuffix(c.SocketDir, "/") + "/" + c.SocketName}}
+	if c.Cluster != "" {
+		env = append(env, corev1.EnvVar{Name: EnvCluster, Value: c.Cluster})
+	}
+	if c.Discovery != "" {
+		env = append(env, corev1.EnvVar{Name: EnvDiscovery, Value: c.Discovery})
+	}
 	return corev1.Container{
 		Name:    SidecarName,
 		Image:   c.SidecarImage,
 		Command: c.SidecarCommand,
-		Args:    c.SidecarArgs,
-		Env:     []corev1.EnvVar{{Name: SocketEnv, Value: "unix://" + strings.TrimSuffix(c.SocketDir, "/") + "/" + c.SocketName}},
+		Args:    c.sidecarArgs(pod),
+		Env:     env,
 		Ports: []corev1.ContainerPort{
 			{Name: "fedmesh-in", ContainerPort: c.InboundPort, Protocol: corev1.ProtocolTCP},
 			{Name: "fedmesh-out", ContainerPort: c.OutboundPort, Protocol: corev1.ProtocolTCP},

@@ -130,3 +130,73 @@ func TestConfigValidate(t *testing.T) {
 		})
 	}
 }
+
+// TestSidecarArgs: the injected sidecar gets the flags fedmesh-sidecar
+// defines: the transparent outbound always, the inbound with the app's
+// first TCP port when the pod declares one; the cluster and discovery
+// address as environment when configured; SidecarArgs replaces it all.
+func TestSidecarArgs(t *testing.T) {
+	withPorts := func(p *corev1.Pod) {
+		p.Spec.Containers[0].Ports = []corev1.ContainerPort{{ContainerPort: 53, Protocol: corev1.ProtocolUDP}, {ContainerPort: 8080}}
+	}
+	for _, tc := range []struct {
+		name    string
+		cfg     Config
+		pod     *corev1.Pod
+		args    []string
+		wantEnv map[string]string
+	}{
+		{"no port", Config{}, pod(nil), []string{"--outbound-port=15001"}, nil},
+		{"first TCP port", Config{}, pod(withPorts), []string{"--outbound-port=15001", "--inbound-port=15006", "--app=127.0.0.1:8080"}, nil},
+		{"other ports, cluster and discovery", Config{InboundPort: 16006, OutboundPort: 16001, Cluster: "east", Discovery: "fedmesh-discovery.fedmesh-system.svc:15012"},
+			pod(withPorts), []string{"--outbound-port=16001", "--inbound-port=16006", "--app=127.0.0.1:8080"},
+			map[string]string{EnvCluster: "east", EnvDiscovery: "fedmesh-discovery.fedmesh-system.svc:15012"}},
+		{"explicit args", Config{SidecarArgs: []string{"--cluster=west"}}, pod(withPorts), []string{"--cluster=west"}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := tc.cfg
+			if err := cfg.Validate(); err != nil {
+				t.Fatal(err)
+			}
+			sc := cfg.sidecar(tc.pod)
+			if strings.Join(sc.Args, " ") != strings.Join(tc.args, " ") {
+				t.Errorf("args %q, want %q", sc.Args, tc.args)
+			}
+			env := map[string]string{}
+			for _, e := range sc.Env {
+				env[e.Name] = e.Value
+			}
+			for k, v := range tc.wantEnv {
+				if env[k] != v {
+					t.Errorf("env %s=%q, want %q", k, env[k], v)
+				}
+			}
+			if len(env) != 1+len(tc.wantEnv) {
+				t.Errorf("env %v", env)
+			}
+		})
+	}
+}
+
+// TestRedirectScriptBothFamilies: the same rules for iptables and, when
+// the kernel has IPv6 NAT, ip6tables.
+func TestRedirectScriptBothFamilies(t *testing.T) {
+	cfg := Config{ExcludeInboundPorts: []int32{15021}}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	s := cfg.RedirectScript()
+	for _, want := range []string{
+		"iptables -t nat -A FEDMESH_OUTBOUND -m owner --uid-owner 1337 -j RETURN",
+		"iptables -t nat -A FEDMESH_INBOUND -p tcp --dport 15021 -j RETURN",
+		"  ip6tables -t nat -A FEDMESH_OUTBOUND -p tcp -j REDIRECT --to-ports 15001",
+		"  ip6tables -t nat -A FEDMESH_INBOUND -p tcp -j REDIRECT --to-ports 15006",
+	} {
+		if !strings.Contains(s, want) {
+			t.Errorf("script lacks %q:\n%s", want, s)
+		}
+	}
+	if strings.Count(s, "tables -t nat -A OUTPUT -p tcp -j FEDMESH_OUTBOUND") != 2 {
+		t.Errorf("want one OUTPUT jump per family:\n%s", s)
+	}
+}

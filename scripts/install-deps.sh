@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Installs what fedmesh needs from Debian's packages: etcd (etcd-server; its
-# system service is not used) and iproute2 (network namespaces of the local
-# federation's pod networks). Nothing is downloaded from anywhere else.
+# system service is not used), iproute2 (network namespaces of the local
+# federation's pod networks) and iptables (the sidecar's transparent-mode
+# test installs the injector's redirect rules in a network namespace).
+# Nothing is downloaded from anywhere else.
 set -euo pipefail
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "missing ${need[*]} and apt-get is unavailable: install etcd 3.4+ and iproute2 and put them on PATH" >&2
+  echo "missing ${need[*]} and apt-get is unavailable: install etcd 3.4+, iproute2 and iptables and put them on PATH" >&2
   exit 1
 fi
 SUDO=""

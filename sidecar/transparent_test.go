@@ -59,6 +59,7 @@ func (f *fakeController) Directory() (*pb.Directory, error) {
 type podNetns struct {
 	name, hostIf  string
 	prefix        string // "198.19.N."
+	prefix6       string // "fd00:fe19:N::", the pod's IPv6 /64 (never leaves the namespace)
 	hostIP, podIP string
 	path          string // /run/netns/<name>
 }
@@ -102,9 +103,10 @@ func newPodNetns(t *testing.T) *podNetns {
 		t.Fatal("no free 198.19.x.0/24")
 	}
 	n := &podNetns{
-		name:   fmt.Sprintf("fmtp-%d-%d", os.Getpid(), third),
-		hostIf: fmt.Sprintf("fmtp%dh", third),
-		prefix: fmt.Sprintf("198.19.%d.", third),
+		name:    fmt.Sprintf("fmtp-%d-%d", os.Getpid(), third),
+		hostIf:  fmt.Sprintf("fmtp%dh", third),
+		prefix:  fmt.Sprintf("198.19.%d.", third),
+		prefix6: fmt.Sprintf("fd00:fe19:%x::", third),
 	}
 	n.hostIP, n.podIP, n.path = n.prefix+"1", n.prefix+"2", "/run/netns/"+n.name
 	peer := fmt.Sprintf("fmtp%dn", third)
@@ -119,6 +121,7 @@ func newPodNetns(t *testing.T) *podNetns {
 	mustRun(t, "ip", "link", "set", n.hostIf, "up")
 	mustRun(t, "ip", "-n", n.name, "link", "set", "lo", "up")
 	mustRun(t, "ip", "-n", n.name, "addr", "add", n.podIP+"/24", "dev", peer)
+	mustRun(t, "ip", "-n", n.name, "addr", "add", n.prefix6+"2/64", "dev", peer, "nodad")
 	mustRun(t, "ip", "-n", n.name, "link", "set", peer, "up")
 	mustRun(t, "ip", "-n", n.name, "route", "add", "default", "via", n.hostIP)
 	return n
@@ -211,8 +214,8 @@ func echoOnce(c net.Conn, line string) (string, error) {
 // UID 1337 (the injector's ProxyUID), with its endpoint sets and service
 // directory from a discovery API server over SPIFFE mTLS. The app (this
 // test, dialing from inside the namespace as root) calls services by
-// virtual IPs only: a Service's cluster IP and a ServiceImport's clusterset
-// IP reach the HTTP backend through the server's sidecar (mTLS inbound),
+// virtual IPs only: a Service's cluster IPs (IPv4 and IPv6) and a
+// ServiceImport's clusterset IP reach the HTTP backend through the server's sidecar (mTLS inbound),
 // a tcp- port reaches a TCP backend the same way, an unknown destination is
 // passed through unchanged, and a connection to the sidecar's own port is
 // refused rather than looped.
@@ -258,13 +261,14 @@ func TestTransparentOutbound(t *testing.T) {
 				Address: ns.hostIP, Ready: true, Serving: true, Ports: []*pb.Port{{Name: port, Protocol: "TCP", Port: int32(target)}}}}}}}
 	}
 	vipSvc, vipImport, vipDB, vipGarbage := ns.prefix+"200", ns.prefix+"201", ns.prefix+"202", ns.prefix+"203"
+	vipSvc6 := ns.prefix6 + "c8" // the Service is dual-stack
 	ctrl := &fakeController{
 		sets: map[string]*pb.EndpointSet{
 			"shop/checkout": endpointSet("checkout", "http", 80, checkoutSC),
 			"shop/db":       endpointSet("db", "tcp-postgres", 5432, dbSC),
 		},
 		dir: &pb.Directory{LocalCluster: "west", Version: 1, Services: []*pb.VirtualService{
-			{Namespace: "shop", Name: "checkout", Ips: []string{vipSvc}, Ports: []*pb.Port{{Name: "http", Protocol: "TCP", Port: 80}}},
+			{Namespace: "shop", Name: "checkout", Ips: []string{vipSvc, vipSvc6}, Ports: []*pb.Port{{Name: "http", Protocol: "TCP", Port: 80}}},
 			{Namespace: "shop", Name: "checkout", Imported: true, Ips: []string{vipImport}, Ports: []*pb.Port{{Name: "http", Protocol: "TCP", Port: 80}}},
 			{Namespace: "shop", Name: "db", Ips: []string{vipDB}, Ports: []*pb.Port{{Name: "tcp-postgres", Protocol: "TCP", Port: 5432}}},
 			{Namespace: "shop", Name: "garbage", Ips: []string{"not-an-ip", vipGarbage}, Ports: []*pb.Port{{Name: "http", Protocol: "TCP", Port: 80}}},
@@ -338,6 +342,12 @@ func TestTransparentOutbound(t *testing.T) {
 			}
 		}
 	})
+	t.Run("service IPv6 cluster IP", func(t *testing.T) {
+		by, err := get("http://[" + vipSvc6 + "]/")
+		if err != nil || by != "checkout" {
+			t.Fatalf("request to %s: served by %q, %v", vipSvc6, by, err)
+		}
+	})
 	t.Run("import clusterset IP", func(t *testing.T) {
 		by, err := get("http://" + vipImport + "/")
 		if err != nil || by != "checkout" {
@@ -392,7 +402,7 @@ func TestTransparentOutbound(t *testing.T) {
 	})
 	metrics := scrape(t, "http://"+admin+"/metrics")
 	for _, want := range []string{
-		`fedmesh_sidecar_transparent_connections_total{result="service"} 7`,
+		`fedmesh_sidecar_transparent_connections_total{result="service"} 8`,
 		`fedmesh_sidecar_transparent_connections_total{result="passthrough"} 1`,
 		`fedmesh_sidecar_transparent_connections_total{result="loop"} 2`,
 	} {
