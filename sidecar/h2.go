@@ -468,10 +468,17 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	svc := u.name
 	grpc := isGRPC(r.Header)
+	rec := reqRecord{req: r, start: start, traceID: traceContext(r.Header)}
+	gs := func(code int) int { // the gRPC status of an error answer, for the log
+		if grpc {
+			return code
+		}
+		return -1
+	}
 	if n := u.active.Add(1); n > int64(u.s.cfg.MaxRequests) {
 		u.active.Add(-1)
 		u.s.m.overflows.WithLabelValues(svc).Inc()
-		u.countRequest("", "overflow")
+		u.finish(&rec, "", "overflow", http.StatusServiceUnavailable, gs(grpcResourceExhausted))
 		h2Error(w, grpc, http.StatusServiceUnavailable, grpcResourceExhausted, "overflow", "too many outstanding requests")
 		return
 	}
@@ -489,7 +496,7 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 		if rt = rtr.match(r); rt != nil {
 			b := rt.pick(start)
 			if b == nil {
-				u.countRequest("", "no_endpoint")
+				u.finish(&rec, "", "no_endpoint", http.StatusServiceUnavailable, gs(grpcUnavailable))
 				h2Error(w, grpc, http.StatusServiceUnavailable, grpcUnavailable, "no_healthy_endpoint", "no backend of route "+rt.name+" has an endpoint")
 				return
 			}
@@ -552,19 +559,21 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 		if firstPrio < 0 {
 			firstPrio = t.Priority
 		}
+		rec.endpoint = t.Name
+		rec.attempts++
 		resp, ab, cancel, sent, err := u.h2Attempt(ctx, bp, t, r, body, min(attemptTimeout, time.Until(headDeadline)))
 		if err != nil {
 			lastErr = err
 			u.s.log.Debug("attempt failed", "upstream", svc, "cluster", t.Cluster, "endpoint", t.Name, "err", err)
 			timedOut = timedOut || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded)
 			if r.Context().Err() != nil {
-				u.countRequest(t.Cluster, "client_error")
+				u.finish(&rec, t.Cluster, "client_error", 0, -1)
 				return // the client went away
 			}
 			if !sent || (idem && body.replayable()) {
 				continue
 			}
-			u.countRequest(t.Cluster, "error")
+			u.finish(&rec, t.Cluster, "error", http.StatusBadGateway, gs(grpcUnavailable))
 			h2Error(w, grpc, http.StatusBadGateway, grpcUnavailable, "upstream_failed", err.Error())
 			return
 		}
@@ -600,7 +609,7 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 				if idem && body.replayable() && r.Context().Err() == nil {
 					continue
 				}
-				u.countRequest(t.Cluster, "error")
+				u.finish(&rec, t.Cluster, "error", http.StatusBadGateway, gs(grpcUnavailable))
 				h2Error(w, grpc, http.StatusBadGateway, grpcUnavailable, "upstream_failed", lastErr.Error())
 				return
 			}
@@ -610,7 +619,7 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 		if t.Priority > firstPrio {
 			u.s.m.failovers.WithLabelValues(svc, t.Cluster).Inc()
 		}
-		aborted := u.h2Respond(w, resp, t, start, rt)
+		aborted := u.h2Respond(w, resp, t, &rec, rt)
 		putBody(buffered)
 		ab.end()
 		cancel()
@@ -620,7 +629,7 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if timedOut || time.Now().After(headDeadline) {
-		u.countRequest("", "timeout")
+		u.finish(&rec, "", "timeout", http.StatusGatewayTimeout, gs(grpcDeadlineExceeded))
 		h2Error(w, grpc, http.StatusGatewayTimeout, grpcDeadlineExceeded, "timeout", "no answer from "+bp.label+" in time")
 		return
 	}
@@ -628,7 +637,7 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 	if lastErr != nil {
 		detail += " (last: " + lastErr.Error() + ")"
 	}
-	u.countRequest("", "no_endpoint")
+	u.finish(&rec, "", "no_endpoint", http.StatusServiceUnavailable, gs(grpcUnavailable))
 	h2Error(w, grpc, http.StatusServiceUnavailable, grpcUnavailable, "no_healthy_endpoint", detail)
 }
 
@@ -713,7 +722,7 @@ func (u *upstream) h2Attempt(ctx context.Context, bp *backendPool, t *balancer.T
 // h2Respond streams resp to the client: head, body (flushed as it comes,
 // so streams stay live) and trailers. aborted means the answer broke off
 // and the client's stream must be reset.
-func (u *upstream) h2Respond(w http.ResponseWriter, resp *http.Response, t *balancer.Target, start time.Time, rt *route) (aborted bool) {
+func (u *upstream) h2Respond(w http.ResponseWriter, resp *http.Response, t *balancer.Target, rec *reqRecord, rt *route) (aborted bool) {
 	defer resp.Body.Close()
 	if rt != nil && rt.respHeaders != nil {
 		rt.respHeaders.apply(resp.Header, nil)
@@ -724,16 +733,22 @@ func (u *upstream) h2Respond(w http.ResponseWriter, resp *http.Response, t *bala
 	}
 	err := copyH2Response(w, resp)
 	aborted = errors.Is(err, errBodyBroken)
-	if code, ok := grpcStatus(resp.Trailer); ok && code != grpcOK && result == "ok" {
-		result = "grpc_error"
-	} else if code, ok := grpcStatus(resp.Header); ok && code != grpcOK && result == "ok" {
+	code, ok := grpcStatus(resp.Trailer)
+	if !ok {
+		code, ok = grpcStatus(resp.Header)
+	}
+	if !ok {
+		code = -1
+	} else if code != grpcOK && result == "ok" {
 		result = "grpc_error"
 	}
-	if err != nil {
+	if aborted {
+		result = "error"
+	} else if err != nil {
 		result = "client_error"
 	}
-	u.countRequest(t.Cluster, result)
-	u.latency.Observe(time.Since(start).Seconds())
+	u.finish(rec, t.Cluster, result, resp.StatusCode, code)
+	u.latency.Observe(time.Since(rec.start).Seconds())
 	return aborted
 }
 

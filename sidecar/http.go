@@ -188,10 +188,11 @@ func (a *answer) release(reuse bool) {
 func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Writer) bool {
 	start := time.Now()
 	svc := u.name
+	rec := reqRecord{req: req, start: start, traceID: traceContext(req.Header)}
 	if n := u.active.Add(1); n > int64(u.s.cfg.MaxRequests) {
 		u.active.Add(-1)
 		u.s.m.overflows.WithLabelValues(svc).Inc()
-		u.countRequest("", "overflow")
+		u.finish(&rec, "", "overflow", http.StatusServiceUnavailable, -1)
 		writeError(w, http.StatusServiceUnavailable, "overflow", "too many outstanding requests")
 		return req.Body == http.NoBody
 	}
@@ -205,7 +206,7 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 		if rt = r.match(req); rt != nil {
 			b := rt.pick(start)
 			if b == nil {
-				u.countRequest("", "no_endpoint")
+				u.finish(&rec, "", "no_endpoint", http.StatusServiceUnavailable, -1)
 				writeError(w, http.StatusServiceUnavailable, "no_healthy_endpoint", "no backend of route "+rt.name+" has an endpoint")
 				return replayable
 			}
@@ -256,6 +257,8 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 		if firstPrio < 0 {
 			firstPrio = t.Priority
 		}
+		rec.endpoint = t.Name
+		rec.attempts++
 		a, sent, err := u.attempt(ctx, bp, t, req, safe, deadline, attemptTimeout)
 		if err != nil {
 			u.s.log.Debug("attempt failed", "upstream", svc, "cluster", t.Cluster, "endpoint", t.Name, "err", err)
@@ -263,7 +266,7 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 			if !sent || safe {
 				continue // nothing reached the app, or it is safe to send again
 			}
-			u.countRequest(t.Cluster, "error")
+			u.finish(&rec, t.Cluster, "error", http.StatusBadGateway, -1)
 			writeError(w, http.StatusBadGateway, "upstream_failed", err.Error())
 			return false
 		}
@@ -280,24 +283,25 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 		if t.Priority > firstPrio {
 			u.s.m.failovers.WithLabelValues(svc, t.Cluster).Inc()
 		}
-		return u.respond(req, a, w, start, rt)
+		return u.respond(&rec, a, w, rt)
 	}
 	if last != nil {
-		return u.respond(req, last, w, start, rt)
+		return u.respond(&rec, last, w, rt)
 	}
 	if timedOut || time.Now().After(deadline) {
-		u.countRequest("", "timeout")
+		u.finish(&rec, "", "timeout", http.StatusGatewayTimeout, -1)
 		writeError(w, http.StatusGatewayTimeout, "timeout", "no answer from "+bp.label+" in time")
 		return replayable
 	}
-	u.countRequest("", "no_endpoint")
+	u.finish(&rec, "", "no_endpoint", http.StatusServiceUnavailable, -1)
 	writeError(w, http.StatusServiceUnavailable, "no_healthy_endpoint", "no endpoint of "+bp.label+" answered")
 	return replayable
 }
 
 // respond forwards a to the client and returns the upstream connection to
 // its pool when the body was read to the end.
-func (u *upstream) respond(req *http.Request, a *answer, w *bufio.Writer, start time.Time, rt *route) bool {
+func (u *upstream) respond(rec *reqRecord, a *answer, w *bufio.Writer, rt *route) bool {
+	req := rec.req
 	result := "ok"
 	if a.resp.StatusCode >= 500 {
 		result = "5xx"
@@ -316,12 +320,12 @@ func (u *upstream) respond(req *http.Request, a *answer, w *bufio.Writer, start 
 	err := a.resp.Write(w)
 	a.resp.Close = upstreamClose
 	if err != nil {
-		u.countRequest(a.t.Cluster, "client_error")
+		u.finish(rec, a.t.Cluster, "client_error", a.resp.StatusCode, -1)
 		a.release(false)
 		return false
 	}
-	u.countRequest(a.t.Cluster, result)
-	u.latency.Observe(time.Since(start).Seconds())
+	u.finish(rec, a.t.Cluster, result, a.resp.StatusCode, -1)
+	u.latency.Observe(time.Since(rec.start).Seconds())
 	a.release(true)
 	return true
 }
