@@ -103,6 +103,19 @@ func serveTCP(tb testing.TB, handle func(net.Conn)) string {
 	return ln.Addr().String()
 }
 
+func echoStream(s *quic.Stream) {
+	buf := make([]byte, 4096)
+	for {
+		n, err := s.Read(buf)
+		if err != nil {
+			return
+		}
+		if _, err := s.Write(buf[:n]); err != nil {
+			return
+		}
+	}
+}
+
 func echo(c net.Conn) {
 	buf := make([]byte, 4096)
 	for {
@@ -301,9 +314,19 @@ func (e *benchEnv) cpu(b *testing.B) [2]time.Duration {
 // new connection plus a first 1-byte round trip and (b) a 1-byte round trip
 // on an open connection, direct TCP to an echo server and proxied through
 // both gateways (TCP egress, and QUIC egress for comparison), interleaved.
-// Reports p50/p99 and the added latency.
+// Reports p50/p99 and the added latency. The same samples through a bare
+// quic-go connection to an echo in another process (a new stream and its
+// first round trip; a round trip on an open stream) show what the one QUIC
+// hop of the proxied path costs by itself at the same moment.
 func BenchmarkLatency(b *testing.B) {
 	e := setup(b)
+	qs := startChild(b, "quicsink")
+	qconf := &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"bench-echo"}} //nolint:gosec // a latency reference, not a security test
+	bare, err := quic.DialAddr(context.Background(), qs.addrs["quic"], qconf, gateway.DefaultQUICConfig())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer bare.CloseWithError(0, "")
 	one := []byte{'x'}
 	rt := func(c io.ReadWriter) error {
 		if _, err := c.Write(one); err != nil {
@@ -314,7 +337,7 @@ func BenchmarkLatency(b *testing.B) {
 		return err
 	}
 	for b.Loop() {
-		var newDirect, newProxied, newWait, rtDirect, rtProxied, newQUIC, rtQUIC []time.Duration
+		var newDirect, newProxied, newWait, rtDirect, rtProxied, newQUIC, rtQUIC, newBare, rtBare []time.Duration
 		dc, err := net.Dial("tcp", e.echoAddr)
 		if err != nil {
 			b.Fatal(err)
@@ -327,10 +350,15 @@ func BenchmarkLatency(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
+		bs, err := bare.OpenStreamSync(context.Background())
+		if err != nil {
+			b.Fatal(err)
+		}
 		for range 100 { // warm up
 			_ = rt(dc)
 			_ = rt(pc)
 			_ = rt(qc)
+			_ = rt(bs)
 		}
 		for range latSamples {
 			start := time.Now()
@@ -393,7 +421,26 @@ func BenchmarkLatency(b *testing.B) {
 				b.Fatal(err)
 			}
 			rtQUIC = append(rtQUIC, time.Since(start))
+
+			// A bare quic-go hop.
+			start = time.Now()
+			s, err := bare.OpenStreamSync(context.Background())
+			if err == nil {
+				err = rt(s)
+				s.CancelRead(0)
+				s.Close()
+			}
+			if err != nil {
+				b.Fatal(err)
+			}
+			newBare = append(newBare, time.Since(start))
+			start = time.Now()
+			if err := rt(bs); err != nil {
+				b.Fatal(err)
+			}
+			rtBare = append(rtBare, time.Since(start))
 		}
+		bs.Close()
 		dc.Close()
 		pc.Close()
 		qc.Close()
@@ -412,6 +459,8 @@ func BenchmarkLatency(b *testing.B) {
 		report("rt", rtDirect, rtProxied)
 		b.ReportMetric(ms(pct(newQUIC, 50)-pct(newDirect, 50)), "quic-egress-new-added-p50-ms")
 		b.ReportMetric(ms(pct(rtQUIC, 50)-pct(rtDirect, 50)), "quic-egress-rt-added-p50-ms")
+		b.ReportMetric(ms(pct(newBare, 50)), "bare-quic-new-p50-ms")
+		b.ReportMetric(ms(pct(rtBare, 50)), "bare-quic-rt-p50-ms")
 	}
 }
 
@@ -514,8 +563,9 @@ func procMemMB(pid int, field string) (float64, error) {
 	return 0, fmt.Errorf("no %s in /proc/%d/status", field, pid)
 }
 
-// quicSink is the child side of the bare quic-go ceiling: a QUIC server
-// with the gateway's flow-control windows whose streams are sinks.
+// quicSink is the child side of the bare quic-go references: a QUIC server
+// with the gateway's flow-control windows whose streams are sinks, or
+// echoes on a connection that negotiated ALPN "bench-echo".
 func quicSink() error {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -531,7 +581,7 @@ func quicSink() error {
 		return err
 	}
 	tr := &quic.Transport{Conn: uc}
-	ln, err := tr.Listen(&tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}, NextProtos: []string{"bench"}}, gateway.DefaultQUICConfig())
+	ln, err := tr.Listen(&tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}, NextProtos: []string{"bench", "bench-echo"}}, gateway.DefaultQUICConfig())
 	if err != nil {
 		return err
 	}
@@ -549,6 +599,10 @@ func quicSink() error {
 						return
 					}
 					return
+				}
+				if conn.ConnectionState().TLS.NegotiatedProtocol == "bench-echo" {
+					go func() { echoStream(s); s.Close() }()
+					continue
 				}
 				go func() { sink(s); s.Close() }()
 			}

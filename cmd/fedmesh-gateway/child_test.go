@@ -78,7 +78,11 @@ type child struct {
 func startChild(t testing.TB, mode string, args ...string) *child {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], args...)
-	cmd.Env = append(os.Environ(), "FEDMESH_GATEWAY_CHILD="+mode, "GOMAXPROCS=2")
+	procs := os.Getenv("FEDMESH_BENCH_CHILD_PROCS") // to measure the scheduler's share
+	if procs == "" {
+		procs = "2"
+	}
+	cmd.Env = append(os.Environ(), "FEDMESH_GATEWAY_CHILD="+mode, "GOMAXPROCS="+procs)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
