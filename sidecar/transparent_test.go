@@ -274,52 +274,9 @@ func TestTransparentOutbound(t *testing.T) {
 			{Namespace: "shop", Name: "garbage", Ips: []string{"not-an-ip", vipGarbage}, Ports: []*pb.Port{{Name: "http", Protocol: "TCP", Port: 80}}},
 		}},
 	}
-	discoLn, err := net.Listen("tcp", ns.hostIP+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(mtls.ServerConfig(west.Source(t, "gateway"), mtls.MemberOf(west.TD)))))
-	pb.RegisterDiscoveryServer(srv, discovery.NewServer(ctrl, nil, nil))
-	go srv.Serve(discoLn)
-	t.Cleanup(srv.Stop)
+	discoAddr := startFakeDiscovery(t, ns, west, ctrl)
 
-	bin := buildSidecarBinary(t)
-	admin := ns.podIP + ":15000"
-	logs := &syncBuffer{}
-	cmd := exec.Command("ip", "netns", "exec", ns.name, "setpriv", "--reuid=1337", "--regid=1337", "--clear-groups", bin,
-		"--cluster", "west", "--workload-api", west.Addr("web"), "--discovery", discoLn.Addr().String(),
-		"--outbound-port", "15001", "--admin", admin, "--log-level", "debug")
-	cmd.Stdout, cmd.Stderr = logs, logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-exited
-		}
-		if t.Failed() {
-			t.Logf("transparent sidecar logs:\n%s", logs.String())
-		}
-	})
-	waitFor(t, "the sidecar's admin endpoint", 30*time.Second, func() bool {
-		select {
-		case <-exited:
-			t.Fatalf("sidecar exited:\n%s", logs.String())
-		default:
-		}
-		resp, err := http.Get("http://" + admin + "/live")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	})
+	logs, admin := startNetnsSidecar(t, ns, west, discoAddr, true)
 
 	client := ns.httpClient()
 	get := func(url string) (string, error) {
@@ -452,4 +409,118 @@ func buildSidecarBinary(t *testing.T) string {
 		t.Fatalf("build sidecar: %v\n%s", err, out)
 	}
 	return bin
+}
+
+// startFakeDiscovery serves ctrl's sets and directory as a discovery API
+// over SPIFFE mTLS on the host end of the namespace's veth pair.
+func startFakeDiscovery(t *testing.T, ns *podNetns, west *gatewaytest.Domain, ctrl *fakeController) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", ns.hostIP+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(mtls.ServerConfig(west.Source(t, "gateway"), mtls.MemberOf(west.TD)))))
+	pb.RegisterDiscoveryServer(srv, discovery.NewServer(ctrl, nil, nil))
+	go srv.Serve(ln)
+	t.Cleanup(srv.Stop)
+	return ln.Addr().String()
+}
+
+// startNetnsSidecar runs the fedmesh-sidecar binary in the namespace with
+// the injector's flags, as UID 1337 (the UID the redirect exempts) or, to
+// show what a wrong UID does, as root. It returns its logs and its admin
+// address (on the pod address, port 15000, which the redirect exempts).
+func startNetnsSidecar(t *testing.T, ns *podNetns, west *gatewaytest.Domain, discoAddr string, asProxyUID bool) (*syncBuffer, string) {
+	t.Helper()
+	// The sidecar may run as 1337: let it reach its Workload API socket.
+	if err := os.Chmod(filepath.Dir(west.Socket("web")), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(west.Socket("web"), 0o777); err != nil {
+		t.Fatal(err)
+	}
+	bin := buildSidecarBinary(t)
+	admin := ns.podIP + ":15000"
+	logs := &syncBuffer{}
+	args := []string{"netns", "exec", ns.name}
+	if asProxyUID {
+		args = append(args, "setpriv", "--reuid=1337", "--regid=1337", "--clear-groups")
+	}
+	args = append(args, bin, "--cluster", "west", "--workload-api", west.Addr("web"), "--discovery", discoAddr,
+		"--outbound-port", "15001", "--admin", admin, "--log-level", "debug")
+	cmd := exec.Command("ip", args...)
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+		}
+		if t.Failed() {
+			t.Logf("transparent sidecar logs:\n%s", logs.String())
+		}
+	})
+	waitFor(t, "the sidecar's admin endpoint", 30*time.Second, func() bool {
+		select {
+		case <-exited:
+			t.Fatalf("sidecar exited:\n%s", logs.String())
+		default:
+		}
+		resp, err := http.Get("http://" + admin + "/live")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	return logs, admin
+}
+
+// TestTransparentOwnTrafficRedirected runs the sidecar as root, whose
+// traffic the injector's rules do redirect: every dial of its own (its
+// discovery API connection, the passthrough of the app's connection) comes
+// back to itself, is recognized by its source port and refused, so
+// connections end instead of looping, and the cause is logged once.
+func TestTransparentOwnTrafficRedirected(t *testing.T) {
+	needTransparentPrereqs(t)
+	ns := newPodNetns(t)
+	inj := injector.Config{ExcludeInboundPorts: []int32{15000}}
+	if err := inj.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, "ip", "netns", "exec", ns.name, "sh", "-c", inj.RedirectScript())
+	west := gatewaytest.Start(t, []string{"west"}, nil)["west"]
+	discoAddr := startFakeDiscovery(t, ns, west, &fakeController{dir: &pb.Directory{LocalCluster: "west", Version: 1}})
+	plain, _ := startEcho(t, ns.hostIP+":0", "plain:")
+	logs, admin := startNetnsSidecar(t, ns, west, discoAddr, false)
+
+	for i := range 2 { // each waits 5 s for a directory that cannot come
+		c, err := ns.dial(plain.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := echoOnce(c, "hello"); err == nil {
+			t.Fatalf("attempt %d: %q came back through a sidecar whose own traffic is redirected", i, got)
+		}
+	}
+	metrics := scrape(t, "http://"+admin+"/metrics")
+	var loops float64
+	for l := range strings.SplitSeq(metrics, "\n") {
+		if v, ok := strings.CutPrefix(l, `fedmesh_sidecar_transparent_connections_total{result="loop"} `); ok {
+			loops, _ = strconv.ParseFloat(v, 64)
+		}
+	}
+	if loops < 2 {
+		t.Errorf("want at least 2 loops refused (the app's two connections):\n%s", grepLines(metrics, "transparent"))
+	}
+	if n := strings.Count(logs.String(), "redirected back to it"); n != 1 {
+		t.Errorf("the cause was logged %d times, want once", n)
+	}
 }
