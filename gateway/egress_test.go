@@ -157,7 +157,7 @@ func TestTCPEgress(t *testing.T) {
 		if _, err := client.Dial(ctxT(t, 10*time.Second), req(81)); err == nil {
 			t.Fatal("want a refusal") // any Dial makes the client keep spares
 		}
-		waitFor(t, "spares ready", 5*time.Second, func() bool { return len(client.spares) >= DefaultSpares })
+		waitFor(t, "spares ready", 5*time.Second, func() bool { ready, _ := client.tcp.Pool(); return ready >= DefaultSpares })
 		time.Sleep(500 * time.Millisecond) // > HeaderTimeout
 		c, err := client.Dial(ctxT(t, 10*time.Second), req(80))
 		if err != nil {
@@ -194,22 +194,17 @@ func TestTCPEgress(t *testing.T) {
 			t.Fatalf("server saw %q, want eof", ev)
 		}
 		waitFor(t, "the connection back in the pool", 5*time.Second, func() bool {
-			if client.draining.Load() != 0 {
-				return false
-			}
-			found := false
-			for range len(client.spares) {
-				sp := <-client.spares
-				found = found || sp.tcp.LocalAddr().String() == local
-				client.spares <- sp
-			}
-			return found
+			_, draining := client.tcp.Pool()
+			return draining == 0
 		})
-		for i := range DefaultSpares { // one of these takes it
+		ready, _ := client.tcp.Pool()
+		reused := false
+		for i := range ready { // the pool is first in, first out: one of these takes it
 			c, err := client.Dial(ctxT(t, 10*time.Second), req(80))
 			if err != nil {
 				t.Fatal(err)
 			}
+			reused = reused || c.LocalAddr().String() == local
 			if err := roundTrip(c, "again"); err != nil {
 				t.Fatalf("dial %d: %v", i, err)
 			}
@@ -217,6 +212,9 @@ func TestTCPEgress(t *testing.T) {
 			if ev := echo.event(t); ev != "reset" {
 				t.Fatalf("server saw %q after an abort, want reset", ev)
 			}
+		}
+		if !reused {
+			t.Errorf("the connection from %s was not reused by the next %d dials", local, ready)
 		}
 	})
 
@@ -229,14 +227,14 @@ func TestTCPEgress(t *testing.T) {
 		if err := roundTrip(c, "cut"); err != nil {
 			t.Fatal(err)
 		}
-		_ = c.tcp.Close() // a FIN, as when the sidecar dies
+		_ = c.tcp.NetConn().Close() // a FIN, as when the sidecar dies
 		if ev := echo.event(t); ev != "reset" {
 			t.Fatalf("server saw %q, want reset", ev)
 		}
 	})
 
 	t.Run("gateway restart", func(t *testing.T) {
-		waitFor(t, "spares ready", 5*time.Second, func() bool { return len(client.spares) >= DefaultSpares })
+		waitFor(t, "spares ready", 5*time.Second, func() bool { ready, _ := client.tcp.Pool(); return ready >= DefaultSpares })
 		addr := west.EgressAddr().String()
 		west.cancel()
 		err := <-west.done
@@ -260,7 +258,8 @@ func TestTCPEgress(t *testing.T) {
 }
 
 // TestEarlyBytes: a DialEarly connection sends its header with the first
-// write in one TLS record, and the egress gets those bytes, without
+// write in one TLS record (a tunnel.FrameWriter with the header as its
+// prefix, as in egress.Conn), and the egress gets those bytes, without
 // blocking, to forward them with the header; with no early bytes, early
 // returns at once, and the end frame that came early is kept.
 func TestEarlyBytes(t *testing.T) {
@@ -276,18 +275,18 @@ func TestEarlyBytes(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name  string
-		send  func(c *Conn) error
+		send  func(fw *tunnel.FrameWriter) error
 		early string
 		eof   bool // the end frame came early too
 	}{
-		{"first write", func(c *Conn) error { _, err := c.Write([]byte("hello")); return err }, "hello", false},
-		{"write and half-close", func(c *Conn) error {
-			if _, err := c.Write([]byte("bye")); err != nil {
+		{"first write", func(fw *tunnel.FrameWriter) error { _, err := fw.Write([]byte("hello")); return err }, "hello", false},
+		{"write and half-close", func(fw *tunnel.FrameWriter) error {
+			if _, err := fw.Write([]byte("bye")); err != nil {
 				return err
 			}
-			return c.CloseWrite()
+			return fw.End()
 		}, "bye", true},
-		{"header alone", func(c *Conn) error { _, _, err := c.sendHeader(nil, false); return err }, "", false},
+		{"header alone", func(fw *tunnel.FrameWriter) error { return fw.Flush() }, "", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			raw, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
@@ -312,10 +311,9 @@ func TestEarlyBytes(t *testing.T) {
 			if err := <-errc; err != nil {
 				t.Fatal(err)
 			}
-			c := &Conn{tls: cc, tcp: raw, pending: true, client: &Client{}, hdr: hdr}
-			c.fr.r, c.fw.w = cc, cc
-			c.hdrPending.Store(true)
-			if err := tc.send(c); err != nil {
+			fw := &tunnel.FrameWriter{W: cc}
+			fw.Prefix(hdr)
+			if err := tc.send(fw); err != nil {
 				t.Fatal(err)
 			}
 
@@ -340,7 +338,7 @@ func TestEarlyBytes(t *testing.T) {
 				return
 			}
 			// Later bytes still arrive, in frames.
-			if _, err := c.Write([]byte("later")); err != nil {
+			if _, err := fw.Write([]byte("later")); err != nil {
 				t.Fatal(err)
 			}
 			buf := make([]byte, 16)

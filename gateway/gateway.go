@@ -46,6 +46,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 
+	"github.com/fedmesh/fedmesh/gateway/egress"
 	"github.com/fedmesh/fedmesh/gateway/peer"
 	"github.com/fedmesh/fedmesh/gateway/tunnel"
 	"github.com/fedmesh/fedmesh/identity/mtls"
@@ -53,7 +54,7 @@ import (
 
 // Defaults.
 const (
-	DefaultGatewayPath   = "/ns/fedmesh-system/sa/gateway"
+	DefaultGatewayPath   = egress.DefaultGatewayPath
 	DefaultDialTimeout   = time.Second
 	DefaultHeaderTimeout = 5 * time.Second
 	DefaultEjectFor      = 10 * time.Second
@@ -277,7 +278,7 @@ func New(cfg Config) (*Gateway, error) {
 			return nil, fmt.Errorf("listen egress %s: %w", cfg.EgressAddr, err)
 		}
 		// The TCP egress: same identity, ALPN and authorization.
-		g.egressTLS = egressTLS(mtls.QUICServerConfig(cfg.Source, markAuthz(mtls.MemberOf(cfg.TrustDomain)), tunnel.ALPNEgress))
+		g.egressTLS = egress.TLSConfig(mtls.QUICServerConfig(cfg.Source, markAuthz(mtls.MemberOf(cfg.TrustDomain)), tunnel.ALPNEgress))
 		if err := g.rotateTicketKeys(); err != nil {
 			return nil, err
 		}

@@ -84,16 +84,16 @@ type tlsEnd struct {
 	br  *batchReader
 	pre []byte
 
-	frames  bool // after the header, the sidecar's bytes come in frames (see frameReader)
+	frames  bool // after the header, the sidecar's bytes come in frames (see tunnel.FrameReader)
 	data    bool // after the answer: frames both ways
-	fr      frameReader
-	fw      frameWriter
+	fr      tunnel.FrameReader
+	fw      tunnel.FrameWriter
 	aborted atomic.Bool
 }
 
 func (e *tlsEnd) startData() {
 	e.frames, e.data = true, true
-	e.fr.r, e.fw.w = e.c, e.c
+	e.fr.R, e.fw.W = e.c, e.c
 }
 
 // early returns the application bytes the sidecar sent right after its
@@ -104,7 +104,7 @@ func (e *tlsEnd) startData() {
 // round trip sooner, and keeps them until the answer to resend them if it
 // retries on another replica.
 func (e *tlsEnd) early() ([]byte, func()) {
-	e.frames, e.fr.r = true, e.c
+	e.frames, e.fr.R = true, e.c
 	if e.br == nil {
 		return nil, func() {}
 	}
@@ -129,7 +129,7 @@ func (e *tlsEnd) early() ([]byte, func()) {
 // reusable reports whether both directions ended with end frames, so the
 // connection can carry the sidecar's next proxied connection.
 func (e *tlsEnd) reusable() bool {
-	return e.data && e.fr.ended && e.fw.clean() && !e.aborted.Load()
+	return e.data && e.fr.Ended() && e.fw.Clean() && !e.aborted.Load()
 }
 
 // maxTLSRecord is the largest TLS 1.3 record on the wire: 2^14 bytes of
@@ -229,7 +229,7 @@ func (e *tlsEnd) release() error {
 	return e.tcp.Close()
 }
 
-func (e *tlsEnd) closeWrite() { _ = e.fw.end() }
+func (e *tlsEnd) closeWrite() { _ = e.fw.End() }
 
 func (e *tlsEnd) abort() {
 	e.aborted.Store(true)

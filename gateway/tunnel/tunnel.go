@@ -2,7 +2,8 @@
 // sidecar opening a stream to its local gateway's egress, and a gateway
 // opening a stream to a peer gateway's ingress, both start with the same
 // small request header and get the same one-byte answer back before any
-// application byte flows.
+// application byte flows. On the TCP egress, the bytes after the answer
+// travel in frames (FrameReader, FrameWriter).
 //
 // It exists on its own, with no dependency beyond the standard library, so
 // that sidecars can import it without pulling in the gateway, and so that the

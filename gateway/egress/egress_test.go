@@ -1,0 +1,163 @@
+package egress
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/gateway/tunnel"
+	"github.com/fedmesh/fedmesh/identity/mtls"
+)
+
+// TestNoQUIC: the package exists so that sidecars reach their gateway
+// without linking quic-go.
+func TestNoQUIC(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", ".").CombinedOutput()
+	if err != nil {
+		t.Skipf("go list: %v\n%s", err, out)
+	}
+	for _, dep := range strings.Fields(string(out)) {
+		if strings.Contains(dep, "quic-go") {
+			t.Errorf("package egress depends on %s", dep)
+		}
+	}
+}
+
+// fakeGateway is a TCP egress that answers every header with code and,
+// after an ok, echoes frames until the end frame, which it returns. got
+// receives the bytes of the first TLS record of each connection.
+func fakeGateway(t *testing.T, dom *gatewaytest.Domain, code tunnel.Code) (addr string, got chan []byte) {
+	t.Helper()
+	cfg := TLSConfig(mtls.QUICServerConfig(dom.Source(t, "gateway"), mtls.MemberOf(dom.TD), tunnel.ALPNEgress))
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	got = make(chan []byte, 16)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+				buf := make([]byte, 1<<15)
+				n, err := c.Read(buf) // crypto/tls returns one record at most
+				if err != nil {
+					return
+				}
+				got <- buf[:n]
+				r := io.MultiReader(bytes.NewReader(buf[:n]), c)
+				if _, err := tunnel.ReadRequest(r); err != nil {
+					return
+				}
+				if err := tunnel.WriteResponse(c, code, "fake"); err != nil || code != tunnel.CodeOK {
+					return
+				}
+				fr := &tunnel.FrameReader{R: r}
+				fw := &tunnel.FrameWriter{W: c}
+				if _, err := io.Copy(fw, fr); err == nil {
+					_ = fw.End()
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String(), got
+}
+
+// TestDialEarly: the header goes with the first write, in one TLS record,
+// and a refusal surfaces on the first Read.
+func TestDialEarly(t *testing.T) {
+	doms := gatewaytest.Start(t, []string{"west"}, nil)
+	req := tunnel.Request{Cluster: "east", Namespace: "shop", Service: "checkout", Port: 80}
+	hdr, err := tunnel.AppendRequest(nil, &req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	for _, tc := range []struct {
+		name string
+		code tunnel.Code
+	}{{"ok", tunnel.CodeOK}, {"refused", tunnel.CodeNotExported}} {
+		t.Run(tc.name, func(t *testing.T) {
+			addr, got := fakeGateway(t, doms["west"], tc.code)
+			c, err := NewClient(doms["west"].Source(t, "web"), doms["west"].ID("gateway"), addr, WithSpares(0))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			conn, err := c.DialEarly(ctx, req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			if _, err := conn.Write([]byte("hello")); err != nil {
+				t.Fatal(err)
+			}
+			want := append(append(hdr[:len(hdr):len(hdr)], 0, 5), "hello"...)
+			if first := <-got; !bytes.Equal(first, want) {
+				t.Errorf("first record %q, want the header and the first frame %q", first, want)
+			}
+			_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			buf := make([]byte, 16)
+			n, err := conn.Read(buf)
+			if tc.code != tunnel.CodeOK {
+				var te *tunnel.Error
+				if !errors.As(err, &te) || te.Code != tc.code {
+					t.Errorf("read: %v, want code %s", err, tc.code)
+				}
+				return
+			}
+			if err != nil || string(buf[:n]) != "hello" {
+				t.Errorf("read %q, %v; want the echo", buf[:n], err)
+			}
+		})
+	}
+}
+
+// TestDial: Dial sends the header alone and waits for the answer; Close
+// ends the direction with an end frame.
+func TestDial(t *testing.T) {
+	doms := gatewaytest.Start(t, []string{"west"}, nil)
+	addr, got := fakeGateway(t, doms["west"], tunnel.CodeOK)
+	c, err := NewClient(doms["west"].Source(t, "web"), doms["west"].ID("gateway"), addr, WithSpares(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req := tunnel.Request{Cluster: "east", Namespace: "shop", Service: "checkout", Port: 80}
+	conn, err := c.Dial(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hdr, _ := tunnel.AppendRequest(nil, &req)
+	if first := <-got; !bytes.Equal(first, hdr) {
+		t.Errorf("first record %q, want the header alone", first)
+	}
+	if _, err := conn.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(conn)
+	if err != nil || string(b) != "ping" {
+		t.Errorf("read %q, %v; want the echo, then the end", b, err)
+	}
+	conn.Close()
+}
