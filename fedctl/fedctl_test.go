@@ -188,6 +188,7 @@ func TestUpStatusDrillDown(t *testing.T) {
 				}
 				time.Sleep(100 * time.Millisecond)
 			}
+			checkGRPCThroughMesh(t, c.Workloads[0].Outbound, c.Name)
 		}
 		for _, drill := range [][]string{
 			{"kill-local-endpoints", "--cluster", "east", "--hold", "2s"},

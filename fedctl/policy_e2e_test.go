@@ -57,6 +57,29 @@ func (w *policyWorld) apply(gvr schema.GroupVersionResource, doc string) {
 	}
 }
 
+// waitImportReady waits up to 30 s for ServiceImport demo/name to be
+// Ready in the world's cluster.
+func (w *policyWorld) waitImportReady(name string) {
+	w.t.Helper()
+	gvr := schema.GroupVersionResource{Group: "multicluster.x-k8s.io", Version: "v1beta1", Resource: "serviceimports"}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		o, err := w.dyn.Resource(gvr).Namespace("demo").Get(context.Background(), name, metav1.GetOptions{})
+		if err == nil {
+			conds, _, _ := unstructured.NestedSlice(o.Object, "status", "conditions")
+			for _, c := range conds {
+				if cm, _ := c.(map[string]any); cm["type"] == "Ready" && cm["status"] == "True" {
+					return
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			w.t.Fatalf("ServiceImport demo/%s not Ready after 30s (last error %v)", name, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 func (w *policyWorld) remove(gvr schema.GroupVersionResource, name string) {
 	_ = w.dyn.Resource(gvr).Namespace("demo").Delete(context.Background(), name, metav1.DeleteOptions{})
 }
@@ -212,6 +235,10 @@ func checkTrafficPolicy(t *testing.T, state *localfed.State, run func(args ...st
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The route below names east's ServiceImport of echo-canary: wait for
+	// the import (a route checked before it exists is rightly refused with
+	// BackendNotFound, which is tested further down).
+	w.waitImportReady("echo-canary")
 	defer w.remove(httpRoutes, "split")
 	defer w.remove(httpRoutes, "match")
 	defer w.remove(httpRoutes, "broken")
