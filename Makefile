@@ -13,7 +13,7 @@ export FEDMESH_KUBE_APISERVER := $(KUBE_APISERVER)
 
 all: build
 
-## deps: install etcd and iproute2 (Debian packages) and build kube-apiserver $(KUBE_VERSION) into bin/ (cached by version).
+## deps: install etcd, iproute2 and iptables (Debian packages) and build kube-apiserver $(KUBE_VERSION) into bin/ (cached by version).
 deps: $(KUBE_APISERVER) debian-deps
 
 .PHONY: debian-deps

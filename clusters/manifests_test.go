@@ -12,6 +12,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	authzv1 "k8s.io/api/authorization/v1"
+	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apiextv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -177,7 +178,8 @@ func TestManifests(t *testing.T) {
 		t.Run("overlays/"+name+"/content", func(t *testing.T) {
 			objs := rendered[filepath.Join("overlays", name)]
 			kinds := map[string]int{}
-			var ctrl *appsv1.Deployment
+			var ctrl, inj *appsv1.Deployment
+			var disco *corev1.Service
 			for _, u := range objs {
 				kinds[u.GetKind()]++
 				if ns := u.GetNamespace(); ns != "" && ns != "fedmesh-system" {
@@ -185,9 +187,20 @@ func TestManifests(t *testing.T) {
 				}
 				switch u.GetKind() {
 				case "Deployment":
-					if u.GetName() == "fedmesh-federation-controller" {
-						ctrl = &appsv1.Deployment{}
-						if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, ctrl); err != nil {
+					d := &appsv1.Deployment{}
+					if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, d); err != nil {
+						t.Fatal(err)
+					}
+					switch u.GetName() {
+					case "fedmesh-federation-controller":
+						ctrl = d
+					case "fedmesh-injector":
+						inj = d
+					}
+				case "Service":
+					if u.GetName() == "fedmesh-discovery" {
+						disco = &corev1.Service{}
+						if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, disco); err != nil {
 							t.Fatal(err)
 						}
 					}
@@ -223,10 +236,23 @@ func TestManifests(t *testing.T) {
 				t.Errorf("controller replicas %v, want 2", r)
 			}
 			args := ctrl.Spec.Template.Spec.Containers[0].Args
-			for _, want := range []string{"--cluster-id=" + name, "--leader-elect=true", "--namespace=fedmesh-system"} {
+			for _, want := range []string{"--cluster-id=" + name, "--leader-elect=true", "--namespace=fedmesh-system", "--discovery-addr=:15012"} {
 				if !slices.Contains(args, want) {
 					t.Errorf("controller args %q lack %s", args, want)
 				}
+			}
+			// Injected sidecars find their cluster and the leader's
+			// discovery API: the injector names both, the Service routes
+			// to the ready (leading) controller's discovery port.
+			if rp := ctrl.Spec.Template.Spec.Containers[0].ReadinessProbe; rp == nil || rp.HTTPGet == nil || rp.HTTPGet.Path != "/readyz" {
+				t.Errorf("controller readiness probe %+v, want /readyz (ready while leading)", rp)
+			}
+			if inj == nil || !slices.Contains(inj.Spec.Template.Spec.Containers[0].Args, "--cluster="+name) {
+				t.Errorf("injector Deployment %v lacks --cluster=%s", inj != nil, name)
+			}
+			if disco == nil || len(disco.Spec.Ports) != 1 || disco.Spec.Ports[0].Port != 15012 || disco.Spec.Ports[0].TargetPort.String() != "discovery" ||
+				disco.Spec.Selector["app.kubernetes.io/name"] != "fedmesh-federation-controller" {
+				t.Errorf("Service fedmesh-discovery = %+v, want port 15012 to the controller's discovery port", disco)
 			}
 		})
 	}

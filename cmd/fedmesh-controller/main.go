@@ -97,7 +97,7 @@ Flags:
 	fs.IntVar(&c.burst, "kube-api-burst", 400, "client-side burst of requests to each API server")
 	fs.StringVar(&c.discoveryAddr, "discovery-addr", "", "address of the gRPC discovery API for sidecars (empty: off); without --spiffe-socket only a loopback address is allowed")
 	fs.StringVar(&c.spiffeSocket, "spiffe-socket", "", "Workload API socket (unix:///path) for the discovery API's SPIFFE mTLS; callers of the own trust domain are admitted (default: $SPIFFE_ENDPOINT_SOCKET when --discovery-addr is not loopback)")
-	fs.StringVar(&c.metricsAddr, "metrics-addr", "127.0.0.1:9402", "address of /metrics, /healthz, /peers and /version (empty: off)")
+	fs.StringVar(&c.metricsAddr, "metrics-addr", "127.0.0.1:9402", "address of /metrics, /healthz, /readyz (ready while leading), /peers and /version (empty: off)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.Parse(os.Args[1:])
 	c.opts.LeaderElection.Disabled = !*leaderElect
@@ -141,6 +141,16 @@ func run(ctx context.Context, c config) error {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+		// /readyz: ready while leading, so a Service in front of the
+		// discovery API sends sidecars to the replica that serves it.
+		mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+			select {
+			case <-ctrl.Leading():
+				fmt.Fprintln(w, "leading")
+			default:
+				http.Error(w, "standby: not leading", http.StatusServiceUnavailable)
+			}
+		})
 		mux.HandleFunc("/peers", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, ctrl.Peers()) })
 		mux.HandleFunc("/version", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, federation.Version()) })
 		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}

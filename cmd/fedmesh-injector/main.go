@@ -59,6 +59,8 @@ Flags:
 	fs.StringVar(&c.inj.SidecarImage, "sidecar-image", "", "sidecar image (default ghcr.io/fedmesh/fedmesh:dev)")
 	fs.StringVar(&c.sidecarCommand, "sidecar-command", "", "sidecar command, comma-separated (default /usr/local/bin/fedmesh-sidecar)")
 	fs.StringVar(&c.sidecarArgs, "sidecar-args", "", "sidecar arguments, comma-separated (default: --inbound-port=.. --outbound-port=..)")
+	fs.StringVar(&c.inj.Cluster, "cluster", "", "this cluster's name, given to every sidecar as $FEDMESH_CLUSTER (its --cluster); empty: the sidecar needs its own --cluster")
+	fs.StringVar(&c.inj.Discovery, "discovery", "fedmesh-discovery.fedmesh-system.svc:15012", "the federation controller's discovery API, given to every sidecar as $FEDMESH_DISCOVERY (its --discovery); empty: none")
 	fs.StringVar(&c.inj.InitImage, "init-image", "", "iptables init image (default ghcr.io/fedmesh/fedmesh-init:dev)")
 	inbound := fs.Int("inbound-port", 15006, "sidecar port for redirected inbound traffic")
 	outbound := fs.Int("outbound-port", 15001, "sidecar port for redirected outbound traffic")
