@@ -3,6 +3,7 @@ package sidecar
 import (
 	"encoding/json"
 	"net/http"
+	"slices"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -30,10 +31,15 @@ type SVIDState struct {
 
 // UpstreamState is one upstream.
 type UpstreamState struct {
-	Upstream string          `json:"upstream"`
-	Ready    bool            `json:"ready"`
-	Loads    []float64       `json:"loads"` // traffic share per priority
-	Targets  []EndpointState `json:"endpoints"`
+	Upstream string `json:"upstream"`
+	Protocol string `json:"protocol"`
+	// Transparent: made on first use by the transparent listener (a
+	// service port the app called by its virtual IP), not an explicit
+	// --upstream.
+	Transparent bool            `json:"transparent,omitempty"`
+	Ready       bool            `json:"ready"`
+	Loads       []float64       `json:"loads"` // traffic share per priority
+	Targets     []EndpointState `json:"endpoints"`
 	// Routes are the route rules in force for this upstream's port, in the
 	// order they are tried (first match wins).
 	Routes []RouteState `json:"routes,omitempty"`
@@ -69,8 +75,15 @@ func (s *Sidecar) State() State {
 	} else if len(svid.Certificates) > 0 {
 		st.SVID.ID, st.SVID.Expires = svid.ID.String(), svid.Certificates[0].NotAfter
 	}
-	for _, u := range s.upstreams {
-		us := UpstreamState{Upstream: u.cfg.String(), Ready: u.own.ready.Load(), Loads: u.own.all.Loads(now)}
+	ups := s.upstreams
+	var tr []*upstream
+	if s.transparent != nil {
+		tr = s.transparent.upstreamList()
+		ups = append(slices.Clip(ups), tr...)
+	}
+	for i, u := range ups {
+		us := UpstreamState{Upstream: u.cfg.String(), Protocol: u.cfg.Protocol, Transparent: i >= len(s.upstreams),
+			Ready: u.own.ready.Load(), Loads: u.own.all.Loads(now)}
 		if r := u.router.Load(); r != nil {
 			for _, rt := range r.rules {
 				rs := RouteState{Route: rt.name, Match: rt.match}
@@ -95,10 +108,15 @@ func (s *Sidecar) State() State {
 	return st
 }
 
-// Ready reports whether the SVID is available and every upstream has
-// received its first endpoint set.
+// Ready reports whether the SVID is available, every explicit upstream has
+// received its first endpoint set and, in transparent mode, the service
+// directory has arrived. (A transparent upstream is made on first use; its
+// first connection waits for its first set.)
 func (s *Sidecar) Ready() bool {
 	if _, err := s.cfg.Source.GetX509SVID(); err != nil {
+		return false
+	}
+	if s.transparent != nil && !s.transparent.directoryReady() {
 		return false
 	}
 	for _, u := range s.upstreams {

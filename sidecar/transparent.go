@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -448,5 +450,27 @@ func (t *transparent) close() {
 	defer t.mu.RUnlock()
 	for _, u := range t.ups {
 		u.closeIdle()
+	}
+}
+
+// upstreamList is every transparent upstream made so far, by name.
+func (t *transparent) upstreamList() []*upstream {
+	t.mu.RLock()
+	out := make([]*upstream, 0, len(t.ups))
+	for _, u := range t.ups {
+		out = append(out, u)
+	}
+	t.mu.RUnlock()
+	slices.SortFunc(out, func(a, b *upstream) int { return strings.Compare(a.name, b.name) })
+	return out
+}
+
+// directoryReady reports whether the first service directory arrived.
+func (t *transparent) directoryReady() bool {
+	select {
+	case <-t.dirReady:
+		return true
+	default:
+		return false
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -369,6 +370,26 @@ func TestTransparentOutbound(t *testing.T) {
 	}
 	if n := strings.Count(logs.String(), "service directory entry skipped"); n != 1 {
 		t.Errorf("garbage entry logged %d times, want once", n)
+	}
+	// /state lists the upstreams the transparent listener made, with
+	// their protocol; /ready is 200 (the directory arrived).
+	var st sidecar.State
+	if err := json.Unmarshal([]byte(scrape(t, "http://"+admin+"/state")), &st); err != nil {
+		t.Fatal(err)
+	}
+	var transparent []string
+	for _, u := range st.Upstreams {
+		if u.Transparent {
+			transparent = append(transparent, u.Upstream+","+u.Protocol)
+		}
+	}
+	if len(transparent) < 2 {
+		t.Errorf("/state lists transparent upstreams %v, want the service ports called above", transparent)
+	}
+	if resp, err := http.Get("http://" + admin + "/ready"); err != nil || resp.StatusCode != 200 {
+		t.Errorf("/ready: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
 	}
 }
 
