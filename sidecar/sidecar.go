@@ -31,7 +31,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 
-	"github.com/fedmesh/fedmesh/gateway"
+	"github.com/fedmesh/fedmesh/gateway/egress"
 	"github.com/fedmesh/fedmesh/identity/mtls"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 	"github.com/fedmesh/fedmesh/sidecar/health"
@@ -121,7 +121,7 @@ type Config struct {
 	// sets say Gateway.
 	GatewayEgress string
 	// GatewayID is the gateway's SPIFFE ID (default: TrustDomain +
-	// gateway.DefaultGatewayPath).
+	// egress.DefaultGatewayPath).
 	GatewayID spiffeid.ID
 
 	// AdminAddr serves /live, /ready, /state and /metrics; "" disables it.
@@ -150,7 +150,7 @@ type Config struct {
 
 func (c *Config) setDefaults() {
 	if c.GatewayID.IsZero() && !c.TrustDomain.IsZero() {
-		c.GatewayID = spiffeid.RequireFromPath(c.TrustDomain, gateway.DefaultGatewayPath)
+		c.GatewayID = spiffeid.RequireFromPath(c.TrustDomain, egress.DefaultGatewayPath)
 	}
 	if c.AttemptTimeout <= 0 {
 		c.AttemptTimeout = DefaultAttemptTimeout
@@ -246,7 +246,7 @@ type Sidecar struct {
 	transparent *transparent // nil unless OutboundAddr is set
 
 	gwOnce sync.Once
-	gw     *gateway.Client
+	gw     *egress.Client
 	gwErr  error
 
 	// inPolicy is the own service's inbound policy; nil means defaults.
@@ -454,13 +454,13 @@ func (s *Sidecar) track(c net.Conn) func() {
 	}
 }
 
-func (s *Sidecar) gateway() (*gateway.Client, error) {
+func (s *Sidecar) gateway() (*egress.Client, error) {
 	s.gwOnce.Do(func() {
 		if s.cfg.GatewayEgress == "" {
 			s.gwErr = errors.New("no gateway egress configured")
 			return
 		}
-		s.gw, s.gwErr = gateway.NewClient(s.cfg.Source, s.cfg.GatewayID, s.cfg.GatewayEgress)
+		s.gw, s.gwErr = egress.NewClient(s.cfg.Source, s.cfg.GatewayID, s.cfg.GatewayEgress)
 	})
 	return s.gw, s.gwErr
 }
