@@ -477,7 +477,7 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 	}
 	if n := u.active.Add(1); n > int64(u.s.cfg.MaxRequests) {
 		u.active.Add(-1)
-		u.s.m.overflows.WithLabelValues(svc).Inc()
+		u.s.m.overflows.WithLabelValues(svc, "requests").Inc()
 		u.finish(&rec, "", "overflow", http.StatusServiceUnavailable, gs(grpcResourceExhausted))
 		h2Error(w, grpc, http.StatusServiceUnavailable, grpcResourceExhausted, "overflow", "too many outstanding requests")
 		return

@@ -191,7 +191,7 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 	rec := reqRecord{req: req, start: start, traceID: traceContext(req.Header)}
 	if n := u.active.Add(1); n > int64(u.s.cfg.MaxRequests) {
 		u.active.Add(-1)
-		u.s.m.overflows.WithLabelValues(svc).Inc()
+		u.s.m.overflows.WithLabelValues(svc, "requests").Inc()
 		u.finish(&rec, "", "overflow", http.StatusServiceUnavailable, -1)
 		writeError(w, http.StatusServiceUnavailable, "overflow", "too many outstanding requests")
 		return req.Body == http.NoBody
@@ -260,6 +260,15 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 		rec.endpoint = t.Name
 		rec.attempts++
 		a, sent, err := u.attempt(ctx, bp, t, req, safe, deadline, attemptTimeout)
+		if errors.Is(err, errPendingOverflow) || errors.Is(err, errConnTimeout) {
+			if last != nil {
+				last.release(true)
+			}
+			u.s.m.overflows.WithLabelValues(svc, "pending").Inc()
+			u.finish(&rec, "", "overflow", http.StatusServiceUnavailable, -1)
+			writeError(w, http.StatusServiceUnavailable, "overflow", err.Error())
+			return replayable
+		}
 		if err != nil {
 			u.s.log.Debug("attempt failed", "upstream", svc, "cluster", t.Cluster, "endpoint", t.Name, "err", err)
 			timedOut = timedOut || errors.Is(err, os.ErrDeadlineExceeded)
@@ -341,13 +350,26 @@ func (u *upstream) attempt(ctx context.Context, bp *backendPool, t *balancer.Tar
 	for {
 		uc := p.get()
 		if uc == nil {
+			if !u.lim.tryAcquire() {
+				// Every connection is open: close an idle one, or wait
+				// for one to come back (circuit breakers, limits.go).
+				if u.closeOneIdle() {
+					continue
+				}
+				if err := u.lim.wait(ctx, deadline); err != nil {
+					t.End(0, false)
+					return nil, false, err
+				}
+				continue
+			}
 			c, err := bp.dial(ctx, t)
 			if err != nil {
+				u.lim.release()
 				t.Outlier.Report(health.ConnectFailure)
 				t.End(0, false)
 				return nil, false, err
 			}
-			uc = &upConn{Conn: c, br: bufio.NewReaderSize(c, 4096), bw: bufio.NewWriterSize(c, 4096)}
+			uc = &upConn{Conn: c, br: bufio.NewReaderSize(c, 4096), bw: bufio.NewWriterSize(c, 4096), lim: u.lim}
 		}
 		dl := time.Now().Add(timeout)
 		if deadline.Before(dl) {

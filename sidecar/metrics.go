@@ -50,8 +50,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"upstream", "cluster", "reason"}),
 		overflows: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fedmesh_sidecar_circuit_breaker_trips_total",
-			Help: "Requests refused because the upstream had too many outstanding requests.",
-		}, []string{"upstream"}),
+			Help: "Requests and TCP connections refused by an upstream's circuit breakers, by limit: requests (outstanding), connections (TCP over max connections), pending (too many waiting for a connection, or none came free in time).",
+		}, []string{"upstream", "limit"}),
 		tunnelRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fedmesh_sidecar_tunnel_refusals_total",
 			Help: "Gateway refusals of tunnel streams by target cluster and code.",

@@ -42,6 +42,7 @@ type backendPool struct {
 	// are HTTP/2; grpc: a grpc upstream, whose active checks are gRPC
 	// health checks (h2.go).
 	h2, grpc bool
+	lim      *connLimiter // the upstream's (nil: no limit)
 	h2Once   sync.Once
 	h2t      *http.Transport // HTTP/2 connections to endpoints
 
@@ -131,7 +132,7 @@ func (p *backendPool) apply(set endpoints.Set) {
 				p.groups[c.Name] = g
 			}
 			t = &balancer.Target{Name: name, Cluster: c.Name, Addr: addr, Gateway: c.Gateway, Outlier: g.Add(name)}
-			t.Data = &pool{max: p.s.cfg.MaxIdlePerTarget}
+			t.Data = &pool{max: p.s.cfg.MaxIdlePerTarget, lim: p.lim}
 			p.targets[key] = t
 			if c.Gateway && c.Name != local {
 				go p.prewarm(t)
@@ -193,14 +194,18 @@ func (p *backendPool) prewarm(t *balancer.Target) {
 		cc.Release()
 		return
 	}
+	if !p.lim.tryAcquire() {
+		return // every connection is in use: nothing to prewarm with
+	}
 	c, err := p.dial(context.Background(), t)
 	if err != nil {
+		p.lim.release()
 		p.s.log.Debug("prewarm", "upstream", p.label, "cluster", t.Cluster, "err", err)
 		return
 	}
-	uc := &upConn{Conn: c, br: bufio.NewReaderSize(c, 4096), bw: bufio.NewWriterSize(c, 4096)}
+	uc := &upConn{Conn: c, br: bufio.NewReaderSize(c, 4096), bw: bufio.NewWriterSize(c, 4096), lim: p.lim}
 	if p.s.closed.Load() {
-		_ = c.Close()
+		_ = uc.Close()
 		return
 	}
 	t.Data.(*pool).put(uc)
@@ -278,12 +283,23 @@ type upConn struct {
 	br     *bufio.Reader
 	bw     *bufio.Writer
 	reused bool
+	lim    *connLimiter // its slot is released on Close
+	closed atomic.Bool
+}
+
+// Close closes the connection and gives its slot back, once.
+func (c *upConn) Close() error {
+	if !c.closed.Swap(true) {
+		c.lim.release()
+	}
+	return c.Conn.Close()
 }
 
 // pool is a target's idle HTTP/1.1 connections, newest first out, and its
 // HTTP/2 connections (each carries many requests at once).
 type pool struct {
 	max  int
+	lim  *connLimiter
 	mu   sync.Mutex
 	idle []*upConn
 	h2   []*http.ClientConn
@@ -307,6 +323,7 @@ func (p *pool) put(c *upConn) {
 	if len(p.idle) < p.max && !p.shut {
 		p.idle = append(p.idle, c)
 		p.mu.Unlock()
+		p.lim.signal() // a request waiting for a connection may take it
 		return
 	}
 	p.mu.Unlock()

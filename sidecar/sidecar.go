@@ -69,6 +69,8 @@ const (
 	DefaultMaxAttempts      = 5
 	DefaultHandshakeTimeout = 5 * time.Second
 	DefaultMaxRequests      = 10_000
+	DefaultMaxConnections   = 1024
+	DefaultMaxPending       = 1024
 	DefaultMaxIdlePerTarget = 64
 )
 
@@ -133,8 +135,13 @@ type Config struct {
 	HandshakeTimeout time.Duration // mTLS handshakes (5s)
 	MaxRequests      int           // outstanding requests per upstream before 503 (10,000)
 	MaxIdlePerTarget int           // pooled idle connections per endpoint (64)
-	Budget           RetryBudget
-	Outlier          health.Config
+	// MaxConnections bounds an upstream's open HTTP/1.1 and TCP
+	// connections to its endpoints (1,024); MaxPending the requests
+	// waiting for one (1,024). See limits.go.
+	MaxConnections int
+	MaxPending     int
+	Budget         RetryBudget
+	Outlier        health.Config
 	// Checks configures active checks (an mTLS handshake, which the
 	// inbound accepts only while its app does) of directly dialed endpoints;
 	// NoActiveChecks turns them off.
@@ -166,6 +173,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxRequests <= 0 {
 		c.MaxRequests = DefaultMaxRequests
+	}
+	if c.MaxConnections <= 0 {
+		c.MaxConnections = DefaultMaxConnections
+	}
+	if c.MaxPending <= 0 {
+		c.MaxPending = DefaultMaxPending
 	}
 	if c.MaxIdlePerTarget <= 0 {
 		c.MaxIdlePerTarget = DefaultMaxIdlePerTarget

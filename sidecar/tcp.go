@@ -47,9 +47,16 @@ func (u *upstream) serveTCP(ctx context.Context, c net.Conn) {
 			u.s.m.retries.WithLabelValues(svc).Inc()
 		}
 		exclude = append(exclude, t)
+		if !u.lim.tryAcquire() && !(u.closeOneIdle() && u.lim.tryAcquire()) {
+			u.s.m.overflows.WithLabelValues(svc, "connections").Inc()
+			u.countRequest("", "overflow")
+			u.s.log.Debug("connection refused: the upstream's connections are all open", "upstream", svc, "max", u.s.cfg.MaxConnections)
+			return
+		}
 		t.Begin()
 		up, err := bp.dial(ctx, t)
 		if err != nil {
+			u.lim.release()
 			t.Outlier.Report(health.ConnectFailure)
 			t.End(0, false)
 			u.s.log.Debug("dial failed", "upstream", svc, "endpoint", t.Name, "err", err)
@@ -65,6 +72,7 @@ func (u *upstream) serveTCP(ctx context.Context, c net.Conn) {
 		untrack := u.s.track(up)
 		splice(c, up)
 		untrack()
+		u.lim.release()
 		return
 	}
 	u.countRequest("", "no_endpoint")

@@ -28,6 +28,7 @@ type upstream struct {
 	own     *backendPool
 	budget  *budget
 	active  atomic.Int64 // outstanding requests (circuit breaker)
+	lim     *connLimiter // open connections and requests waiting for one
 	router  atomic.Pointer[router]
 
 	reqMu sync.RWMutex
@@ -50,6 +51,8 @@ func newUpstream(s *Sidecar, cfg Upstream, ln net.Listener) *upstream {
 		reqs:    map[reqKey]prometheus.Counter{},
 	}
 	u.own.h2, u.own.grpc = isH2(cfg.Protocol), cfg.Protocol == ProtocolGRPC
+	u.lim = newConnLimiter(s.cfg.MaxConnections, s.cfg.MaxPending)
+	u.own.lim = u.lim
 	return u
 }
 
@@ -108,6 +111,7 @@ func (u *upstream) applyRoutes(ctx context.Context, set endpoints.Set, wg *sync.
 		}
 		p := newBackendPool(u.s, ns, name, port)
 		p.h2, p.grpc = isH2(u.cfg.Protocol), u.cfg.Protocol == ProtocolGRPC
+		p.lim = u.lim
 		ch, err := u.s.cfg.Endpoints.Watch(ctx, ns, name)
 		if err != nil {
 			u.s.log.Error("watch route backend", "upstream", u.cfg.String(), "backend", ns+"/"+name, "err", err)

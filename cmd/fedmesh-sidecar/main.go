@@ -84,6 +84,9 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		logLevel   = fs.String("log-level", "info", "debug, info, warn or error")
 		accessLog  = fs.String("access-log", "", "one JSON line per outbound HTTP request: stdout, stderr or a file path (appended); empty: off")
 		attempt    = fs.Duration("attempt-timeout", sidecar.DefaultAttemptTimeout, "per-attempt timeout until the response head")
+		maxReqs    = fs.Int("max-requests", sidecar.DefaultMaxRequests, "circuit breaker: outstanding requests per upstream before 503 overflow")
+		maxConns   = fs.Int("max-connections", sidecar.DefaultMaxConnections, "circuit breaker: open HTTP/1.1 and TCP connections per upstream to its endpoints")
+		maxPending = fs.Int("max-pending", sidecar.DefaultMaxPending, "circuit breaker: requests per upstream waiting for a connection before 503 overflow")
 		service    = fs.String("service", "", "ns/name of the service this workload serves: its authorization and rate limit policy is enforced at the inbound (needs --endpoints or --discovery)")
 		svcPort    = fs.Uint("service-port", 0, "the service port the inbound serves (policy rules limited to other ports do not apply)")
 		inProto    = fs.String("inbound-protocol", sidecar.ProtocolTCP, "inbound protocol: tcp (splice bytes) or http (parse requests when the policy needs per-request checks)")
@@ -108,6 +111,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	cfg := sidecar.Config{
 		Cluster: *cluster, InboundAddr: *inbound, AppAddr: *app, GatewayEgress: *egress,
 		AdminAddr: *admin, AttemptTimeout: *attempt, Logger: log,
+		MaxRequests: *maxReqs, MaxConnections: *maxConns, MaxPending: *maxPending,
 		InboundProtocol: *inProto,
 	}
 	switch *accessLog {
