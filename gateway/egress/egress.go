@@ -223,7 +223,13 @@ func (c *Client) take(ctx context.Context) (spare, bool, error) {
 	return sp, false, err
 }
 
+// wantSpares wakes keepSpares when the pool is short (a connection that is
+// draining will come back): not on every answer, which is on the path of
+// the caller's first bytes.
 func (c *Client) wantSpares() {
+	if len(c.spares)+int(c.draining.Load()) >= c.nSpares {
+		return
+	}
 	select {
 	case c.refill <- struct{}{}:
 	default:
