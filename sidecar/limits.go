@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -30,6 +31,7 @@ type connLimiter struct {
 	max, maxPending int
 	mu              sync.Mutex
 	open, pending   int
+	waiting         atomic.Int32  // pending, read without the lock on the hot path
 	wake            chan struct{} // closed (and replaced) when a connection comes back or closes
 }
 
@@ -62,9 +64,10 @@ func (l *connLimiter) release() {
 	l.mu.Unlock()
 }
 
-// signal wakes the waiters: an idle connection came back to a pool.
+// signal wakes the waiters: an idle connection came back to a pool. With
+// nobody waiting (the usual case, once per request) it takes no lock.
 func (l *connLimiter) signal() {
-	if l == nil {
+	if l == nil || l.waiting.Load() == 0 {
 		return
 	}
 	l.mu.Lock()
@@ -88,11 +91,13 @@ func (l *connLimiter) wait(ctx context.Context, deadline time.Time) error {
 		return errPendingOverflow
 	}
 	l.pending++
+	l.waiting.Add(1)
 	ch := l.wake
 	l.mu.Unlock()
 	defer func() {
 		l.mu.Lock()
 		l.pending--
+		l.waiting.Add(-1)
 		l.mu.Unlock()
 	}()
 	t := time.NewTimer(time.Until(deadline))
