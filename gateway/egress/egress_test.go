@@ -161,3 +161,52 @@ func TestDial(t *testing.T) {
 	}
 	conn.Close()
 }
+
+// TestDialEarlyNoWrite: with nothing written, the header goes alone before
+// the first Read, or with the end frame on CloseWrite.
+func TestDialEarlyNoWrite(t *testing.T) {
+	doms := gatewaytest.Start(t, []string{"west"}, nil)
+	req := tunnel.Request{Cluster: "east", Namespace: "shop", Service: "checkout", Port: 80}
+	hdr, _ := tunnel.AppendRequest(nil, &req)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, tc := range []struct {
+		name  string
+		first func(*Conn) error
+		want  []byte
+	}{
+		{"read first", func(c *Conn) error {
+			_ = c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+			_, err := c.Read(make([]byte, 1)) // the answer, then no bytes
+			if ne, ok := err.(interface{ Timeout() bool }); !ok || !ne.Timeout() {
+				return err
+			}
+			return c.CloseWrite()
+		}, hdr},
+		{"half-close first", func(c *Conn) error { return c.CloseWrite() }, append(hdr[:len(hdr):len(hdr)], 0, 0)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			addr, got := fakeGateway(t, doms["west"], tunnel.CodeOK)
+			c, err := NewClient(doms["west"].Source(t, "web"), doms["west"].ID("gateway"), addr, WithSpares(0))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			conn, err := c.DialEarly(ctx, req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			if err := tc.first(conn); err != nil {
+				t.Fatal(err)
+			}
+			if first := <-got; !bytes.Equal(first, tc.want) {
+				t.Errorf("first record %q, want %q", first, tc.want)
+			}
+			_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if b, err := io.ReadAll(conn); err != nil || len(b) != 0 {
+				t.Errorf("read %q, %v; want the gateway's end", b, err)
+			}
+		})
+	}
+}
