@@ -348,6 +348,7 @@ func (u *upstream) attempt(ctx context.Context, bp *backendPool, t *balancer.Tar
 	t.Begin()
 	began := time.Now()
 	for {
+		gen := u.lim.generation()
 		uc := p.get()
 		if uc == nil {
 			if !u.lim.tryAcquire() {
@@ -356,7 +357,7 @@ func (u *upstream) attempt(ctx context.Context, bp *backendPool, t *balancer.Tar
 				if u.closeOneIdle() {
 					continue
 				}
-				if err := u.lim.wait(ctx, deadline); err != nil {
+				if err := u.lim.wait(ctx, deadline, gen); err != nil {
 					t.End(0, false)
 					return nil, false, err
 				}

@@ -32,6 +32,7 @@ type connLimiter struct {
 	mu              sync.Mutex
 	open, pending   int
 	waiting         atomic.Int32  // pending, read without the lock on the hot path
+	gen             atomic.Uint64 // counts connections coming back or closing
 	wake            chan struct{} // closed (and replaced) when a connection comes back or closes
 }
 
@@ -58,6 +59,7 @@ func (l *connLimiter) release() {
 	if l == nil {
 		return
 	}
+	l.gen.Add(1)
 	l.mu.Lock()
 	l.open--
 	l.signalLocked()
@@ -67,12 +69,26 @@ func (l *connLimiter) release() {
 // signal wakes the waiters: an idle connection came back to a pool. With
 // nobody waiting (the usual case, once per request) it takes no lock.
 func (l *connLimiter) signal() {
-	if l == nil || l.waiting.Load() == 0 {
+	if l == nil {
+		return
+	}
+	l.gen.Add(1)
+	if l.waiting.Load() == 0 {
 		return
 	}
 	l.mu.Lock()
 	l.signalLocked()
 	l.mu.Unlock()
+}
+
+// generation is read before looking for a connection; wait returns at once
+// if a connection came back or closed since (no wakeup is lost between
+// the look and the wait).
+func (l *connLimiter) generation() uint64 {
+	if l == nil {
+		return 0
+	}
+	return l.gen.Load()
 }
 
 func (l *connLimiter) signalLocked() {
@@ -83,8 +99,8 @@ func (l *connLimiter) signalLocked() {
 }
 
 // wait blocks, as one of at most maxPending waiters, until a connection
-// comes back or closes, ctx ends or deadline passes.
-func (l *connLimiter) wait(ctx context.Context, deadline time.Time) error {
+// comes back or closes (after generation gen), ctx ends or deadline passes.
+func (l *connLimiter) wait(ctx context.Context, deadline time.Time, gen uint64) error {
 	l.mu.Lock()
 	if l.pending >= l.maxPending {
 		l.mu.Unlock()
@@ -92,14 +108,18 @@ func (l *connLimiter) wait(ctx context.Context, deadline time.Time) error {
 	}
 	l.pending++
 	l.waiting.Add(1)
-	ch := l.wake
-	l.mu.Unlock()
 	defer func() {
 		l.mu.Lock()
 		l.pending--
 		l.waiting.Add(-1)
 		l.mu.Unlock()
 	}()
+	if l.gen.Load() != gen {
+		l.mu.Unlock()
+		return nil // something came free since the caller looked
+	}
+	ch := l.wake
+	l.mu.Unlock()
 	t := time.NewTimer(time.Until(deadline))
 	defer t.Stop()
 	select {
