@@ -6,12 +6,14 @@
 // and carries each proxied TCP connection as one stream on it: multiplexing
 // without head-of-line blocking and no handshake on the request path.
 //
-//   - Egress: local sidecars keep a QUIC connection to their gateway (mTLS,
-//     ALPN fedmesh-egress/1, callers must belong to the local trust domain)
-//     and open one stream per proxied connection, starting with a
-//     tunnel.Request naming the remote cluster and target. The gateway opens a
-//     stream on a live link to that cluster, spreading streams over the
-//     peer's replicas, and retries another replica if the stream dies before
+//   - Egress: local sidecars open one TLS 1.3 connection over TCP per
+//     proxied connection, reused after a clean end (package egress), or one
+//     stream on a QUIC connection to their gateway (mTLS, ALPN
+//     fedmesh-egress/1, callers must belong to the local trust domain),
+//     starting with a tunnel.Request naming the remote cluster and target.
+//     The gateway opens a stream on a live link to that cluster, spreading
+//     streams over the peer's replicas, sends the header with the bytes that
+//     came with it, and retries another replica if the stream dies before
 //     the peer answered.
 //   - Ingress: streams from peer gateways (whose SPIFFE ID must be the
 //     gateway identity of a federated trust domain) are forwarded only to
