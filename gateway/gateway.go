@@ -619,6 +619,18 @@ func (g *Gateway) serveIngress(ctx context.Context, s *quic.Stream, from spiffei
 		refuse(s, tunnel.CodeNotExported, fmt.Sprintf("%s is not exported by cluster %s", req.Target(), g.cfg.Cluster))
 		return
 	}
+	if req.Endpoint != "" {
+		// The caller's sidecar balances this cluster's pods itself and
+		// asks for one: only that one, and only if it is a ready endpoint
+		// of the exported service.
+		i := slices.IndexFunc(eps, func(e Endpoint) bool { return e.Addr.String() == req.Endpoint })
+		if i < 0 {
+			g.finish("ingress", tunnel.CodeNoHealthyEndpoint)
+			refuse(s, tunnel.CodeNoHealthyEndpoint, fmt.Sprintf("%s is not a ready endpoint of %s in %s", req.Endpoint, req.Target(), g.cfg.Cluster))
+			return
+		}
+		eps = eps[i : i+1]
+	}
 	conn, err := g.dialEndpoint(ctx, eps)
 	if err != nil {
 		log.Warn("no endpoint accepted the connection", "err", err)

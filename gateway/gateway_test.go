@@ -201,6 +201,42 @@ func TestRefusals(t *testing.T) {
 	})
 }
 
+// TestEndpointRequest: a request naming an endpoint (tunnel.FlagEndpoint)
+// reaches exactly that endpoint of the exported service, over both egress
+// transports; an address that is not one of its ready endpoints is refused
+// with no_healthy_endpoint, never dialed.
+func TestEndpointRequest(t *testing.T) {
+	p := newPair(t, nil)
+	a, b := newLineEcho(t), newLineEcho(t)
+	p.eastCat.Set("shop", "checkout", 84, a.endpoint(), b.endpoint())
+	for _, cl := range p.clients() {
+		t.Run(cl.name, func(t *testing.T) {
+			for _, e := range []*lineEcho{a, b, a, b} {
+				r := req(84)
+				r.Endpoint = e.endpoint().Addr.String()
+				c, err := cl.c.Dial(ctxT(t, 10*time.Second), r)
+				if err != nil {
+					t.Fatalf("dial endpoint %s: %v", r.Endpoint, err)
+				}
+				if err := roundTrip(c, "hello"); err != nil {
+					t.Fatal(err)
+				}
+				c.Close()
+				if ev := e.event(t); ev != "eof" {
+					t.Fatalf("endpoint %s saw %q, want the connection", r.Endpoint, ev)
+				}
+			}
+			r := req(84)
+			r.Endpoint = "127.0.0.1:1"
+			_, err := cl.c.Dial(ctxT(t, 10*time.Second), r)
+			var te *tunnel.Error
+			if !errors.As(err, &te) || te.Code != tunnel.CodeNoHealthyEndpoint || !strings.Contains(te.Reason, "not a ready endpoint") {
+				t.Fatalf("endpoint outside the service: %v, want no_healthy_endpoint", err)
+			}
+		})
+	}
+}
+
 // withBundles overrides a source's bundles: a client that trusts a server
 // out of band, so that only the server's verdict is tested.
 type withBundles struct {

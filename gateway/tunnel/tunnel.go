@@ -14,11 +14,13 @@
 //	offset size
 //	0      2    magic "FM"
 //	2      1    version (1)
-//	3      1    flags (none defined in version 1; unknown bits are ignored)
+//	3      1    flags (FlagEndpoint; unknown bits are ignored)
 //	4      2    body length N, at most MaxBodyLen
 //	6      2    target port (1..65535)
 //	8      ...  five strings, each a 1-byte length then bytes:
-//	            target cluster, namespace, service, source cluster, caller
+//	            target cluster, namespace, service, source cluster, caller;
+//	            with FlagEndpoint a sixth: the endpoint ("ip:port", as in
+//	            the target cluster's EndpointSlices) the caller asks for
 //
 // Response (gateway to client):
 //
@@ -38,6 +40,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"strings"
 	"unicode/utf8"
 )
@@ -53,11 +56,19 @@ const (
 // Version is the header version this package speaks.
 const Version = 1
 
+// FlagEndpoint marks a request for one endpoint of the target service
+// (Request.Endpoint) rather than any: the caller's sidecar balances and
+// ejects the remote cluster's pods one by one. The ingress still forwards
+// only to a ready endpoint of an exported service; a gateway that predates
+// the flag refuses the request as malformed (trailing bytes).
+const FlagEndpoint uint8 = 1 << 0
+
 // Size limits. A header is never larger than HeaderPrefixLen+MaxBodyLen
 // bytes, so a reader never buffers more than that before deciding.
 const (
 	HeaderPrefixLen = 6
-	MaxBodyLen      = 2 + 5*(1+255)
+	MaxBodyLen      = 2 + 5*(1+255) + 1 + maxEndpointLen
+	maxEndpointLen  = 64 // "[ipv6%zone]:port" fits
 	MaxReasonLen    = 255
 	maxLabelLen     = 63
 )
@@ -110,7 +121,10 @@ type Request struct {
 	Port          uint16 // target service port
 	SourceCluster string // cluster the stream comes from; set by the egress gateway
 	Caller        string // SPIFFE ID of the caller, information only (never used to authorize)
-	Flags         uint8
+	// Endpoint, when set, asks for that endpoint ("ip:port") of the target
+	// service only (FlagEndpoint); empty lets the ingress pick.
+	Endpoint string
+	Flags    uint8
 }
 
 // Target is "namespace/service:port".
@@ -143,13 +157,24 @@ func AppendRequest(b []byte, r *Request) ([]byte, error) {
 	if err := r.validate(); err != nil {
 		return b, err
 	}
+	flags := r.Flags
+	if r.Endpoint != "" {
+		flags |= FlagEndpoint
+	}
 	body := 2 + 5 + len(r.Cluster) + len(r.Namespace) + len(r.Service) + len(r.SourceCluster) + len(r.Caller)
-	b = append(b, magic[0], magic[1], Version, r.Flags)
+	if flags&FlagEndpoint != 0 {
+		body += 1 + len(r.Endpoint)
+	}
+	b = append(b, magic[0], magic[1], Version, flags)
 	b = binary.BigEndian.AppendUint16(b, uint16(body))
 	b = binary.BigEndian.AppendUint16(b, r.Port)
 	for _, s := range [...]string{r.Cluster, r.Namespace, r.Service, r.SourceCluster, r.Caller} {
 		b = append(b, byte(len(s)))
 		b = append(b, s...)
+	}
+	if flags&FlagEndpoint != 0 {
+		b = append(b, byte(len(r.Endpoint)))
+		b = append(b, r.Endpoint...)
 	}
 	return b, nil
 }
@@ -205,7 +230,10 @@ func ParseRequestBody(flags uint8, body []byte) (Request, error) {
 	}
 	req.Port = binary.BigEndian.Uint16(body)
 	rest := body[2:]
-	fields := [...]*string{&req.Cluster, &req.Namespace, &req.Service, &req.SourceCluster, &req.Caller}
+	fields := []*string{&req.Cluster, &req.Namespace, &req.Service, &req.SourceCluster, &req.Caller}
+	if flags&FlagEndpoint != 0 {
+		fields = append(fields, &req.Endpoint)
+	}
 	for i, f := range fields {
 		if len(rest) < 1 {
 			return Request{}, badRequest("header body truncated before field %d", i)
@@ -240,6 +268,17 @@ func (r *Request) validate() error {
 	if r.SourceCluster != "" {
 		if err := checkLabel(r.SourceCluster); err != nil {
 			return badRequest("source cluster %q: %v", r.SourceCluster, err)
+		}
+	}
+	if r.Flags&FlagEndpoint != 0 && r.Endpoint == "" {
+		return badRequest("endpoint flag without an endpoint")
+	}
+	if r.Endpoint != "" {
+		if len(r.Endpoint) > maxEndpointLen {
+			return badRequest("endpoint of %d bytes exceeds %d", len(r.Endpoint), maxEndpointLen)
+		}
+		if ap, err := netip.ParseAddrPort(r.Endpoint); err != nil || ap.Port() == 0 || ap.String() != r.Endpoint {
+			return badRequest("endpoint %q is not ip:port in canonical form", r.Endpoint)
 		}
 	}
 	if len(r.Caller) > 255 {

@@ -25,7 +25,9 @@ func TestRequestRoundTrip(t *testing.T) {
 		{"full", validRequest()},
 		{"minimal", Request{Cluster: "e", Namespace: "n", Service: "s", Port: 1}},
 		{"max labels", Request{Cluster: strings.Repeat("c", 63), Namespace: strings.Repeat("n", 63), Service: strings.Repeat("s", 63), Port: 65535,
-			SourceCluster: strings.Repeat("w", 63), Caller: "spiffe://" + strings.Repeat("x", 246), Flags: 0xff}},
+			SourceCluster: strings.Repeat("w", 63), Caller: "spiffe://" + strings.Repeat("x", 246), Flags: 0xff,
+			Endpoint: "[fd00:1111:2222:3333:4444:5555:6666:7777]:65535"}},
+		{"endpoint", Request{Cluster: "east", Namespace: "shop", Service: "checkout", Port: 8080, Endpoint: "10.244.1.7:8080", Flags: FlagEndpoint}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var buf bytes.Buffer
@@ -66,6 +68,18 @@ func TestReadRequestRefuses(t *testing.T) {
 		{"field overruns", mut(func(b []byte) []byte { b[8] = 200; return b }), "overruns"},
 		{"trailing bytes", mut(func(b []byte) []byte { b[5]++; return append(b, 'x') }), "trailing"},
 		{"upper case service", bytes.Replace(good, []byte("checkout"), []byte("Checkout"), 1), "not a DNS label"},
+		{"endpoint flag, no field", mut(func(b []byte) []byte { b[3] = FlagEndpoint; return b }), "truncated"},
+		{"endpoint flag, empty field", mut(func(b []byte) []byte { b[3] = FlagEndpoint; b[5]++; return append(b, 0) }), "endpoint flag without an endpoint"},
+		{"endpoint not ip:port", mut(func(b []byte) []byte {
+			b[3] = FlagEndpoint
+			b[5] += 1 + 9
+			return append(append(b, 9), "pod-1:80x"...)
+		}), "not ip:port"},
+		{"endpoint not canonical", mut(func(b []byte) []byte {
+			b[3] = FlagEndpoint
+			b[5] += 1 + 12
+			return append(append(b, 12), "010.0.0.1:80"...)
+		}), "not ip:port"},
 		{"empty", nil, ""},
 		{"cut in prefix", good[:3], ""},
 		{"cut in body", good[:10], ""},
@@ -148,6 +162,9 @@ func FuzzReadRequest(f *testing.F) {
 	good, _ := AppendRequest(nil, &r)
 	f.Add(good)
 	f.Add(append(append([]byte(nil), good...), "hello"...))
+	r.Endpoint = "10.244.1.7:8080"
+	withEndpoint, _ := AppendRequest(nil, &r)
+	f.Add(withEndpoint)
 	f.Add([]byte("GET / HTTP/1.1\r\n\r\n"))
 	f.Add([]byte("FM\x01\x00\xff\xff"))
 	f.Fuzz(func(t *testing.T, in []byte) {
