@@ -28,6 +28,13 @@ type Conn struct {
 	fw        tunnel.FrameWriter
 	closeOnce sync.Once
 	aborted   atomic.Bool
+	// rmu and wmu are held by Read and Write; closed is set under both.
+	// A Close that finds either busy (another goroutine blocked in Read,
+	// as a TLS handshake interrupted by its context is) resets the
+	// connection instead of draining it for reuse: draining would read
+	// the frames concurrently with that Read.
+	rmu, wmu sync.Mutex
+	closed   bool
 }
 
 var _ net.Conn = (*Conn)(nil)
@@ -52,6 +59,11 @@ func (c *Conn) readAnswer() error {
 // Read reads application bytes, after the gateway's answer when the
 // connection came from DialEarly.
 func (c *Conn) Read(p []byte) (int, error) {
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	if c.closed {
+		return 0, net.ErrClosed
+	}
 	if c.pending {
 		if err := c.readAnswer(); err != nil {
 			return 0, err
@@ -61,10 +73,24 @@ func (c *Conn) Read(p []byte) (int, error) {
 }
 
 // Write writes application bytes.
-func (c *Conn) Write(p []byte) (int, error) { return c.fw.Write(p) }
+func (c *Conn) Write(p []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.closed {
+		return 0, net.ErrClosed
+	}
+	return c.fw.Write(p)
+}
 
 // CloseWrite half-closes: the target reads EOF after the last byte.
-func (c *Conn) CloseWrite() error { return c.end() }
+func (c *Conn) CloseWrite() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.closed {
+		return net.ErrClosed
+	}
+	return c.end()
+}
 
 // end writes the end frame. Like crypto/tls's close_notify it ignores a
 // write deadline in the past (an inner tls.Conn sets one after its own
@@ -87,6 +113,18 @@ func (c *Conn) Close() error {
 		if c.aborted.Load() {
 			return
 		}
+		if !c.rmu.TryLock() {
+			c.Abort() // a Read is in progress: see rmu
+			return
+		}
+		if !c.wmu.TryLock() {
+			c.rmu.Unlock()
+			c.Abort()
+			return
+		}
+		c.closed = true
+		c.wmu.Unlock()
+		c.rmu.Unlock()
 		if err = c.end(); err != nil || c.client.nSpares == 0 {
 			_ = c.tcp.Close()
 			return

@@ -210,3 +210,50 @@ func TestDialEarlyNoWrite(t *testing.T) {
 		})
 	}
 }
+
+// TestCloseDuringRead: Close while another goroutine is blocked in Read (a
+// TLS handshake interrupted by its context does exactly that) resets the
+// connection instead of draining it for reuse, so nothing reads the frames
+// concurrently (the race detector watches); the Read returns at once, and
+// later calls fail with net.ErrClosed or the reset.
+func TestCloseDuringRead(t *testing.T) {
+	doms := gatewaytest.Start(t, []string{"west"}, nil)
+	addr, _ := fakeGateway(t, doms["west"], tunnel.CodeOK)
+	c, err := NewClient(doms["west"].Source(t, "web"), doms["west"].ID("gateway"), addr, WithSpares(2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, early := range []bool{false, true} {
+		dial := c.Dial
+		if early {
+			dial = c.DialEarly
+		}
+		conn, err := dial(ctx, tunnel.Request{Cluster: "east", Namespace: "shop", Service: "checkout", Port: 80})
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() {
+			_, err := conn.Read(make([]byte, 16))
+			done <- err
+		}()
+		time.Sleep(50 * time.Millisecond) // the Read is blocked: the echo has nothing to send
+		start := time.Now()
+		_ = conn.Close()
+		select {
+		case err := <-done:
+			if err == nil {
+				t.Errorf("early=%v: the blocked Read returned no error after Close", early)
+			}
+		case <-time.After(time.Second):
+			t.Fatalf("early=%v: the blocked Read did not return within 1s of Close", early)
+		}
+		if _, err := conn.Write([]byte("x")); err == nil {
+			t.Errorf("early=%v: Write after Close succeeded", early)
+		}
+		t.Logf("early=%v: Read returned %s after Close", early, time.Since(start))
+	}
+}
