@@ -32,6 +32,19 @@ func checkGRPCThroughMesh(t *testing.T, outbound, want string) {
 	hc := healthpb.NewHealthClient(cc)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	// A drill may just have restored pods: like the HTTP check above, give
+	// failback up to 5 s, then every call must be served at home.
+	for try := 0; ; try++ {
+		var hdr metadata.MD
+		_, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.Header(&hdr))
+		if got := hdr.Get("fedmesh-cluster"); err == nil && len(got) == 1 && got[0] == want {
+			break
+		}
+		if try == 50 {
+			t.Fatalf("gRPC through %s's client sidecar: still not served at home after 5s: %v, cluster %v", want, err, hdr.Get("fedmesh-cluster"))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 	for i := range 20 {
 		var hdr metadata.MD
 		resp, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.Header(&hdr))

@@ -125,3 +125,76 @@ func testFailoverThroughGateways(t *testing.T, proto string) {
 		t.Errorf("fedmesh_sidecar_failovers_total is 0")
 	}
 }
+
+// TestBadRemotePodThroughGatewayEjectedAlone: east's three pods are reached
+// through the gateways, each named in the tunnel header (the endpoint set
+// carries their addresses, as the discovery API does). One answers 500:
+// no request fails (each is retried on another pod), that pod alone is
+// ejected, and east keeps serving from the other two: the cluster is not
+// ejected for one bad pod behind its gateway.
+func TestBadRemotePodThroughGatewayEjectedAlone(t *testing.T) {
+	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
+	west, east := doms["west"], doms["east"]
+	e1 := startBackend(t, east, "east-1", []spiffeid.TrustDomain{west.TD}, nil)
+	e2 := startBackend(t, east, "east-2", []spiffeid.TrustDomain{west.TD}, nil)
+	e3 := startBackend(t, east, "east-3", []spiffeid.TrustDomain{west.TD}, nil)
+	e2.app.fail.Store(500)
+
+	eastCat := &gateway.StaticCatalog{}
+	eastCat.Set("shop", "checkout", 8080, gwEndpoints(e1, e2, e3)...)
+	eastGW := startGateway(t, east, eastCat, nil, []spiffeid.TrustDomain{west.TD})
+	westGW := startGateway(t, west, &gateway.StaticCatalog{}, []gateway.Peer{{
+		Cluster: "east", TrustDomain: east.TD, Addrs: []string{eastGW.TunnelAddr().String()},
+	}}, nil)
+	waitFor(t, "west gateway connected to east", 10*time.Second, func() bool { return westGW.ClusterUp("east") })
+
+	var remote []endpoints.Endpoint
+	for _, b := range []*backend{e1, e2, e3} {
+		remote = append(remote, endpoints.Endpoint{Name: "east/" + b.inbound, Addr: b.inbound, Ready: true})
+	}
+	src := &endpoints.Static{}
+	src.Update(endpoints.Set{Namespace: "shop", Service: "checkout", Port: 8080, Clusters: []endpoints.Cluster{
+		{Name: "west"},
+		{Name: "east", Gateway: true, RTT: endpoints.Duration(2 * time.Millisecond), Endpoints: remote},
+	}})
+	client := startSidecar(t, "client", sidecar.Config{
+		Cluster: "west", TrustDomain: west.TD, Federated: []spiffeid.TrustDomain{east.TD},
+		Source: west.Source(t, "web"), Endpoints: src, GatewayEgress: westGW.EgressAddr().String(),
+		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 8080, Listen: "127.0.0.1:0"}},
+	})
+	waitFor(t, "client sidecar ready", 5*time.Second, client.Ready)
+
+	stop := make(chan struct{})
+	results := load("http://"+client.UpstreamAddr(0).String()+"/", 4, 2*time.Millisecond, 3000, stop)
+	time.Sleep(2 * time.Second)
+	close(stop)
+	all := <-results
+	by := map[string]int{}
+	var late []string
+	cut := time.Now().Add(-700 * time.Millisecond)
+	for _, r := range all {
+		if r.err != nil || r.status != 200 {
+			t.Fatalf("request failed: status %d, err %v", r.status, r.err)
+		}
+		by[r.by]++
+		if r.at.After(cut) {
+			late = append(late, r.by)
+		}
+	}
+	t.Logf("%d requests served by %v; e2 got %d", len(all), by, e2.app.hits.Load())
+	if by["east-1"] == 0 || by["east-3"] == 0 || by["east-2"] != 0 {
+		t.Errorf("served by %v; want east-1 and east-3, never the failing east-2", by)
+	}
+	if n := e2.app.hits.Load(); n == 0 || n > int64(len(all))/4 {
+		t.Errorf("the failing pod got %d of %d requests; want it tried, then ejected", n, len(all))
+	}
+	for _, s := range client.State().Upstreams[0].Targets {
+		want := s.Name == "east/"+e2.inbound
+		if s.Outlier.Ejected != want {
+			t.Errorf("target %s ejected = %v, want %v", s.Name, s.Outlier.Ejected, want)
+		}
+	}
+	if len(late) == 0 {
+		t.Error("no request in the last 700 ms: east stopped serving")
+	}
+}

@@ -121,6 +121,12 @@ func (p *backendPool) apply(set endpoints.Set) {
 	defer p.mu.Unlock()
 	p.failover = fo
 	seen := map[string]bool{}
+	prewarmed := map[string]bool{}
+	for _, t := range p.targets {
+		if t.Gateway {
+			prewarmed[t.Cluster] = true
+		}
+	}
 	var list, locals []*balancer.Target
 	add := func(key string, prio int, c endpoints.Cluster, name, addr string, ready bool) {
 		seen[key] = true
@@ -134,7 +140,8 @@ func (p *backendPool) apply(set endpoints.Set) {
 			t = &balancer.Target{Name: name, Cluster: c.Name, Addr: addr, Gateway: c.Gateway, Outlier: g.Add(name)}
 			t.Data = &pool{max: p.s.cfg.MaxIdlePerTarget, lim: p.lim}
 			p.targets[key] = t
-			if c.Gateway && c.Name != local {
+			if c.Gateway && c.Name != local && !prewarmed[c.Name] {
+				prewarmed[c.Name] = true // one per cluster: the gateway connection and a handshake
 				go p.prewarm(t)
 			}
 		}
@@ -150,7 +157,9 @@ func (p *backendPool) apply(set endpoints.Set) {
 		if c.Name != local && i == 0 {
 			prio = 1 // no local endpoints at all: remote clusters still rank after "local"
 		}
-		if c.Gateway {
+		if c.Gateway && !allAddressed(c.Endpoints) {
+			// Pods without an address to name: one target for the
+			// cluster, whose gateway picks the pod.
 			ready := false
 			for _, e := range c.Endpoints {
 				ready = ready || e.Ready
@@ -158,6 +167,10 @@ func (p *backendPool) apply(set endpoints.Set) {
 			add("gw/"+c.Name, prio, c, c.Name+" (gateway)", "", ready)
 			continue
 		}
+		// Own pods are dialed directly; a remote cluster's pods each
+		// through the gateway, naming the pod in the tunnel header, so each
+		// is balanced and ejected on its own and one bad pod does not take
+		// its cluster out.
 		for _, e := range c.Endpoints {
 			if e.Addr == "" {
 				continue
@@ -179,6 +192,17 @@ func (p *backendPool) apply(set endpoints.Set) {
 	p.local.Set(locals)
 	p.ready.Store(true)
 	p.s.log.Info("endpoints updated", "upstream", p.label, "targets", len(list))
+}
+
+// allAddressed reports whether every endpoint (at least one) has an
+// address.
+func allAddressed(eps []endpoints.Endpoint) bool {
+	for _, e := range eps {
+		if e.Addr == "" {
+			return false
+		}
+	}
+	return len(eps) > 0
 }
 
 // prewarm opens one connection to a remote cluster through the gateway
@@ -243,7 +267,7 @@ func (p *backendPool) checkTargets() []health.Target {
 		// gateway is probed through it, but only while it is ejected: a
 		// healthy cluster costs no cross-cluster handshake per second, and
 		// an ejected one comes back as soon as it answers again.
-		gw := t.Addr == ""
+		gw := t.Gateway
 		ts = append(ts, health.Target{Outlier: t.Outlier, Probe: func(ctx context.Context) error {
 			if gw && !t.Outlier.Ejected(time.Now()) {
 				return nil
@@ -373,7 +397,7 @@ func (p *backendPool) dialTLS(ctx context.Context, t *balancer.Target, cfg *tls.
 		}
 		c, err := gw.Dial(ctx, tunnel.Request{
 			Cluster: t.Cluster, Namespace: p.namespace, Service: p.name,
-			Port: p.port, Caller: p.s.callerID(),
+			Port: p.port, Caller: p.s.callerID(), Endpoint: t.Addr, // "" for a cluster target
 		})
 		if err != nil {
 			var te *tunnel.Error

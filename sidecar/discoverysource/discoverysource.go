@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"net/netip"
 	"strconv"
 	"time"
 
@@ -147,8 +148,10 @@ func publish[T any](out chan T, set T) {
 // port is the first port of the set (sidecars address one port per
 // upstream). Local endpoints are dialed at their address and the target port
 // of that service port (matched by name, else the endpoint's first port);
-// remote clusters are reached through the local gateway, so their endpoints
-// only carry readiness. The policy is decoded into Set.Policy; one that does
+// remote clusters are reached through the local gateway: their endpoints
+// carry the same address (ip:target port, as the remote cluster's gateway
+// knows them) so the sidecar can ask the gateway for one pod, or only
+// readiness when there is no port to name. The policy is decoded into Set.Policy; one that does
 // not decode is left out (nil).
 func Convert(in *pb.EndpointSet) endpoints.Set {
 	out, _ := convert(in, 0)
@@ -178,13 +181,17 @@ func convert(in *pb.EndpointSet, port uint16) (endpoints.Set, error) {
 		c := endpoints.Cluster{Name: cl.GetName(), Gateway: !cl.GetLocal(), Endpoints: []endpoints.Endpoint{}}
 		for i, e := range cl.GetEndpoints() {
 			ep := endpoints.Endpoint{Name: fmt.Sprintf("%s/%d", cl.GetName(), i), Ready: e.GetReady() && !e.GetTerminating()}
+			port := targetPort(e, portName)
 			if cl.GetLocal() {
-				if port := targetPort(e, portName); port > 0 {
+				if port > 0 {
 					ep.Addr = net.JoinHostPort(e.GetAddress(), strconv.Itoa(int(port)))
 				} else {
 					continue // no port to dial
 				}
 				ep.Name = ep.Addr
+			} else if ip, err := netip.ParseAddr(e.GetAddress()); err == nil && port > 0 {
+				ep.Addr = netip.AddrPortFrom(ip, uint16(port)).String() // canonical, as the gateway compares it
+				ep.Name = cl.GetName() + "/" + ep.Addr
 			}
 			c.Endpoints = append(c.Endpoints, ep)
 		}

@@ -29,6 +29,12 @@ func TestConvert(t *testing.T) {
 				{Address: "127.0.0.12", Ready: true}, // no port: cannot be dialed
 			}},
 			{Name: "west", Stale: true, Endpoints: []*pb.Endpoint{{Address: "10.2.0.1", Ready: true}, {Address: "10.2.0.2"}}},
+			// Remote pods with their target port: named to the gateway one
+			// by one (an IPv6 address in canonical form).
+			{Name: "north", Endpoints: []*pb.Endpoint{
+				{Address: "10.3.0.1", Ready: true, Ports: []*pb.Port{{Name: "http", Port: 8080}}},
+				{Address: "fd00:0:0::7", Ready: true, Ports: []*pb.Port{{Name: "http", Port: 8080}}},
+			}},
 		}}
 	want := endpoints.Set{Namespace: "demo", Service: "echo", Port: 80, Clusters: []endpoints.Cluster{
 		{Name: "east", Endpoints: []endpoints.Endpoint{
@@ -36,6 +42,10 @@ func TestConvert(t *testing.T) {
 			{Name: "127.0.0.11:15006", Addr: "127.0.0.11:15006", Ready: false},
 		}},
 		{Name: "west", Gateway: true, Endpoints: []endpoints.Endpoint{{Name: "west/0", Ready: true}, {Name: "west/1"}}},
+		{Name: "north", Gateway: true, Endpoints: []endpoints.Endpoint{
+			{Name: "north/10.3.0.1:8080", Addr: "10.3.0.1:8080", Ready: true},
+			{Name: "north/[fd00::7]:8080", Addr: "[fd00::7]:8080", Ready: true},
+		}},
 	}}
 	if diff := cmp.Diff(want, Convert(in)); diff != "" {
 		t.Errorf("(-want +got):\n%s", diff)
