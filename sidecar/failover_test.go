@@ -1,6 +1,7 @@
 package sidecar_test
 
 import (
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -196,5 +197,72 @@ func TestBadRemotePodThroughGatewayEjectedAlone(t *testing.T) {
 	}
 	if len(late) == 0 {
 		t.Error("no request in the last 700 ms: east stopped serving")
+	}
+}
+
+// TestGatewayRefusalsCounted: the gateway's refusals reach the sidecar
+// through the mTLS handshake it sends with the tunnel header (DialEarly):
+// a service east does not export is counted as not_exported, and a cluster
+// the local gateway has no peer for as unknown_cluster, which ejects every
+// target of that cluster at once.
+func TestGatewayRefusalsCounted(t *testing.T) {
+	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
+	west, east := doms["west"], doms["east"]
+	eastGW := startGateway(t, east, &gateway.StaticCatalog{}, nil, []spiffeid.TrustDomain{west.TD})
+	westGW := startGateway(t, west, &gateway.StaticCatalog{}, []gateway.Peer{{
+		Cluster: "east", TrustDomain: east.TD, Addrs: []string{eastGW.TunnelAddr().String()},
+	}}, nil)
+	waitFor(t, "west gateway connected to east", 10*time.Second, func() bool { return westGW.ClusterUp("east") })
+	src := &endpoints.Static{}
+	src.Update(endpoints.Set{Namespace: "shop", Service: "checkout", Port: 8080, Clusters: []endpoints.Cluster{
+		{Name: "east", Gateway: true, Endpoints: []endpoints.Endpoint{{Name: "east/10.0.0.1:8080", Addr: "10.0.0.1:8080", Ready: true}}},
+		{Name: "north", Gateway: true, Endpoints: []endpoints.Endpoint{{Name: "north/10.1.0.1:8080", Addr: "10.1.0.1:8080", Ready: true}, {Name: "north/10.1.0.2:8080", Addr: "10.1.0.2:8080", Ready: true}}},
+	}})
+	client := startSidecar(t, "client", sidecar.Config{
+		Cluster: "west", TrustDomain: west.TD, Federated: []spiffeid.TrustDomain{east.TD},
+		Source: west.Source(t, "web"), Endpoints: src, GatewayEgress: westGW.EgressAddr().String(), NoActiveChecks: true,
+		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 8080, Listen: "127.0.0.1:0"}},
+	})
+	waitFor(t, "client sidecar ready", 5*time.Second, client.Ready)
+	resp, err := http.Get("http://" + client.UpstreamAddr(0).String() + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("status %d, want 503 (no cluster can serve)", resp.StatusCode)
+	}
+	waitFor(t, "refusals counted", 5*time.Second, func() bool {
+		return metricSum(t, client.reg, "fedmesh_sidecar_tunnel_refusals_total") >= 2
+	})
+	mfs, err := client.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		if mf.GetName() != "fedmesh_sidecar_tunnel_refusals_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			var cl, code string
+			for _, l := range m.GetLabel() {
+				switch l.GetName() {
+				case "cluster":
+					cl = l.GetValue()
+				case "code":
+					code = l.GetValue()
+				}
+			}
+			got[cl+"/"+code] += m.GetCounter().GetValue()
+		}
+	}
+	if got["east/not_exported"] < 1 || got["north/unknown_cluster"] < 1 {
+		t.Errorf("refusals by cluster/code %v; want east/not_exported and north/unknown_cluster", got)
+	}
+	for _, tg := range client.State().Upstreams[0].Targets {
+		if tg.Cluster == "north" && !tg.Outlier.Ejected {
+			t.Errorf("north target %s not ejected after unknown_cluster", tg.Name)
+		}
 	}
 }
