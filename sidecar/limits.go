@@ -132,16 +132,6 @@ func (l *connLimiter) wait(ctx context.Context, deadline time.Time, gen uint64) 
 	}
 }
 
-// openConns is the number of open connections counted (for /state).
-func (l *connLimiter) openConns() int {
-	if l == nil {
-		return 0
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.open
-}
-
 // closeOneIdle closes one idle HTTP/1.1 connection of any of the
 // upstream's pools, freeing its slot; false when none is idle.
 func (u *upstream) closeOneIdle() bool {
