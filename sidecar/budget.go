@@ -3,6 +3,8 @@ package sidecar
 import (
 	"sync"
 	"time"
+
+	"github.com/fedmesh/fedmesh/sidecar/balancer"
 )
 
 // RetryBudget bounds retries to a share of requests plus a small steady
@@ -87,3 +89,57 @@ func (b *budget) allowRetry(now time.Time) bool {
 	b.retries[i]++
 	return true
 }
+
+// attempts hands out the targets of one request or connection: a first
+// pick, then retries, each to a target not yet tried (which moves to the
+// next priority when the current one is exhausted), each taking a token of
+// the retry budget and waiting the route's backoff. It lives on the
+// caller's stack; the caller keeps the targets tried (stored in the
+// struct, they would move to the heap).
+type attempts struct {
+	u         *upstream
+	picker    *balancer.Picker
+	max       int
+	deadline  time.Time // zero: none
+	backoff   time.Duration
+	n         int
+	firstPrio int
+}
+
+// next returns the next target not in tried, or nil when attempts, the
+// deadline, the untried targets or the retry budget ran out.
+func (a *attempts) next(tried []*balancer.Target) *balancer.Target {
+	if a.n >= a.max {
+		return nil
+	}
+	now := time.Now()
+	if a.n > 0 && !a.deadline.IsZero() && now.After(a.deadline) {
+		return nil
+	}
+	t := a.picker.Pick(now, tried)
+	if t == nil {
+		return nil
+	}
+	if a.n > 0 {
+		if !a.u.budget.allowRetry(now) {
+			a.u.s.m.budgetExhausted.WithLabelValues(a.u.name).Inc()
+			return nil
+		}
+		a.u.s.m.retries.WithLabelValues(a.u.name).Inc()
+		if a.backoff > 0 {
+			d := a.backoff
+			if !a.deadline.IsZero() {
+				d = min(d, time.Until(a.deadline))
+			}
+			time.Sleep(d)
+		}
+	} else {
+		a.firstPrio = t.Priority
+	}
+	a.n++
+	return t
+}
+
+// failedOver reports whether t ranks below the first target tried: the
+// request moved to a worse priority (a failover).
+func (a *attempts) failedOver(t *balancer.Target) bool { return a.n > 1 && t.Priority > a.firstPrio }

@@ -528,37 +528,23 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 	// UNAVAILABLE, gRPC's own transparent-retry condition.
 	idem := idempotent(r.Method)
 
-	var exBuf [8]*balancer.Target
-	exclude := exBuf[:0]
-	firstPrio := -1
 	timedOut := false
 	var lastErr error
-	for attempt := 0; attempt < maxAttempts; attempt++ {
-		now := time.Now()
-		if attempt > 0 && now.After(headDeadline) {
+	var exBuf [8]*balancer.Target
+	tried := exBuf[:0]
+	at := attempts{u: u, picker: picker, max: maxAttempts, deadline: headDeadline}
+	if rt != nil {
+		at.backoff = rt.backoff
+	}
+	for {
+		if at.n > 0 && !body.replayable() {
 			break
 		}
-		if attempt > 0 && !body.replayable() {
-			break
-		}
-		t := picker.Pick(now, exclude)
+		t := at.next(tried)
 		if t == nil {
 			break
 		}
-		if attempt > 0 {
-			if !u.budget.allowRetry(now) {
-				u.s.m.budgetExhausted.WithLabelValues(svc).Inc()
-				break
-			}
-			u.s.m.retries.WithLabelValues(svc).Inc()
-			if rt != nil && rt.backoff > 0 {
-				time.Sleep(min(rt.backoff, time.Until(headDeadline)))
-			}
-		}
-		exclude = append(exclude, t)
-		if firstPrio < 0 {
-			firstPrio = t.Priority
-		}
+		tried = append(tried, t)
 		rec.endpoint = t.Name
 		rec.attempts++
 		resp, ab, cancel, sent, err := u.h2Attempt(ctx, bp, t, r, body, min(attemptTimeout, time.Until(headDeadline)))
@@ -586,7 +572,7 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 		} else {
 			retry = idem && body.replayable() && rt.retryable(resp.StatusCode)
 		}
-		if retry && attempt+1 < maxAttempts {
+		if retry && at.n < maxAttempts {
 			_ = resp.Body.Close()
 			ab.end()
 			cancel()
@@ -616,7 +602,7 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 			_ = resp.Body.Close()
 			resp.Body = io.NopCloser(bytes.NewReader(*buffered))
 		}
-		if t.Priority > firstPrio {
+		if at.failedOver(t) {
 			u.s.m.failovers.WithLabelValues(svc, t.Cluster).Inc()
 		}
 		aborted := u.h2Respond(w, resp, t, &rec, rt)

@@ -229,34 +229,16 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 	deadline := start.Add(reqTimeout)
 	safe := replayable && idempotent(req.Method)
 
-	var exBuf [8]*balancer.Target
-	exclude := exBuf[:0]
 	var last *answer // the last retryable answer, passed through if nothing better comes
-	firstPrio := -1
 	timedOut := false
-	for attempt := 0; attempt < maxAttempts; attempt++ {
-		now := time.Now()
-		if attempt > 0 && now.After(deadline) {
-			break
-		}
-		t := picker.Pick(now, exclude)
-		if t == nil {
-			break
-		}
-		if attempt > 0 {
-			if !u.budget.allowRetry(now) {
-				u.s.m.budgetExhausted.WithLabelValues(svc).Inc()
-				break
-			}
-			u.s.m.retries.WithLabelValues(svc).Inc()
-			if rt != nil && rt.backoff > 0 {
-				time.Sleep(min(rt.backoff, time.Until(deadline)))
-			}
-		}
-		exclude = append(exclude, t)
-		if firstPrio < 0 {
-			firstPrio = t.Priority
-		}
+	var exBuf [8]*balancer.Target
+	tried := exBuf[:0]
+	at := attempts{u: u, picker: picker, max: maxAttempts, deadline: deadline}
+	if rt != nil {
+		at.backoff = rt.backoff
+	}
+	for t := at.next(tried); t != nil; t = at.next(tried) {
+		tried = append(tried, t)
 		rec.endpoint = t.Name
 		rec.attempts++
 		a, sent, err := u.attempt(ctx, bp, t, req, safe, deadline, attemptTimeout)
@@ -289,7 +271,7 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 		if last != nil {
 			last.release(true)
 		}
-		if t.Priority > firstPrio {
+		if at.failedOver(t) {
 			u.s.m.failovers.WithLabelValues(svc, t.Cluster).Inc()
 		}
 		return u.respond(&rec, a, w, rt)

@@ -32,21 +32,11 @@ func (u *upstream) serveTCP(ctx context.Context, c net.Conn) {
 		bp, picker = b.pool, b.picker
 	}
 	var exBuf [8]*balancer.Target
-	exclude := exBuf[:0]
-	for attempt := 0; attempt < u.s.cfg.MaxAttempts; attempt++ {
+	tried := exBuf[:0]
+	at := attempts{u: u, picker: picker, max: u.s.cfg.MaxAttempts}
+	for t := at.next(tried); t != nil; t = at.next(tried) {
+		tried = append(tried, t)
 		now := time.Now()
-		t := picker.Pick(now, exclude)
-		if t == nil {
-			break
-		}
-		if attempt > 0 {
-			if !u.budget.allowRetry(now) {
-				u.s.m.budgetExhausted.WithLabelValues(svc).Inc()
-				break
-			}
-			u.s.m.retries.WithLabelValues(svc).Inc()
-		}
-		exclude = append(exclude, t)
 		if !u.lim.tryAcquire() && !(u.closeOneIdle() && u.lim.tryAcquire()) {
 			u.s.m.overflows.WithLabelValues(svc, "connections").Inc()
 			u.countRequest("", "overflow")
@@ -65,7 +55,7 @@ func (u *upstream) serveTCP(ctx context.Context, c net.Conn) {
 		t.Outlier.Report(health.Success)
 		returnIfEjected(t)
 		t.End(time.Since(now), true)
-		if len(exclude) > 1 && t.Priority > exclude[0].Priority {
+		if at.failedOver(t) {
 			u.s.m.failovers.WithLabelValues(svc, t.Cluster).Inc()
 		}
 		u.countRequest(t.Cluster, "ok")

@@ -36,7 +36,11 @@ func traceContext(h http.Header) string {
 	}
 	putID(buf[36:52], rand.Uint64())
 	v := string(buf[:])
-	h["Traceparent"] = []string{v}
+	if len(old) == 1 {
+		old[0] = v // the request's own slice: no allocation
+	} else {
+		h["Traceparent"] = []string{v}
+	}
 	return v[3:35]
 }
 
