@@ -475,49 +475,29 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 		}
 		return -1
 	}
-	if n := u.active.Add(1); n > int64(u.s.cfg.MaxRequests) {
-		u.active.Add(-1)
-		u.s.m.overflows.WithLabelValues(svc, "requests").Inc()
+	if !u.enter() {
 		u.finish(&rec, "", "overflow", http.StatusServiceUnavailable, gs(grpcResourceExhausted))
 		h2Error(w, grpc, http.StatusServiceUnavailable, grpcResourceExhausted, "overflow", "too many outstanding requests")
 		return
 	}
-	defer u.active.Add(-1)
+	defer u.leave()
 	u.budget.request(start)
-	bp, picker := u.own, u.own.all
-	attemptTimeout, maxAttempts := u.s.cfg.AttemptTimeout, u.s.cfg.MaxAttempts
+	pl, ok := u.planFor(r, start)
+	if !ok {
+		u.finish(&rec, "", "no_endpoint", http.StatusServiceUnavailable, gs(grpcUnavailable))
+		h2Error(w, grpc, http.StatusServiceUnavailable, grpcUnavailable, "no_healthy_endpoint", "no backend of route "+pl.rt.name+" has an endpoint")
+		return
+	}
+	rt, bp, maxAttempts := pl.rt, pl.bp, pl.maxAttempts
 	// The request deadline bounds the wait for the answer's head; a
 	// stream's life is its client's business (gRPC sends its deadline
 	// along), unless a route sets timeouts.request, which bounds it all.
-	headDeadline := start.Add(u.s.cfg.RequestTimeout)
+	headDeadline := start.Add(pl.reqTimeout)
 	ctx := r.Context()
-	var rt *route
-	if rtr := u.router.Load(); rtr != nil {
-		if rt = rtr.match(r); rt != nil {
-			b := rt.pick(start)
-			if b == nil {
-				u.finish(&rec, "", "no_endpoint", http.StatusServiceUnavailable, gs(grpcUnavailable))
-				h2Error(w, grpc, http.StatusServiceUnavailable, grpcUnavailable, "no_healthy_endpoint", "no backend of route "+rt.name+" has an endpoint")
-				return
-			}
-			b.count.Inc()
-			bp, picker = b.pool, b.picker
-			if rt.timeout > 0 {
-				headDeadline = start.Add(rt.timeout)
-				var cancel context.CancelFunc
-				ctx, cancel = context.WithDeadline(ctx, headDeadline)
-				defer cancel()
-			}
-			if rt.backendTimeout > 0 {
-				attemptTimeout = rt.backendTimeout
-			}
-			if rt.attempts > 0 {
-				maxAttempts = rt.attempts
-			}
-			if rt.reqHeaders != nil {
-				rt.reqHeaders.apply(r.Header, &r.Host)
-			}
-		}
+	if rt != nil && rt.timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, headDeadline)
+		defer cancel()
 	}
 	body := &replayBody{src: r.Body}
 	if r.Body == nil || r.Body == http.NoBody {
@@ -532,7 +512,7 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 	var lastErr error
 	var exBuf [8]*balancer.Target
 	tried := exBuf[:0]
-	at := attempts{u: u, picker: picker, max: maxAttempts, deadline: headDeadline}
+	at := attempts{u: u, picker: pl.picker, max: maxAttempts, deadline: headDeadline}
 	if rt != nil {
 		at.backoff = rt.backoff
 	}
@@ -547,7 +527,7 @@ func (u *upstream) serveH2(w http.ResponseWriter, r *http.Request) {
 		tried = append(tried, t)
 		rec.endpoint = t.Name
 		rec.attempts++
-		resp, ab, cancel, sent, err := u.h2Attempt(ctx, bp, t, r, body, min(attemptTimeout, time.Until(headDeadline)))
+		resp, ab, cancel, sent, err := u.h2Attempt(ctx, bp, t, r, body, min(pl.attemptTimeout, time.Until(headDeadline)))
 		if err != nil {
 			lastErr = err
 			u.s.log.Debug("attempt failed", "upstream", svc, "cluster", t.Cluster, "endpoint", t.Name, "err", err)

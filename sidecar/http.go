@@ -189,51 +189,29 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 	start := time.Now()
 	svc := u.name
 	rec := reqRecord{req: req, start: start, traceID: traceContext(req.Header)}
-	if n := u.active.Add(1); n > int64(u.s.cfg.MaxRequests) {
-		u.active.Add(-1)
-		u.s.m.overflows.WithLabelValues(svc, "requests").Inc()
+	replayable := req.Body == http.NoBody
+	if !u.enter() {
 		u.finish(&rec, "", "overflow", http.StatusServiceUnavailable, -1)
 		writeError(w, http.StatusServiceUnavailable, "overflow", "too many outstanding requests")
-		return req.Body == http.NoBody
+		return replayable
 	}
-	defer u.active.Add(-1)
+	defer u.leave()
 	u.budget.request(start)
-	replayable := req.Body == http.NoBody
-	bp, picker := u.own, u.own.all
-	reqTimeout, attemptTimeout, maxAttempts := u.s.cfg.RequestTimeout, u.s.cfg.AttemptTimeout, u.s.cfg.MaxAttempts
-	var rt *route
-	if r := u.router.Load(); r != nil {
-		if rt = r.match(req); rt != nil {
-			b := rt.pick(start)
-			if b == nil {
-				u.finish(&rec, "", "no_endpoint", http.StatusServiceUnavailable, -1)
-				writeError(w, http.StatusServiceUnavailable, "no_healthy_endpoint", "no backend of route "+rt.name+" has an endpoint")
-				return replayable
-			}
-			b.count.Inc()
-			bp, picker = b.pool, b.picker
-			if rt.timeout > 0 {
-				reqTimeout = rt.timeout
-			}
-			if rt.backendTimeout > 0 {
-				attemptTimeout = rt.backendTimeout
-			}
-			if rt.attempts > 0 {
-				maxAttempts = rt.attempts
-			}
-			if rt.reqHeaders != nil {
-				rt.reqHeaders.apply(req.Header, &req.Host)
-			}
-		}
+	pl, ok := u.planFor(req, start)
+	if !ok {
+		u.finish(&rec, "", "no_endpoint", http.StatusServiceUnavailable, -1)
+		writeError(w, http.StatusServiceUnavailable, "no_healthy_endpoint", "no backend of route "+pl.rt.name+" has an endpoint")
+		return replayable
 	}
-	deadline := start.Add(reqTimeout)
+	rt, bp := pl.rt, pl.bp
+	deadline := start.Add(pl.reqTimeout)
 	safe := replayable && idempotent(req.Method)
 
 	var last *answer // the last retryable answer, passed through if nothing better comes
 	timedOut := false
 	var exBuf [8]*balancer.Target
 	tried := exBuf[:0]
-	at := attempts{u: u, picker: picker, max: maxAttempts, deadline: deadline}
+	at := attempts{u: u, picker: pl.picker, max: pl.maxAttempts, deadline: deadline}
 	if rt != nil {
 		at.backoff = rt.backoff
 	}
@@ -241,7 +219,7 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 		tried = append(tried, t)
 		rec.endpoint = t.Name
 		rec.attempts++
-		a, sent, err := u.attempt(ctx, bp, t, req, safe, deadline, attemptTimeout)
+		a, sent, err := u.attempt(ctx, bp, t, req, safe, deadline, pl.attemptTimeout)
 		if errors.Is(err, errPendingOverflow) || errors.Is(err, errConnTimeout) {
 			if last != nil {
 				last.release(true)

@@ -385,3 +385,49 @@ func describeMatch(m policy.Match) string {
 	}
 	return strings.Join(parts, ", ")
 }
+
+// plan is how one request is served after the upstream's route rules: the
+// backend service's pool and picker, and the limits the matching rule sets.
+type plan struct {
+	rt             *route // nil: no rule matched
+	bp             *backendPool
+	picker         *balancer.Picker
+	reqTimeout     time.Duration
+	attemptTimeout time.Duration
+	maxAttempts    int
+}
+
+// planFor applies the first route rule that matches req: its backend by
+// weight, timeouts, attempts and request header changes. With none, the
+// upstream's own service serves with the defaults. ok is false when a rule
+// matched but none of its backends has an endpoint.
+func (u *upstream) planFor(req *http.Request, now time.Time) (p plan, ok bool) {
+	p = plan{bp: u.own, picker: u.own.all, reqTimeout: u.s.cfg.RequestTimeout,
+		attemptTimeout: u.s.cfg.AttemptTimeout, maxAttempts: u.s.cfg.MaxAttempts}
+	r := u.router.Load()
+	if r == nil {
+		return p, true
+	}
+	if p.rt = r.match(req); p.rt == nil {
+		return p, true
+	}
+	b := p.rt.pick(now)
+	if b == nil {
+		return p, false
+	}
+	b.count.Inc()
+	p.bp, p.picker = b.pool, b.picker
+	if p.rt.timeout > 0 {
+		p.reqTimeout = p.rt.timeout
+	}
+	if p.rt.backendTimeout > 0 {
+		p.attemptTimeout = p.rt.backendTimeout
+	}
+	if p.rt.attempts > 0 {
+		p.maxAttempts = p.rt.attempts
+	}
+	if p.rt.reqHeaders != nil {
+		p.rt.reqHeaders.apply(req.Header, &req.Host)
+	}
+	return p, true
+}

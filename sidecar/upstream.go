@@ -56,6 +56,19 @@ func newUpstream(s *Sidecar, cfg Upstream, ln net.Listener) *upstream {
 	return u
 }
 
+// enter counts a request as outstanding, unless MaxRequests already are
+// (the requests circuit breaker, counted as a trip); leave when done.
+func (u *upstream) enter() bool {
+	if u.active.Add(1) > int64(u.s.cfg.MaxRequests) {
+		u.active.Add(-1)
+		u.s.m.overflows.WithLabelValues(u.name, "requests").Inc()
+		return false
+	}
+	return true
+}
+
+func (u *upstream) leave() { u.active.Add(-1) }
+
 type reqKey struct{ cluster, result string }
 
 // countRequest counts a request in fedmesh_sidecar_requests_total. The
