@@ -317,10 +317,7 @@ func (p *backendPool) grpcHealth(ctx context.Context, t *balancer.Target) error 
 	if err != nil {
 		return err
 	}
-	code, ok := grpcStatus(resp.Trailer)
-	if !ok {
-		code, ok = grpcStatus(resp.Header)
-	}
+	code, ok := answerStatus(resp)
 	switch {
 	case !ok:
 		return fmt.Errorf("health check of %s: HTTP %d without a gRPC status", t.Name, resp.StatusCode)
@@ -340,6 +337,15 @@ func (p *backendPool) grpcHealth(ctx context.Context, t *balancer.Target) error 
 // content type).
 func isGRPC(h http.Header) bool {
 	return strings.HasPrefix(h.Get("Content-Type"), "application/grpc")
+}
+
+// answerStatus is an answer's gRPC status: from its trailers, or from its
+// head for a trailers-only answer; ok is false when there is none.
+func answerStatus(resp *http.Response) (int, bool) {
+	if code, ok := grpcStatus(resp.Trailer); ok {
+		return code, true
+	}
+	return grpcStatus(resp.Header)
 }
 
 // grpcStatus reads a gRPC status from h; ok is false when there is none.
@@ -614,12 +620,8 @@ func readWhole(body io.Reader, buf []byte) error {
 		return err
 	}
 	var one [1]byte
-	if n, err := body.Read(one[:]); n > 0 || (err != nil && err != io.EOF) {
+	if _, err := io.ReadFull(body, one[:]); err != io.EOF {
 		return cmp.Or(err, errors.New("body longer than its Content-Length"))
-	} else if err == nil {
-		if _, err := body.Read(one[:]); err != io.EOF {
-			return cmp.Or(err, errors.New("body longer than its Content-Length"))
-		}
 	}
 	return nil
 }
@@ -699,10 +701,7 @@ func (u *upstream) h2Respond(w http.ResponseWriter, resp *http.Response, t *bala
 	}
 	err := copyH2Response(w, resp)
 	aborted = errors.Is(err, errBodyBroken)
-	code, ok := grpcStatus(resp.Trailer)
-	if !ok {
-		code, ok = grpcStatus(resp.Header)
-	}
+	code, ok := answerStatus(resp)
 	if !ok {
 		code = -1
 	} else if code != grpcOK && result == "ok" {

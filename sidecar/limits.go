@@ -30,8 +30,8 @@ var (
 type connLimiter struct {
 	max, maxPending int
 	mu              sync.Mutex
-	open, pending   int
-	waiting         atomic.Int32  // pending, read without the lock on the hot path
+	open            int
+	waiting         atomic.Int32  // requests in wait; changed under mu, read without it on the hot path
 	gen             atomic.Uint64 // counts connections coming back or closing
 	wake            chan struct{} // closed (and replaced) when a connection comes back or closes
 }
@@ -92,7 +92,7 @@ func (l *connLimiter) generation() uint64 {
 }
 
 func (l *connLimiter) signalLocked() {
-	if l.pending > 0 {
+	if l.waiting.Load() > 0 {
 		close(l.wake)
 		l.wake = make(chan struct{})
 	}
@@ -102,15 +102,13 @@ func (l *connLimiter) signalLocked() {
 // comes back or closes (after generation gen), ctx ends or deadline passes.
 func (l *connLimiter) wait(ctx context.Context, deadline time.Time, gen uint64) error {
 	l.mu.Lock()
-	if l.pending >= l.maxPending {
+	if int(l.waiting.Load()) >= l.maxPending {
 		l.mu.Unlock()
 		return errPendingOverflow
 	}
-	l.pending++
 	l.waiting.Add(1)
 	defer func() {
 		l.mu.Lock()
-		l.pending--
 		l.waiting.Add(-1)
 		l.mu.Unlock()
 	}()
