@@ -3,13 +3,10 @@ package federation_test
 import (
 	"context"
 	"fmt"
-	"net"
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -26,22 +23,8 @@ import (
 func TestDiscovery(t *testing.T) {
 	need(t)
 	env.mu.Lock()
-	ctrl := env.ctrls["east"].ctrl
+	client := discoveryClient(t, env.ctrls["east"].ctrl)
 	env.mu.Unlock()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := grpc.NewServer()
-	pb.RegisterDiscoveryServer(srv, ctrl.Discovery())
-	go srv.Serve(ln)
-	defer srv.Stop()
-	conn, err := grpc.NewClient(ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	client := pb.NewDiscoveryClient(conn)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 

@@ -67,6 +67,18 @@ func (a *grpcApp) FullDuplexCall(stream testpb.TestService_FullDuplexCallServer)
 	}
 }
 
+// testClient is a gRPC TestService client (plaintext HTTP/2, as an app
+// beside its sidecar) of the listener at addr, closed with the test.
+func testClient(t testing.TB, addr string) testpb.TestServiceClient {
+	t.Helper()
+	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cc.Close() })
+	return testpb.NewTestServiceClient(cc)
+}
+
 func startGRPCApp(t testing.TB, name string) (*grpcApp, string) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -119,14 +131,6 @@ func TestGRPCThroughHTTP2Upstream(t *testing.T) {
 	})
 	waitFor(t, "client ready", 5*time.Second, client.Ready)
 
-	dial := func(addr string) testpb.TestServiceClient {
-		cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = cc.Close() })
-		return testpb.NewTestServiceClient(cc)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 
@@ -134,7 +138,7 @@ func TestGRPCThroughHTTP2Upstream(t *testing.T) {
 		name string
 		idx  int
 	}{{"grpc upstream", 0}, {"http upstream (HTTP/2 by preface)", 1}} {
-		tc := dial(client.UpstreamAddr(up.idx).String())
+		tc := testClient(t, client.UpstreamAddr(up.idx).String())
 		by := map[string]int{}
 		for i := range 100 {
 			var hdr metadata.MD
@@ -155,7 +159,7 @@ func TestGRPCThroughHTTP2Upstream(t *testing.T) {
 			t.Errorf("%s: 100 calls on one client connection served by %v, want both pods", up.name, by)
 		}
 	}
-	tc := dial(client.UpstreamAddr(0).String())
+	tc := testClient(t, client.UpstreamAddr(0).String())
 
 	// An error status and its message come back as the app sent them.
 	_, err := tc.UnaryCall(ctx, &testpb.SimpleRequest{ResponseStatus: &testpb.EchoStatus{Code: int32(codes.FailedPrecondition), Message: "cart is empty ü"}})
@@ -314,12 +318,7 @@ func TestGRPCHealthCheck(t *testing.T) {
 		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 9090, Listen: "127.0.0.1:0", Protocol: sidecar.ProtocolGRPC}},
 	})
 	waitFor(t, "client ready", 5*time.Second, client.Ready)
-	cc, err := grpc.NewClient("passthrough:///"+client.UpstreamAddr(0).String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
-	tc := testpb.NewTestServiceClient(cc)
+	tc := testClient(t, client.UpstreamAddr(0).String())
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	servedBy := func(n int) map[string]int {
@@ -373,12 +372,7 @@ func TestInboundPolicyOverHTTP2(t *testing.T) {
 		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 9090, Listen: "127.0.0.1:0", Protocol: sidecar.ProtocolGRPC}},
 	})
 	waitFor(t, "client ready", 5*time.Second, client.Ready)
-	cc, err := grpc.NewClient("passthrough:///"+client.UpstreamAddr(0).String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
-	tc := testpb.NewTestServiceClient(cc)
+	tc := testClient(t, client.UpstreamAddr(0).String())
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	waitFor(t, "policy in force", 5*time.Second, func() bool {

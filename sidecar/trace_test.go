@@ -11,8 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	testpb "google.golang.org/grpc/interop/grpc_testing"
 
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
@@ -86,14 +84,9 @@ func TestAccessLogAndTraceContext(t *testing.T) {
 		t.Errorf("a request without traceparent reached the app with %q, want a new trace", fresh)
 	}
 
-	cc, err := grpc.NewClient("passthrough:///"+client.UpstreamAddr(1).String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := testpb.NewTestServiceClient(cc).UnaryCall(ctx, &testpb.SimpleRequest{}); err != nil {
+	if _, err := testClient(t, client.UpstreamAddr(1).String()).UnaryCall(ctx, &testpb.SimpleRequest{}); err != nil {
 		t.Fatal(err)
 	}
 

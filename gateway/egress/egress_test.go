@@ -75,6 +75,18 @@ func fakeGateway(t *testing.T, dom *gatewaytest.Domain, code tunnel.Code) (addr 
 	return ln.Addr().String(), got
 }
 
+// newClient is a Client of the gateway at addr with the given number of
+// spare connections, closed with the test.
+func newClient(t *testing.T, dom *gatewaytest.Domain, addr string, spares int) *Client {
+	t.Helper()
+	c, err := NewClient(dom.Source(t, "web"), dom.ID("gateway"), addr, WithSpares(spares))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
 // TestDialEarly: the header goes with the first write, in one TLS record,
 // and a refusal surfaces on the first Read.
 func TestDialEarly(t *testing.T) {
@@ -93,11 +105,7 @@ func TestDialEarly(t *testing.T) {
 	}{{"ok", tunnel.CodeOK}, {"refused", tunnel.CodeNotExported}} {
 		t.Run(tc.name, func(t *testing.T) {
 			addr, got := fakeGateway(t, doms["west"], tc.code)
-			c, err := NewClient(doms["west"].Source(t, "web"), doms["west"].ID("gateway"), addr, WithSpares(0))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
+			c := newClient(t, doms["west"], addr, 0)
 			conn, err := c.DialEarly(ctx, req)
 			if err != nil {
 				t.Fatal(err)
@@ -132,11 +140,7 @@ func TestDialEarly(t *testing.T) {
 func TestDial(t *testing.T) {
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	addr, got := fakeGateway(t, doms["west"], tunnel.CodeOK)
-	c, err := NewClient(doms["west"].Source(t, "web"), doms["west"].ID("gateway"), addr, WithSpares(0))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := newClient(t, doms["west"], addr, 0)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	req := tunnel.Request{Cluster: "east", Namespace: "shop", Service: "checkout", Port: 80}
@@ -187,11 +191,7 @@ func TestDialEarlyNoWrite(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			addr, got := fakeGateway(t, doms["west"], tunnel.CodeOK)
-			c, err := NewClient(doms["west"].Source(t, "web"), doms["west"].ID("gateway"), addr, WithSpares(0))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
+			c := newClient(t, doms["west"], addr, 0)
 			conn, err := c.DialEarly(ctx, req)
 			if err != nil {
 				t.Fatal(err)
@@ -219,11 +219,7 @@ func TestDialEarlyNoWrite(t *testing.T) {
 func TestCloseDuringRead(t *testing.T) {
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	addr, _ := fakeGateway(t, doms["west"], tunnel.CodeOK)
-	c, err := NewClient(doms["west"].Source(t, "web"), doms["west"].ID("gateway"), addr, WithSpares(2))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := newClient(t, doms["west"], addr, 2)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	for _, early := range []bool{false, true} {

@@ -75,7 +75,7 @@ func (s *server) Watch(_ *pb.WatchRequest, st pb.Discovery_WatchServer) error {
 	}
 }
 
-func serve(t *testing.T, addr string, s *server) (*grpc.Server, string) {
+func serve(t *testing.T, addr string, s pb.DiscoveryServer) (*grpc.Server, string) {
 	t.Helper()
 	var ln net.Listener
 	var err error
@@ -265,25 +265,8 @@ func (s *dirServer) WatchDirectory(_ *pb.DirectoryRequest, st pb.Discovery_Watch
 // controller is away nothing is delivered (the sidecar keeps the last one);
 // after it comes back the new one arrives on the same channel.
 func TestDirectoryAcrossOutage(t *testing.T) {
-	serveDir := func(addr string, s *dirServer) (*grpc.Server, string) {
-		var ln net.Listener
-		var err error
-		for range 50 {
-			if ln, err = net.Listen("tcp", addr); err == nil {
-				break
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		g := grpc.NewServer()
-		pb.RegisterDiscoveryServer(g, s)
-		go g.Serve(ln)
-		return g, ln.Addr().String()
-	}
 	srv := &dirServer{dirs: make(chan *pb.Directory, 2)}
-	g, addr := serveDir("127.0.0.1:0", srv)
+	g, addr := serve(t, "127.0.0.1:0", srv)
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
@@ -308,7 +291,7 @@ func TestDirectoryAcrossOutage(t *testing.T) {
 	case <-time.After(300 * time.Millisecond):
 	}
 	srv2 := &dirServer{dirs: make(chan *pb.Directory, 2)}
-	g2, _ := serveDir(addr, srv2)
+	g2, _ := serve(t, addr, srv2)
 	defer g2.Stop()
 	srv2.dirs <- &pb.Directory{LocalCluster: "east", Version: 1}
 	select {
