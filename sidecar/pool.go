@@ -35,7 +35,9 @@ type backendPool struct {
 	label     string // "ns/name:port", the metrics' and logs' upstream
 	all       *balancer.Picker
 	local     *balancer.Picker
-	ready     atomic.Bool // a first endpoint set arrived
+	ready     atomic.Bool   // a first endpoint set arrived
+	readyCh   chan struct{} // closed then
+	readyOnce sync.Once
 	cancel    context.CancelFunc
 
 	// h2: the pool serves an http2/grpc upstream, so prewarmed connections
@@ -56,6 +58,7 @@ func newBackendPool(s *Sidecar, ns, name string, port uint16) *backendPool {
 	return &backendPool{
 		s: s, namespace: ns, name: name, port: port,
 		label:   fmt.Sprintf("%s/%s:%d", ns, name, port),
+		readyCh: make(chan struct{}),
 		all:     balancer.New(0),
 		local:   balancer.New(0),
 		targets: map[string]*balancer.Target{},
@@ -191,6 +194,7 @@ func (p *backendPool) apply(set endpoints.Set) {
 	p.all.Set(list)
 	p.local.Set(locals)
 	p.ready.Store(true)
+	p.readyOnce.Do(func() { close(p.readyCh) })
 	p.s.log.Info("endpoints updated", "upstream", p.label, "targets", len(list))
 }
 

@@ -323,15 +323,12 @@ func (t *transparent) waitFirstSet(ctx context.Context, u *upstream) {
 	if u.own.ready.Load() {
 		return
 	}
-	deadline := time.Now().Add(t.s.cfg.HandshakeTimeout)
-	tick := time.NewTicker(2 * time.Millisecond)
-	defer tick.Stop()
-	for !u.own.ready.Load() && time.Now().Before(deadline) {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
+	tm := time.NewTimer(t.s.cfg.HandshakeTimeout)
+	defer tm.Stop()
+	select {
+	case <-u.own.readyCh:
+	case <-tm.C:
+	case <-ctx.Done():
 	}
 }
 
