@@ -2,7 +2,7 @@
 // identities: one built-in issuer (identity/issuer) per trust domain, in
 // process, federated over real bundle endpoints on loopback, with a
 // per-workload Workload API socket for each identity a test needs. SVIDs
-// come through go-spiffe's workloadapi exactly as in production.
+// come through the Workload API exactly as in production.
 package gatewaytest
 
 import (
@@ -14,10 +14,10 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
 	"github.com/fedmesh/fedmesh/identity/issuer"
 	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/identity/workload"
 )
 
 // Workloads every domain issues, by name, with their SPIFFE ID paths.
@@ -52,13 +52,13 @@ func (d *Domain) ID(workload string) spiffeid.ID {
 }
 
 // Source opens an X509Source for the named workload, closed at cleanup.
-func (d *Domain) Source(t testing.TB, workload string) *workloadapi.X509Source {
+func (d *Domain) Source(t testing.TB, name string) *workload.X509Source {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	src, err := mtls.NewSource(ctx, d.Addr(workload))
+	src, err := mtls.NewSource(ctx, d.Addr(name))
 	if err != nil {
-		t.Fatalf("source for %s in %s: %v", workload, d.Cluster, err)
+		t.Fatalf("source for %s in %s: %v", name, d.Cluster, err)
 	}
 	t.Cleanup(func() { src.Close() })
 	return src

@@ -3,12 +3,13 @@
 // way: SPIFFE X.509-SVIDs from the Workload API, verified by go-spiffe, and
 // authorized by trust domain or exact SPIFFE ID.
 //
-// It deliberately holds nothing but thin helpers over go-spiffe's tlsconfig,
-// spiffetls and workloadapi packages. Identities come only from a
-// workloadapi.X509Source, so the same binaries run against fedmesh's own
-// issuer (identity/issuer) or a real SPIRE agent with no code change: the
-// source follows SPIFFE_ENDPOINT_SOCKET, SVIDs rotate underneath live
-// configs, and federated bundles arrive through the same stream.
+// It deliberately holds nothing but thin helpers over go-spiffe's tlsconfig
+// and x509svid packages. Identities come only from the Workload API
+// (identity/workload's X509Source, a lean client of the standard API), so
+// the same binaries run against fedmesh's own issuer (identity/issuer) or a
+// real SPIRE agent with no code change: the source follows
+// SPIFFE_ENDPOINT_SOCKET, SVIDs rotate underneath live configs, and
+// federated bundles arrive through the same stream.
 package mtls
 
 import (
@@ -24,35 +25,36 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/spiffetls"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
+
+	"github.com/fedmesh/fedmesh/identity/workload"
 )
 
 // EndpointSocketEnv is the standard variable naming the Workload API socket.
 const EndpointSocketEnv = "SPIFFE_ENDPOINT_SOCKET"
 
 // Source is what the configs need: the workload's own SVID and the bundles
-// to verify peers with. *workloadapi.X509Source is one.
+// to verify peers with. *workload.X509Source is one (and so is go-spiffe's
+// *workloadapi.X509Source).
 type Source interface {
 	x509svid.Source
 	x509bundle.Source
 }
 
-var _ Source = (*workloadapi.X509Source)(nil)
+var _ Source = (*workload.X509Source)(nil)
 
 // NewSource connects to the Workload API at addr ("unix:///path/to.sock"),
 // or at $SPIFFE_ENDPOINT_SOCKET when addr is empty, and waits for the first
 // SVID. Close the source when done.
-func NewSource(ctx context.Context, addr string) (*workloadapi.X509Source, error) {
+func NewSource(ctx context.Context, addr string) (*workload.X509Source, error) {
 	if addr == "" {
 		addr = os.Getenv(EndpointSocketEnv)
 		if addr == "" {
 			return nil, fmt.Errorf("connect to workload api: no address given and %s is not set", EndpointSocketEnv)
 		}
 	}
-	src, err := workloadapi.NewX509Source(ctx, workloadapi.WithClientOptions(workloadapi.WithAddr(addr)))
+	src, err := workload.NewX509Source(ctx, addr)
 	if err != nil {
 		return nil, fmt.Errorf("connect to workload api at %s: %w", addr, err)
 	}
@@ -119,7 +121,10 @@ func forQUIC(c *tls.Config, alpn []string) *tls.Config {
 
 // PeerID is the SPIFFE ID the peer presented in a completed handshake.
 func PeerID(state tls.ConnectionState) (spiffeid.ID, error) {
-	id, err := spiffetls.PeerIDFromConnectionState(state)
+	if len(state.PeerCertificates) == 0 {
+		return spiffeid.ID{}, errors.New("read peer spiffe id: no peer certificate")
+	}
+	id, err := x509svid.IDFromCert(state.PeerCertificates[0])
 	if err != nil {
 		return spiffeid.ID{}, fmt.Errorf("read peer spiffe id: %w", err)
 	}
@@ -127,18 +132,14 @@ func PeerID(state tls.ConnectionState) (spiffeid.ID, error) {
 }
 
 // PeerIDFromConn is PeerID for a *tls.Conn, or any connection that exposes
-// its tls.ConnectionState (spiffetls connections too). The handshake must
-// have completed.
+// its tls.ConnectionState. The handshake must have completed.
 func PeerIDFromConn(conn net.Conn) (spiffeid.ID, error) {
 	if conn == nil {
 		return spiffeid.ID{}, errors.New("read peer spiffe id: nil connection")
 	}
-	if tc, ok := conn.(interface{ ConnectionState() tls.ConnectionState }); ok {
-		return PeerID(tc.ConnectionState())
+	tc, ok := conn.(interface{ ConnectionState() tls.ConnectionState })
+	if !ok {
+		return spiffeid.ID{}, fmt.Errorf("read peer spiffe id: %T is not a TLS connection", conn)
 	}
-	id, err := spiffetls.PeerIDFromConn(conn)
-	if err != nil {
-		return spiffeid.ID{}, fmt.Errorf("read peer spiffe id: %w", err)
-	}
-	return id, nil
+	return PeerID(tc.ConnectionState())
 }

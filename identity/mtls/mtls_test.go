@@ -14,9 +14,9 @@ import (
 
 	"github.com/fedmesh/fedmesh/identity/issuer"
 	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/identity/workload"
 	"github.com/quic-go/quic-go"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
 )
 
 var (
@@ -56,7 +56,7 @@ func TestAuthorizers(t *testing.T) {
 
 // sources starts an east issuer with two identities (gateway on its own
 // socket, checkout on the main one) and returns a Workload API source each.
-func sources(t *testing.T) (gw, co *workloadapi.X509Source, mainAddr string) {
+func sources(t *testing.T) (gw, co *workload.X509Source, mainAddr string) {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "fm")
 	if err != nil {
