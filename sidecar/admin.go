@@ -6,9 +6,6 @@ import (
 	"slices"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
-
 	"github.com/fedmesh/fedmesh/sidecar/health"
 )
 
@@ -127,8 +124,8 @@ func (s *Sidecar) Ready() bool {
 	return true
 }
 
-// AdminHandler serves /live, /ready, /state (JSON) and, when the registry is
-// also a Gatherer, /metrics.
+// AdminHandler serves /live, /ready, /state (JSON) and /metrics (the
+// registry's text exposition).
 func (s *Sidecar) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /live", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
@@ -145,8 +142,6 @@ func (s *Sidecar) AdminHandler() http.Handler {
 		enc.SetIndent("", "  ")
 		_ = enc.Encode(s.State())
 	})
-	if g, ok := s.cfg.Registry.(prometheus.Gatherer); ok {
-		mux.Handle("GET /metrics", promhttp.HandlerFor(g, promhttp.HandlerOpts{}))
-	}
+	mux.Handle("GET /metrics", s.cfg.Registry)
 	return mux
 }

@@ -9,10 +9,10 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/internal/grpclite"
 	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/discoverysource"
@@ -58,11 +58,11 @@ func TestGarbagePolicyKeepsRoutes(t *testing.T) {
 	pb.RegisterDiscoveryServer(g, srv)
 	go func() { _ = g.Serve(ln) }()
 	t.Cleanup(g.Stop)
-	conn, err := grpc.NewClient(ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpclite.New(ln.Addr().String(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { conn.Close() })
+	t.Cleanup(conn.Close)
 
 	mk := func(name string, pol []byte, bs ...*backend) *pb.EndpointSet {
 		cl := &pb.Cluster{Name: "west", Local: true}

@@ -20,6 +20,7 @@ import (
 
 	"github.com/fedmesh/fedmesh/gateway"
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/internal/metrics"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
@@ -101,7 +102,7 @@ func (a *app) kill() { _ = a.srv.Close() }
 // runningSidecar is a Sidecar with its logs and metrics.
 type runningSidecar struct {
 	*sidecar.Sidecar
-	reg    *prometheus.Registry
+	reg    *metrics.Registry
 	logs   *syncBuffer
 	cancel context.CancelFunc
 	done   chan error
@@ -110,7 +111,7 @@ type runningSidecar struct {
 func startSidecar(t testing.TB, name string, cfg sidecar.Config) *runningSidecar {
 	t.Helper()
 	logs := &syncBuffer{}
-	reg := prometheus.NewRegistry()
+	reg := metrics.NewRegistry()
 	cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	cfg.Registry = reg
 	if cfg.Checks.Interval == 0 {
@@ -286,20 +287,7 @@ func loadProto(url string, h2 bool, workers int, pause time.Duration, limit int,
 }
 
 // metricSum sums every series of a counter or gauge family.
-func metricSum(t testing.TB, reg *prometheus.Registry, name string) float64 {
+func metricSum(t testing.TB, reg *metrics.Registry, name string) float64 {
 	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sum := 0.0
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			sum += m.GetCounter().GetValue() + m.GetGauge().GetValue()
-		}
-	}
-	return sum
+	return reg.Sum(name)
 }

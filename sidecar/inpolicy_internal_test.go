@@ -11,8 +11,8 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
-	"github.com/prometheus/client_golang/prometheus"
 
+	imetrics "github.com/fedmesh/fedmesh/internal/metrics"
 	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar/balancer"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
@@ -204,7 +204,8 @@ func TestOrderClusters(t *testing.T) {
 	cl := func(name string, rtt time.Duration) endpoints.Cluster {
 		return endpoints.Cluster{Name: name, RTT: endpoints.Duration(rtt)}
 	}
-	in := []endpoints.Cluster{cl("far", 50*time.Millisecond), cl("near", time.Millisecond), cl("home", 0), cl("mid", 10*time.Millisecond)}
+	// "new" has no RTT measured yet: after every measured cluster.
+	in := []endpoints.Cluster{cl("new", 0), cl("far", 50*time.Millisecond), cl("near", time.Millisecond), cl("home", 0), cl("mid", 10*time.Millisecond)}
 	names := func(cs []endpoints.Cluster) (out []string) {
 		for _, c := range cs {
 			out = append(out, c.Name)
@@ -215,9 +216,10 @@ func TestOrderClusters(t *testing.T) {
 		order []string
 		want  []string
 	}{
-		{nil, []string{"home", "near", "mid", "far"}},
-		{[]string{"far"}, []string{"home", "far", "near", "mid"}},
-		{[]string{"mid", "far", "home"}, []string{"home", "mid", "far", "near"}},
+		{nil, []string{"home", "near", "mid", "far", "new"}},
+		{[]string{"far"}, []string{"home", "far", "near", "mid", "new"}},
+		{[]string{"mid", "far", "home"}, []string{"home", "mid", "far", "near", "new"}},
+		{[]string{"new"}, []string{"home", "new", "near", "mid", "far"}},
 	} {
 		cs := append([]endpoints.Cluster(nil), in...)
 		orderClusters(cs, "home", tt.order)
@@ -231,7 +233,7 @@ func TestOrderClusters(t *testing.T) {
 // replaces the overprovisioning factor of both views and the outlier
 // settings of new health groups; without one, today's defaults return.
 func TestFailoverPolicyOnSet(t *testing.T) {
-	m, err := newMetrics(prometheus.NewRegistry())
+	m, err := newMetrics(imetrics.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/http"
 	"slices"
@@ -86,8 +87,16 @@ func (p *backendPool) run(ctx context.Context, ch <-chan endpoints.Set, wg *sync
 }
 
 // orderClusters sorts clusters into priority order: the own cluster, then
-// the clusters a FailoverPolicy lists in its order, then the rest by RTT.
+// the clusters a FailoverPolicy lists in its order, then the rest by RTT
+// (a cluster whose RTT is not known yet, 0, after those measured), then by
+// name.
 func orderClusters(clusters []endpoints.Cluster, local string, order []string) {
+	rtt := func(c endpoints.Cluster) endpoints.Duration {
+		if c.RTT <= 0 {
+			return math.MaxInt64
+		}
+		return c.RTT
+	}
 	rank := func(name string) int {
 		if name == local {
 			return -1
@@ -98,7 +107,7 @@ func orderClusters(clusters []endpoints.Cluster, local string, order []string) {
 		return len(order)
 	}
 	slices.SortStableFunc(clusters, func(a, b endpoints.Cluster) int {
-		return cmp.Or(cmp.Compare(rank(a.Name), rank(b.Name)), cmp.Compare(a.RTT, b.RTT), cmp.Compare(a.Name, b.Name))
+		return cmp.Or(cmp.Compare(rank(a.Name), rank(b.Name)), cmp.Compare(rtt(a), rtt(b)), cmp.Compare(a.Name, b.Name))
 	})
 }
 

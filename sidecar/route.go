@@ -12,8 +12,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-
+	imetrics "github.com/fedmesh/fedmesh/internal/metrics"
 	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar/balancer"
 )
@@ -53,7 +52,7 @@ type routeBackend struct {
 	pool   *backendPool
 	picker *balancer.Picker // pool.all (ServiceImport) or pool.local (Service)
 	weight int
-	count  prometheus.Counter
+	count  *imetrics.Counter
 }
 
 type pathMatcher struct {

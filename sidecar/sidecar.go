@@ -27,12 +27,12 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 
 	"github.com/fedmesh/fedmesh/gateway/egress"
 	"github.com/fedmesh/fedmesh/identity/mtls"
+	imetrics "github.com/fedmesh/fedmesh/internal/metrics"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 	"github.com/fedmesh/fedmesh/sidecar/health"
 )
@@ -152,7 +152,9 @@ type Config struct {
 	// AccessLog, when set, gets one line per HTTP request (HTTP/1.1 and
 	// HTTP/2) through the outbound: see accessLog in trace.go.
 	AccessLog *slog.Logger
-	Registry  prometheus.Registerer
+	// Registry gets the sidecar's metrics, served on the admin handler's
+	// /metrics; nil means a private one.
+	Registry *imetrics.Registry
 }
 
 func (c *Config) setDefaults() {
@@ -187,7 +189,7 @@ func (c *Config) setDefaults() {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
 	if c.Registry == nil {
-		c.Registry = prometheus.NewRegistry()
+		c.Registry = imetrics.NewRegistry()
 	}
 	if c.InboundProtocol == "" {
 		c.InboundProtocol = ProtocolTCP

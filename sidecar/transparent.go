@@ -13,8 +13,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-
+	imetrics "github.com/fedmesh/fedmesh/internal/metrics"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
 
@@ -116,7 +115,7 @@ type transparent struct {
 	ownMu    sync.Mutex
 	ownPorts map[uint16]int // local ports of passthrough dials in flight or open
 
-	results *prometheus.CounterVec
+	results *imetrics.CounterVec
 	loopLog atomic.Bool
 }
 
@@ -128,12 +127,12 @@ func newTransparent(s *Sidecar, ln net.Listener) (*transparent, error) {
 		logged:   map[string]bool{},
 		ups:      map[upstreamKey]*upstream{},
 		ownPorts: map[uint16]int{},
-		results: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "fedmesh_sidecar_transparent_connections_total",
-			Help: "Connections redirected to the transparent outbound listener, by result (service, passthrough, passthrough_failed, loop, no_original_dst, unavailable).",
-		}, []string{"result"}),
 	}
-	if err := s.cfg.Registry.Register(t.results); err != nil {
+	var err error
+	t.results, err = s.cfg.Registry.NewCounterVec("fedmesh_sidecar_transparent_connections_total",
+		"Connections redirected to the transparent outbound listener, by result (service, passthrough, passthrough_failed, loop, no_original_dst, unavailable).",
+		"result")
+	if err != nil {
 		return nil, fmt.Errorf("register transparent metrics: %w", err)
 	}
 	for _, r := range []string{resultService, resultPassthrough, resultPassthroughFailed, resultLoop, resultNoOriginalDst, resultUnavailable} {

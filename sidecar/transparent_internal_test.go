@@ -8,7 +8,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/prometheus/client_golang/prometheus"
+	imetrics "github.com/fedmesh/fedmesh/internal/metrics"
 )
 
 // TestDirectoryLookup: the directory as the transparent listener reads it:
@@ -17,7 +17,7 @@ import (
 // across updates.
 func TestDirectoryLookup(t *testing.T) {
 	var logs bytes.Buffer
-	s := &Sidecar{cfg: Config{Registry: prometheus.NewRegistry()}, log: slog.New(slog.NewTextHandler(&logs, nil))}
+	s := &Sidecar{cfg: Config{Registry: imetrics.NewRegistry()}, log: slog.New(slog.NewTextHandler(&logs, nil))}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

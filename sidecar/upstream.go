@@ -2,11 +2,11 @@ package sidecar
 
 import (
 	"context"
-	"github.com/prometheus/client_golang/prometheus"
 	"net"
 	"sync"
 	"sync/atomic"
 
+	imetrics "github.com/fedmesh/fedmesh/internal/metrics"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 	"github.com/fedmesh/fedmesh/sidecar/health"
 )
@@ -23,7 +23,7 @@ type upstream struct {
 	cfg  Upstream
 	name string // cfg.String(), the metrics label, made once
 	// latency is the request latency histogram of this upstream.
-	latency prometheus.Observer
+	latency *imetrics.Histogram
 	ln      net.Listener
 	own     *backendPool
 	budget  *budget
@@ -32,7 +32,7 @@ type upstream struct {
 	router  atomic.Pointer[router]
 
 	reqMu sync.RWMutex
-	reqs  map[reqKey]prometheus.Counter // requests_total by cluster and result
+	reqs  map[reqKey]*imetrics.Counter // requests_total by cluster and result
 
 	h2Once sync.Once
 	h2srv  *connServer // HTTP/2 (and HTTP/1.1 on an http2 upstream), h2.go
@@ -48,7 +48,7 @@ func newUpstream(s *Sidecar, cfg Upstream, ln net.Listener) *upstream {
 		own:     newBackendPool(s, cfg.Namespace, cfg.Service, cfg.Port),
 		budget:  newBudget(s.cfg.Budget),
 		extra:   map[poolKey]*backendPool{},
-		reqs:    map[reqKey]prometheus.Counter{},
+		reqs:    map[reqKey]*imetrics.Counter{},
 	}
 	u.own.h2, u.own.grpc = isH2(cfg.Protocol), cfg.Protocol == ProtocolGRPC
 	u.lim = newConnLimiter(s.cfg.MaxConnections, s.cfg.MaxPending)
@@ -73,7 +73,7 @@ type reqKey struct{ cluster, result string }
 
 // countRequest counts a request in fedmesh_sidecar_requests_total. The
 // counters are looked up once per cluster and result, not per request
-// (WithLabelValues hashes the labels and allocates their slice).
+// (WithLabelValues hashes the three label values).
 func (u *upstream) countRequest(cluster, result string) {
 	k := reqKey{cluster, result}
 	u.reqMu.RLock()

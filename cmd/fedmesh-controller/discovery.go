@@ -6,9 +6,11 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 
 	"github.com/fedmesh/fedmesh/federation"
 	"github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
@@ -47,6 +49,15 @@ func serveDiscovery(ctx context.Context, addr, socket string, ctrl *federation.C
 		stopSource()
 		return nil, fmt.Errorf("discovery listener: %w", err)
 	}
+	// Sidecars (internal/grpclite) ping a connection that has been silent
+	// for 45 s, to notice a controller that vanished. grpc-go's default
+	// policy would answer pings more often than every 5 minutes with
+	// GOAWAY too_many_pings, so permit them, and ping first every 30 s so a
+	// live controller keeps sidecars from pinging at all (and notices dead
+	// sidecars itself).
+	opts = append(opts,
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}))
 	srv := grpc.NewServer(opts...)
 	discoveryv1.RegisterDiscoveryServer(srv, ctrl.Discovery())
 	go srv.Serve(ln)

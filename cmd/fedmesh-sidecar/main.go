@@ -5,12 +5,10 @@
 package main
 
 import (
+	"crypto/tls"
 	"net"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
-
+	"github.com/fedmesh/fedmesh/internal/grpclite"
 	"github.com/fedmesh/fedmesh/sidecar/discoverysource"
 
 	"context"
@@ -26,11 +24,10 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/internal/metrics"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
@@ -196,8 +193,10 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 			return err
 		}
 	}
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg := metrics.NewRegistry()
+	if err := reg.RegisterRuntime(); err != nil {
+		return err
+	}
 	cfg.Registry = reg
 
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -209,16 +208,18 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	defer src.Close()
 	cfg.Source = src
 	if *disco != "" {
-		creds := insecure.NewCredentials()
-		if !isLoopback(*disco) {
-			creds = credentials.NewTLS(mtls.ClientConfig(src, mtls.MemberOf(cfg.TrustDomain)))
+		// grpc-go's dns:///host:port is host:port; cleartext only on loopback.
+		target := strings.TrimPrefix(*disco, "dns:///")
+		var tlsConf *tls.Config
+		if !isLoopback(target) {
+			tlsConf = mtls.ClientConfig(src, mtls.MemberOf(cfg.TrustDomain))
 		}
-		conn, err := grpc.NewClient(*disco, grpc.WithTransportCredentials(creds))
+		client, err := grpclite.New(target, tlsConf)
 		if err != nil {
 			return fmt.Errorf("--discovery: %w", err)
 		}
-		defer conn.Close()
-		ds := discoverysource.New(conn, log)
+		defer client.Close()
+		ds := discoverysource.New(client, log)
 		cfg.Endpoints = ds
 		if cfg.OutboundAddr != "" {
 			cfg.Directory = ds

@@ -91,22 +91,31 @@ type Client struct {
 	base string // scheme://authority
 }
 
-// Keepalive: a connection that has been silent this long is pinged, and
-// closed when the ping is not answered in time, so a peer that vanished
-// without a FIN ends the streams instead of leaving them hanging.
+// Keepalive over TCP: a connection that has been silent for pingAfter is
+// pinged, and closed when the ping is not answered within pingTimeout, so a
+// peer that vanished without a FIN ends the streams instead of leaving them
+// hanging. grpc-go servers by default send GOAWAY "too_many_pings" to a
+// client that pings more often than every 5 minutes while they send nothing,
+// so the one TCP server fedmesh calls, the federation controller, both
+// permits these pings and pings first, every 30 s: a live controller keeps
+// the client from ever pinging. Unix sockets (the Workload API, perhaps a
+// SPIRE agent with its default policy) are not pinged: a local server that
+// goes away closes the socket.
+var pingAfter = 45 * time.Second // a variable for the keepalive test
+
 const (
-	pingAfter   = 30 * time.Second
 	pingTimeout = 10 * time.Second
+	dialTimeout = 10 * time.Second
 )
 
 // New prepares calls to target; it does not dial. tlsConf nil means
 // cleartext HTTP/2 (a unix socket, or loopback); otherwise TLS with ALPN h2.
 func New(target string, tlsConf *tls.Config) (*Client, error) {
 	tr := &http.Transport{
-		HTTP2:              &http.HTTP2Config{SendPingTimeout: pingAfter, PingTimeout: pingTimeout},
+		HTTP2:              &http.HTTP2Config{},
 		DisableCompression: true,
 	}
-	var d net.Dialer
+	d := net.Dialer{Timeout: dialTimeout}
 	authority := target
 	switch {
 	case strings.HasPrefix(target, "unix:"):
@@ -130,6 +139,7 @@ func New(target string, tlsConf *tls.Config) (*Client, error) {
 			return nil, fmt.Errorf("grpc target %q: want host:port or unix:///path: %w", target, err)
 		}
 		tr.DialContext = d.DialContext
+		tr.HTTP2.SendPingTimeout, tr.HTTP2.PingTimeout = pingAfter, pingTimeout
 	}
 	p := new(http.Protocols)
 	scheme := "http"

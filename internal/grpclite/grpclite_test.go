@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -302,5 +303,53 @@ func TestUnreachableAndCanceled(t *testing.T) {
 		if _, err := grpclite.New(bad, nil); err == nil {
 			t.Errorf("New(%q) accepted a bad target", bad)
 		}
+	}
+}
+
+// TestKeepaliveAgainstControllerPolicy: a quiet stream stays up against a
+// server configured as the federation controller is (it permits pings and
+// pings first), and the same client against grpc-go's default policy is
+// told "too_many_pings", which is why the controller sets one. Intervals
+// are scaled down about 20x.
+func TestKeepaliveAgainstControllerPolicy(t *testing.T) {
+	defer grpclite.SetPingAfter(2 * time.Second)()
+	quiet := map[string]script{
+		"/test.Svc/Quiet": func(_ []byte, _ metadata.MD, send func([]byte) error) error {
+			if err := send([]byte("only")); err != nil {
+				return err
+			}
+			time.Sleep(time.Hour)
+			return nil
+		},
+	}
+	run := func(opts ...grpc.ServerOption) error {
+		lis := listenTCP(t)
+		serve(t, lis, quiet, opts...)
+		c := newClient(t, lis.Addr().String(), nil)
+		cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		st, err := c.ServerStream(cctx, "/test.Svc/Quiet", nil, nil)
+		if err != nil {
+			return err
+		}
+		if _, err := st.Recv(1024); err != nil {
+			return err
+		}
+		_, err = st.Recv(1024) // until the deadline, or the server gives up on us
+		return err
+	}
+	controllerLike := []grpc.ServerOption{
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 500 * time.Millisecond, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 1300 * time.Millisecond, Timeout: 500 * time.Millisecond}),
+	}
+	errs := make(chan error, 2)
+	go func() { errs <- run(controllerLike...) }()
+	// grpc-go's default: pings more often than every 5 minutes are strikes.
+	dflt := run()
+	if grpclite.CodeOf(dflt) != grpclite.Unavailable || !strings.Contains(dflt.Error(), "too_many_pings") {
+		t.Errorf("quiet stream against grpc-go's default policy ended with %v, want GOAWAY too_many_pings", dflt)
+	}
+	if err := <-errs; grpclite.CodeOf(err) != grpclite.DeadlineExceeded {
+		t.Errorf("quiet stream against the controller's policy ended with %v, want it to last until the deadline", err)
 	}
 }

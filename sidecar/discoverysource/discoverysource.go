@@ -5,6 +5,10 @@
 // stream is never turned into "no endpoints", and a policy it cannot decode
 // never turns into "no policy". It is also the sidecar's service directory
 // in transparent mode (one WatchDirectory stream), kept the same way.
+//
+// It speaks gRPC with internal/grpclite and encodes the messages by hand
+// (wire.go): grpc-go and the protobuf runtime would cost every sidecar
+// megabytes of resident code for two streaming calls.
 package discoverysource
 
 import (
@@ -17,9 +21,7 @@ import (
 	"strconv"
 	"time"
 
-	"google.golang.org/grpc"
-
-	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
+	"github.com/fedmesh/fedmesh/internal/grpclite"
 	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
@@ -27,7 +29,7 @@ import (
 
 // Source is an endpoints.Source backed by a discovery API connection.
 type Source struct {
-	client pb.DiscoveryClient
+	client *grpclite.Client
 	log    *slog.Logger
 	// Backoff bounds between reconnections; zero values mean 100ms and 5s.
 	MinBackoff, MaxBackoff time.Duration
@@ -39,13 +41,14 @@ var (
 	_ sidecar.DirectorySource = (*Source)(nil)
 )
 
-// New wraps a gRPC connection to the controller (its credentials are the
-// caller's business: SPIFFE mTLS in a real deployment).
-func New(conn grpc.ClientConnInterface, log *slog.Logger) *Source {
+// New wraps a gRPC client of the controller (its credentials are the
+// caller's business: SPIFFE mTLS in a real deployment). The caller closes
+// the client after the watches' contexts have ended.
+func New(client *grpclite.Client, log *slog.Logger) *Source {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Source{client: pb.NewDiscoveryClient(conn), log: log}
+	return &Source{client: client, log: log}
 }
 
 // Watch implements endpoints.Source.
@@ -101,15 +104,18 @@ func (s *Source) run(ctx context.Context, ns, name string, port uint16, out chan
 // does not decode is replaced by *last, the last good one, and logged once
 // per stream.
 func (s *Source) stream(ctx context.Context, ns, name string, port uint16, out chan endpoints.Set, last **policy.Service) (bool, error) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	st, err := s.client.Watch(ctx, &pb.WatchRequest{Namespace: ns, Service: name})
+	st, err := s.client.ServerStream(ctx, methodWatch, nil, appendWatchRequest(nil, ns, name))
 	if err != nil {
 		return false, err
 	}
+	defer st.Close()
 	received, logged := false, false
 	for {
-		in, err := st.Recv()
+		msg, err := st.Recv(maxEndpointSetBytes)
+		if err != nil {
+			return received, err
+		}
+		in, err := decodeEndpointSet(msg)
 		if err != nil {
 			return received, err
 		}
@@ -144,54 +150,56 @@ func publish[T any](out chan T, set T) {
 	}
 }
 
-// Convert maps a discovery EndpointSet onto the sidecar's Set. The service
-// port is the first port of the set (sidecars address one port per
-// upstream). Local endpoints are dialed at their address and the target port
-// of that service port (matched by name, else the endpoint's first port);
-// remote clusters are reached through the local gateway: their endpoints
-// carry the same address (ip:target port, as the remote cluster's gateway
-// knows them) so the sidecar can ask the gateway for one pod, or only
-// readiness when there is no port to name. The policy is decoded into Set.Policy; one that does
-// not decode is left out (nil).
-func Convert(in *pb.EndpointSet) endpoints.Set {
-	out, _ := convert(in, 0)
-	return out
-}
+// maxEndpointSetBytes bounds an EndpointSet message. A set takes about 80
+// bytes per endpoint, so this allows some 200,000 endpoints besides the
+// policy; grpc-go's default, which the sidecar had before, was 4 MiB.
+const maxEndpointSetBytes = 16 << 20
 
-// convert is Convert for a given service port (0: the first) that also
-// returns why the policy did not decode.
-func convert(in *pb.EndpointSet, port uint16) (endpoints.Set, error) {
-	out := endpoints.Set{Namespace: in.GetNamespace(), Service: in.GetService()}
-	p, perr := policy.Decode(in.GetPolicy())
+// convert maps a discovery EndpointSet onto the sidecar's Set and returns
+// why its policy did not decode. The service port is port, or when it is 0
+// the first port of the set (sidecars address one port per upstream).
+// Local endpoints are dialed at their address and the target port of that
+// service port (matched by name, else the endpoint's first port); remote
+// clusters are reached through the local gateway: their endpoints carry the
+// same address (ip:target port, as the remote cluster's gateway knows them)
+// so the sidecar can ask the gateway for one pod, or only readiness when
+// there is no port to name. The policy is decoded into Set.Policy; one that
+// does not decode is left out (nil).
+func convert(in endpointSet, port uint16) (endpoints.Set, error) {
+	out := endpoints.Set{Namespace: in.Namespace, Service: in.Service}
+	p, perr := policy.Decode(in.Policy)
 	out.Policy = p
 	var portName string
-	if len(in.GetPorts()) > 0 {
-		out.Port = uint16(in.GetPorts()[0].GetPort())
-		portName = in.GetPorts()[0].GetName()
+	if len(in.Ports) > 0 {
+		out.Port = uint16(in.Ports[0].Port)
+		portName = in.Ports[0].Name
 	}
 	if port != 0 {
 		out.Port, portName = port, ""
-		for _, p := range in.GetPorts() {
-			if p.GetPort() == int32(port) {
-				portName = p.GetName()
+		for _, p := range in.Ports {
+			if p.Port == int32(port) {
+				portName = p.Name
 			}
 		}
 	}
-	for _, cl := range in.GetClusters() {
-		c := endpoints.Cluster{Name: cl.GetName(), Gateway: !cl.GetLocal(), Endpoints: []endpoints.Endpoint{}}
-		for i, e := range cl.GetEndpoints() {
-			ep := endpoints.Endpoint{Name: fmt.Sprintf("%s/%d", cl.GetName(), i), Ready: e.GetReady() && !e.GetTerminating()}
+	for _, cl := range in.Clusters {
+		c := endpoints.Cluster{Name: cl.Name, Gateway: !cl.Local, Endpoints: []endpoints.Endpoint{}}
+		if cl.RTTMicros > 0 && !cl.Local { // the gateway's RTT orders remote clusters
+			c.RTT = endpoints.Duration(time.Duration(min(cl.RTTMicros, int64(time.Hour/time.Microsecond))) * time.Microsecond)
+		}
+		for i, e := range cl.Endpoints {
+			ep := endpoints.Endpoint{Name: fmt.Sprintf("%s/%d", cl.Name, i), Ready: e.Ready && !e.Terminating}
 			port := targetPort(e, portName)
-			if cl.GetLocal() {
+			if cl.Local {
 				if port > 0 {
-					ep.Addr = net.JoinHostPort(e.GetAddress(), strconv.Itoa(int(port)))
+					ep.Addr = net.JoinHostPort(e.Address, strconv.Itoa(int(port)))
 				} else {
 					continue // no port to dial
 				}
 				ep.Name = ep.Addr
-			} else if ip, err := netip.ParseAddr(e.GetAddress()); err == nil && port > 0 {
+			} else if ip, err := netip.ParseAddr(e.Address); err == nil && port > 0 {
 				ep.Addr = netip.AddrPortFrom(ip, uint16(port)).String() // canonical, as the gateway compares it
-				ep.Name = cl.GetName() + "/" + ep.Addr
+				ep.Name = cl.Name + "/" + ep.Addr
 			}
 			c.Endpoints = append(c.Endpoints, ep)
 		}
@@ -200,14 +208,14 @@ func convert(in *pb.EndpointSet, port uint16) (endpoints.Set, error) {
 	return out, perr
 }
 
-func targetPort(e *pb.Endpoint, name string) int32 {
-	for _, p := range e.GetPorts() {
-		if p.GetName() == name {
-			return p.GetPort()
+func targetPort(e endpoint, name string) int32 {
+	for _, p := range e.Ports {
+		if p.Name == name {
+			return p.Port
 		}
 	}
-	if len(e.GetPorts()) > 0 {
-		return e.GetPorts()[0].GetPort()
+	if len(e.Ports) > 0 {
+		return e.Ports[0].Port
 	}
 	return 0
 }
@@ -241,20 +249,23 @@ func (s *Source) WatchDirectory(ctx context.Context) (<-chan []sidecar.VirtualSe
 }
 
 func (s *Source) directory(ctx context.Context, out chan []sidecar.VirtualService) (bool, error) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	st, err := s.client.WatchDirectory(ctx, &pb.DirectoryRequest{}, grpc.MaxCallRecvMsgSize(maxDirectoryBytes))
+	st, err := s.client.ServerStream(ctx, methodWatchDirectory, nil, nil) // an empty DirectoryRequest
 	if err != nil {
 		return false, err
 	}
+	defer st.Close()
 	received := false
 	for {
-		in, err := st.Recv()
+		msg, err := st.Recv(maxDirectoryBytes)
+		if err != nil {
+			return received, err
+		}
+		in, err := decodeDirectory(msg)
 		if err != nil {
 			return received, err
 		}
 		received = true
-		publish(out, ConvertDirectory(in))
+		publish(out, convertDirectory(in))
 	}
 }
 
@@ -262,14 +273,14 @@ func (s *Source) directory(ctx context.Context, out chan []sidecar.VirtualServic
 // about 30,000 services; this allows ten times that).
 const maxDirectoryBytes = 64 << 20
 
-// ConvertDirectory maps a discovery Directory onto the sidecar's entries,
+// convertDirectory maps a discovery Directory onto the sidecar's entries,
 // unchecked: the sidecar skips (and logs) entries that make no sense.
-func ConvertDirectory(in *pb.Directory) []sidecar.VirtualService {
-	out := make([]sidecar.VirtualService, 0, len(in.GetServices()))
-	for _, vs := range in.GetServices() {
-		e := sidecar.VirtualService{Namespace: vs.GetNamespace(), Name: vs.GetName(), Imported: vs.GetImported(), IPs: vs.GetIps()}
-		for _, p := range vs.GetPorts() {
-			e.Ports = append(e.Ports, sidecar.ServicePort{Name: p.GetName(), Port: p.GetPort(), Protocol: p.GetProtocol(), AppProtocol: p.GetAppProtocol()})
+func convertDirectory(in directory) []sidecar.VirtualService {
+	out := make([]sidecar.VirtualService, 0, len(in.Services))
+	for _, vs := range in.Services {
+		e := sidecar.VirtualService{Namespace: vs.Namespace, Name: vs.Name, Imported: vs.Imported, IPs: vs.IPs}
+		for _, p := range vs.Ports {
+			e.Ports = append(e.Ports, sidecar.ServicePort{Name: p.Name, Port: p.Port, Protocol: p.Protocol, AppProtocol: p.AppProtocol})
 		}
 		out = append(out, e)
 	}

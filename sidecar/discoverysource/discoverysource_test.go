@@ -11,9 +11,10 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/encoding/protowire"
 
 	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
+	"github.com/fedmesh/fedmesh/internal/grpclite"
 	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
@@ -23,12 +24,12 @@ func TestConvert(t *testing.T) {
 	in := &pb.EndpointSet{Namespace: "demo", Service: "echo", LocalCluster: "east", Imported: true,
 		Ports: []*pb.Port{{Name: "http", Protocol: "TCP", Port: 80}},
 		Clusters: []*pb.Cluster{
-			{Name: "east", Local: true, Endpoints: []*pb.Endpoint{
+			{Name: "east", Local: true, RttMicros: 5, Endpoints: []*pb.Endpoint{
 				{Address: "127.0.0.10", Ready: true, Ports: []*pb.Port{{Name: "metrics", Port: 9090}, {Name: "http", Port: 15006}}},
 				{Address: "127.0.0.11", Ready: true, Terminating: true, Ports: []*pb.Port{{Name: "http", Port: 15006}}},
 				{Address: "127.0.0.12", Ready: true}, // no port: cannot be dialed
 			}},
-			{Name: "west", Stale: true, Endpoints: []*pb.Endpoint{{Address: "10.2.0.1", Ready: true}, {Address: "10.2.0.2"}}},
+			{Name: "west", Stale: true, RttMicros: 1500, Endpoints: []*pb.Endpoint{{Address: "10.2.0.1", Ready: true}, {Address: "10.2.0.2"}}},
 			// Remote pods with their target port: named to the gateway one
 			// by one (an IPv6 address in canonical form).
 			{Name: "north", Endpoints: []*pb.Endpoint{
@@ -41,15 +42,42 @@ func TestConvert(t *testing.T) {
 			{Name: "127.0.0.10:15006", Addr: "127.0.0.10:15006", Ready: true},
 			{Name: "127.0.0.11:15006", Addr: "127.0.0.11:15006", Ready: false},
 		}},
-		{Name: "west", Gateway: true, Endpoints: []endpoints.Endpoint{{Name: "west/0", Ready: true}, {Name: "west/1"}}},
+		{Name: "west", Gateway: true, RTT: endpoints.Duration(1500 * time.Microsecond), Endpoints: []endpoints.Endpoint{{Name: "west/0", Ready: true}, {Name: "west/1"}}},
 		{Name: "north", Gateway: true, Endpoints: []endpoints.Endpoint{
 			{Name: "north/10.3.0.1:8080", Addr: "10.3.0.1:8080", Ready: true},
 			{Name: "north/[fd00::7]:8080", Addr: "[fd00::7]:8080", Ready: true},
 		}},
 	}}
-	if diff := cmp.Diff(want, Convert(in)); diff != "" {
+	got, err := convert(decoded(t, in), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("(-want +got):\n%s", diff)
 	}
+}
+
+// decoded is m as the sidecar receives it: marshaled by the controller's
+// generated code, decoded by wire.go.
+func decoded(t *testing.T, m *pb.EndpointSet) endpointSet {
+	t.Helper()
+	set, err := decodeEndpointSet(marshal(t, m))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return set
+}
+
+// dial is the sidecar's client of a discovery API at addr (cleartext, as
+// on loopback).
+func dial(t *testing.T, addr string) *grpclite.Client {
+	t.Helper()
+	c, err := grpclite.New(addr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
 }
 
 // server is a discovery server on a real gRPC listener whose sets the test
@@ -100,12 +128,7 @@ func serve(t *testing.T, addr string, s pb.DiscoveryServer) (*grpc.Server, strin
 func TestKeepsLastSetAcrossOutage(t *testing.T) {
 	srv := &server{sets: make(chan *pb.EndpointSet, 4)}
 	g, addr := serve(t, "127.0.0.1:0", srv)
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	src := New(conn, nil)
+	src := New(dial(t, addr), nil)
 	src.MinBackoff, src.MaxBackoff = 20*time.Millisecond, 100*time.Millisecond
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -146,13 +169,8 @@ func TestGarbagePolicyKeepsLastGood(t *testing.T) {
 	srv := &server{sets: make(chan *pb.EndpointSet, 8)}
 	g, addr := serve(t, "127.0.0.1:0", srv)
 	defer g.Stop()
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
 	var logs syncBuf
-	src := New(conn, slog.New(slog.NewTextHandler(&logs, nil)))
+	src := New(dial(t, addr), slog.New(slog.NewTextHandler(&logs, nil)))
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	ch, _ := src.Watch(ctx, "demo", "echo")
@@ -235,7 +253,7 @@ func TestConvertPort(t *testing.T) {
 		wantPort uint16
 		wantAddr string
 	}{{0, 80, "127.0.0.10:8080"}, {80, 80, "127.0.0.10:8080"}, {9090, 9090, "127.0.0.10:9443"}} {
-		got, _ := convert(in, tc.port)
+		got, _ := convert(decoded(t, in), tc.port)
 		if got.Port != tc.wantPort || got.Clusters[0].Endpoints[0].Addr != tc.wantAddr {
 			t.Errorf("port %d: set port %d, endpoint %s; want %d, %s", tc.port, got.Port, got.Clusters[0].Endpoints[0].Addr, tc.wantPort, tc.wantAddr)
 		}
@@ -267,12 +285,7 @@ func (s *dirServer) WatchDirectory(_ *pb.DirectoryRequest, st pb.Discovery_Watch
 func TestDirectoryAcrossOutage(t *testing.T) {
 	srv := &dirServer{dirs: make(chan *pb.Directory, 2)}
 	g, addr := serve(t, "127.0.0.1:0", srv)
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	src := New(conn, nil)
+	src := New(dial(t, addr), nil)
 	src.MinBackoff, src.MaxBackoff = 20*time.Millisecond, 100*time.Millisecond
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -301,5 +314,70 @@ func TestDirectoryAcrossOutage(t *testing.T) {
 		}
 	case <-ctx.Done():
 		t.Fatal("no directory after the controller came back")
+	}
+}
+
+// scriptServer answers each Watch stream in turn with the next list of
+// sets, then holds the stream open.
+type scriptServer struct {
+	pb.UnimplementedDiscoveryServer
+	mu      sync.Mutex
+	streams [][]*pb.EndpointSet
+}
+
+func (s *scriptServer) Watch(_ *pb.WatchRequest, st pb.Discovery_WatchServer) error {
+	s.mu.Lock()
+	var sets []*pb.EndpointSet
+	if len(s.streams) > 0 {
+		sets, s.streams = s.streams[0], s.streams[1:]
+	}
+	s.mu.Unlock()
+	for _, set := range sets {
+		if err := st.Send(set); err != nil {
+			return err
+		}
+	}
+	<-st.Context().Done()
+	return nil
+}
+
+// TestUndecodableSetEndsStream: a message that does not decode (here a
+// namespace that is not UTF-8, which protobuf-go refuses too) ends the
+// stream, as a failed Recv did with grpc-go: it is logged, nothing is
+// delivered for it, and the next stream's set arrives.
+func TestUndecodableSetEndsStream(t *testing.T) {
+	mk := func(ready bool) *pb.EndpointSet {
+		return &pb.EndpointSet{Namespace: "demo", Service: "echo", Ports: []*pb.Port{{Name: "http", Port: 80}},
+			Clusters: []*pb.Cluster{{Name: "east", Local: true, Endpoints: []*pb.Endpoint{{Address: "127.0.0.1", Ready: ready, Ports: []*pb.Port{{Name: "http", Port: 8080}}}}}}}
+	}
+	bad := mk(false)
+	// Unknown fields are sent as they are: this one is field 1 with bytes
+	// that are not UTF-8.
+	bad.ProtoReflect().SetUnknown(protowire.AppendBytes(protowire.AppendTag(nil, 1, protowire.BytesType), []byte{0xff}))
+	srv := &scriptServer{streams: [][]*pb.EndpointSet{{mk(true), bad}, {mk(false)}}}
+	g, addr := serve(t, "127.0.0.1:0", srv)
+	defer g.Stop()
+	var logs syncBuf
+	src := New(dial(t, addr), slog.New(slog.NewTextHandler(&logs, nil)))
+	src.MinBackoff, src.MaxBackoff = 20*time.Millisecond, 100*time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	ch, _ := src.Watch(ctx, "demo", "echo")
+	for {
+		select {
+		case got := <-ch:
+			if got.Namespace != "demo" {
+				t.Fatalf("delivered %+v", got)
+			}
+			if got.Clusters[0].Endpoints[0].Ready {
+				continue // the first stream's good set
+			}
+		case <-ctx.Done():
+			t.Fatalf("no set from the second stream; logs:\n%s", logs.String())
+		}
+		break
+	}
+	if l := logs.String(); !strings.Contains(l, "decode EndpointSet: namespace: invalid UTF-8") {
+		t.Errorf("the log does not say why the stream ended:\n%s", l)
 	}
 }

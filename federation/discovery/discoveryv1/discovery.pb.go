@@ -452,8 +452,14 @@ type Cluster struct {
 	Stale     bool        `protobuf:"varint,3,opt,name=stale,proto3" json:"stale,omitempty"`
 	Endpoints []*Endpoint `protobuf:"bytes,4,rep,name=endpoints,proto3" json:"endpoints,omitempty"`
 	// Health summary: endpoints that are ready, and all endpoints.
-	Ready         int32 `protobuf:"varint,5,opt,name=ready,proto3" json:"ready,omitempty"`
-	Total         int32 `protobuf:"varint,6,opt,name=total,proto3" json:"total,omitempty"`
+	Ready int32 `protobuf:"varint,5,opt,name=ready,proto3" json:"ready,omitempty"`
+	Total int32 `protobuf:"varint,6,opt,name=total,proto3" json:"total,omitempty"`
+	// The local gateway's round-trip time to this cluster's gateway, in
+	// microseconds: the p50 of recent samples, which the gateway publishes on
+	// its Service (annotation multicluster.fedmesh.dev/peer-rtt). 0 when
+	// unknown, and for the local cluster. Sidecars try remote clusters in
+	// increasing RTT.
+	RttMicros     int64 `protobuf:"varint,7,opt,name=rtt_micros,json=rttMicros,proto3" json:"rtt_micros,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -526,6 +532,13 @@ func (x *Cluster) GetReady() int32 {
 func (x *Cluster) GetTotal() int32 {
 	if x != nil {
 		return x.Total
+	}
+	return 0
+}
+
+func (x *Cluster) GetRttMicros() int64 {
+	if x != nil {
+		return x.RttMicros
 	}
 	return 0
 }
@@ -656,14 +669,16 @@ const file_federation_discovery_discoveryv1_discovery_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\tR\bprotocol\x12\x12\n" +
 	"\x04port\x18\x03 \x01(\x05R\x04port\x12!\n" +
-	"\fapp_protocol\x18\x04 \x01(\tR\vappProtocol\"\xb3\x01\n" +
+	"\fapp_protocol\x18\x04 \x01(\tR\vappProtocol\"\xd2\x01\n" +
 	"\aCluster\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05local\x18\x02 \x01(\bR\x05local\x12\x14\n" +
 	"\x05stale\x18\x03 \x01(\bR\x05stale\x12<\n" +
 	"\tendpoints\x18\x04 \x03(\v2\x1e.fedmesh.discovery.v1.EndpointR\tendpoints\x12\x14\n" +
 	"\x05ready\x18\x05 \x01(\x05R\x05ready\x12\x14\n" +
-	"\x05total\x18\x06 \x01(\x05R\x05total\"\xd8\x01\n" +
+	"\x05total\x18\x06 \x01(\x05R\x05total\x12\x1d\n" +
+	"\n" +
+	"rtt_micros\x18\a \x01(\x03R\trttMicros\"\xd8\x01\n" +
 	"\bEndpoint\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\x12\x14\n" +
 	"\x05ready\x18\x02 \x01(\bR\x05ready\x12\x18\n" +
