@@ -182,6 +182,7 @@ type Controller struct {
 	leading chan struct{} // closed once this replica leads and caches are synced
 	disco   *discovery.Server
 	traffic atomic.Pointer[traffic] // nil until started, and without the CRDs
+	badRTT  atomic.Pointer[string]  // the last undecodable RTT annotation, logged once
 	// lastStaleTick is the periodic goroutine's previous tick.
 	lastStaleTick time.Time
 }

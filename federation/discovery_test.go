@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/fedmesh/fedmesh/controlplane"
 	"github.com/fedmesh/fedmesh/federation"
@@ -102,6 +103,31 @@ func TestDiscovery(t *testing.T) {
 	recvUntil("egress addresses", func(s *pb.EndpointSet) error {
 		if len(s.Egress) != 2 || s.Egress[0] != "127.0.0.1:15001" || s.Egress[1] != "127.0.0.1:15002" {
 			return fmt.Errorf("egress %v", s.Egress)
+		}
+		return nil
+	})
+
+	// The gateway's measured RTT per peer cluster reaches the remote
+	// clusters of every set; the local cluster has none.
+	setRTT := func(v string) {
+		t.Helper()
+		patch := fmt.Appendf(nil, `{"metadata":{"annotations":{%q:%q}}}`, federation.AnnotationPeerRTT, v)
+		if _, err := env.kube["east"].CoreV1().Services(controlplane.SystemNamespace).Patch(ctx, gw.Name, types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setRTT(`{"west":1234,"north":50000}`)
+	recvUntil("west's RTT", func(s *pb.EndpointSet) error {
+		if len(s.Clusters) != 2 || s.Clusters[0].RttMicros != 0 || s.Clusters[1].RttMicros != 1234 {
+			return fmt.Errorf("clusters %v", s.Clusters)
+		}
+		return nil
+	})
+	// An annotation that does not decode is no RTT at all, not a broken set.
+	setRTT(`{"west":"fast"}`)
+	recvUntil("no RTT from a bad annotation", func(s *pb.EndpointSet) error {
+		if len(s.Clusters) != 2 || s.Clusters[1].RttMicros != 0 || len(s.Clusters[1].Endpoints) != 1 {
+			return fmt.Errorf("clusters %v", s.Clusters)
 		}
 		return nil
 	})

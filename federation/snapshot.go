@@ -2,6 +2,8 @@ package federation
 
 import (
 	"cmp"
+	"encoding/json"
+	"fmt"
 	"net/netip"
 	"slices"
 	"sort"
@@ -27,6 +29,12 @@ const (
 	// AnnotationEgress on the gateway Service lists its egress addresses
 	// (host:port, comma-separated) for the discovery API.
 	AnnotationEgress = "multicluster.fedmesh.dev/egress-addresses"
+	// AnnotationPeerRTT on the gateway Service is the gateway's measured
+	// round-trip time to each peer cluster's gateway: a JSON object, cluster
+	// name to microseconds. The gateway writes it (gateway.AnnotationPeerRTT);
+	// the controller passes it on as Cluster.rtt_micros so sidecars try
+	// remote clusters nearest first.
+	AnnotationPeerRTT = "multicluster.fedmesh.dev/peer-rtt"
 )
 
 var (
@@ -92,17 +100,47 @@ func (c *Controller) Snapshot(ns, name string) (*pb.EndpointSet, error) {
 		names = append(names, n)
 	}
 	sort.Strings(names)
-	for _, n := range names {
-		set.Clusters = append(set.Clusters, remote[n])
-	}
+	var rtts map[string]int64
 	if gw, err := local.services.Services(c.opts.Namespace).Get(GatewayService); err == nil {
 		for _, a := range strings.Split(gw.Annotations[AnnotationEgress], ",") {
 			if a = strings.TrimSpace(a); a != "" {
 				set.Egress = append(set.Egress, a)
 			}
 		}
+		rtts = c.peerRTTs(gw.Annotations[AnnotationPeerRTT])
+	}
+	for _, n := range names {
+		remote[n].RttMicros = rtts[n]
+		set.Clusters = append(set.Clusters, remote[n])
 	}
 	return set, nil
+}
+
+// peerRTTs decodes the gateway's RTT annotation. A value that does not
+// decode means no RTTs (clusters are then ordered by name) and is logged
+// once per distinct value.
+func (c *Controller) peerRTTs(v string) map[string]int64 {
+	if v == "" {
+		return nil
+	}
+	var m map[string]int64
+	err := json.Unmarshal([]byte(v), &m)
+	if err == nil {
+		for cl, us := range m {
+			if us < 0 {
+				err = fmt.Errorf("cluster %q: negative RTT %d", cl, us)
+				break
+			}
+		}
+	}
+	if err != nil {
+		if old := c.badRTT.Swap(&v); old == nil || *old != v {
+			c.log.Warn("ignoring the gateway Service's RTT annotation: want a JSON object of cluster name to microseconds",
+				"service", c.opts.Namespace+"/"+GatewayService, "annotation", AnnotationPeerRTT, "value", v, "err", err)
+		}
+		return nil
+	}
+	return m
 }
 
 func addEndpoints(cl *pb.Cluster, s *discoveryv1.EndpointSlice) {
