@@ -23,6 +23,7 @@ import (
 	"k8s.io/client-go/discovery/cached/memory"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/restmapper"
 	"sigs.k8s.io/kustomize/api/krusty"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
@@ -88,6 +89,7 @@ func render(t *testing.T, dir string) []*unstructured.Unstructured {
 }
 
 type cluster struct {
+	cfg    *rest.Config // admin
 	kube   kubernetes.Interface
 	dyn    dynamic.Interface
 	mapper meta.RESTMapper
@@ -141,7 +143,7 @@ func startCluster(t *testing.T, ctx context.Context) *cluster {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &cluster{kube: kube, dyn: dyn, mapper: restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(kube.Discovery()))}
+	return &cluster{cfg: cfg, kube: kube, dyn: dyn, mapper: restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(kube.Discovery()))}
 }
 
 // TestManifests renders every kustomization and has a real kube-apiserver
@@ -180,6 +182,7 @@ func TestManifests(t *testing.T) {
 			kinds := map[string]int{}
 			var ctrl, inj *appsv1.Deployment
 			var disco *corev1.Service
+			gw := gatewayObjects{services: map[string]*corev1.Service{}}
 			for _, u := range objs {
 				kinds[u.GetKind()]++
 				if ns := u.GetNamespace(); ns != "" && ns != "fedmesh-system" {
@@ -196,11 +199,22 @@ func TestManifests(t *testing.T) {
 						ctrl = d
 					case "fedmesh-injector":
 						inj = d
+					case "fedmesh-gateway":
+						gw.deploy = d
 					}
 				case "Service":
+					svc := &corev1.Service{}
+					if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, svc); err != nil {
+						t.Fatal(err)
+					}
+					gw.services[u.GetName()] = svc
 					if u.GetName() == "fedmesh-discovery" {
-						disco = &corev1.Service{}
-						if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, disco); err != nil {
+						disco = svc
+					}
+				case "ConfigMap":
+					if u.GetName() == "fedmesh-gateway-peers" {
+						gw.peers = &corev1.ConfigMap{}
+						if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, gw.peers); err != nil {
 							t.Fatal(err)
 						}
 					}
@@ -254,6 +268,7 @@ func TestManifests(t *testing.T) {
 				disco.Spec.Selector["app.kubernetes.io/name"] != "fedmesh-federation-controller" {
 				t.Errorf("Service fedmesh-discovery = %+v, want port 15012 to the controller's discovery port", disco)
 			}
+			checkGateway(t, name, gw, ctrl)
 		})
 	}
 	t.Run("samples/content", func(t *testing.T) {
@@ -298,6 +313,7 @@ func TestRBAC(t *testing.T) {
 		ctrl     = "system:serviceaccount:fedmesh-system:fedmesh-federation-controller"
 		peer     = "system:serviceaccount:fedmesh-system:fedmesh-peer-reader"
 		injector = "system:serviceaccount:fedmesh-system:fedmesh-injector"
+		gw       = gatewayUser
 		sys      = "fedmesh-system"
 	)
 	type attrs = authzv1.ResourceAttributes
@@ -345,6 +361,26 @@ func TestRBAC(t *testing.T) {
 		{"peer may not read secrets", peer, attrs{Verb: "get", Resource: "secrets", Namespace: sys}, false},
 		{"injector writes events", injector, attrs{Verb: "create", Resource: "events", Namespace: "demo"}, true},
 		{"injector may not read pods", injector, attrs{Verb: "get", Resource: "pods", Namespace: "demo"}, false},
+		// The gateway: its catalog's informers, and the RTT annotation.
+		{"gateway lists exports", gw, attrs{Verb: "list", Group: "multicluster.x-k8s.io", Resource: "serviceexports"}, true},
+		{"gateway watches exports", gw, attrs{Verb: "watch", Group: "multicluster.x-k8s.io", Resource: "serviceexports"}, true},
+		{"gateway lists services", gw, attrs{Verb: "list", Resource: "services"}, true},
+		{"gateway watches services", gw, attrs{Verb: "watch", Resource: "services"}, true},
+		{"gateway lists slices", gw, attrs{Verb: "list", Group: "discovery.k8s.io", Resource: "endpointslices"}, true},
+		{"gateway watches slices", gw, attrs{Verb: "watch", Group: "discovery.k8s.io", Resource: "endpointslices"}, true},
+		{"gateway patches its service", gw, attrs{Verb: "patch", Resource: "services", Namespace: sys, Name: "fedmesh-gateway"}, true},
+		{"gateway may not patch other services", gw, attrs{Verb: "patch", Resource: "services", Namespace: sys, Name: "fedmesh-discovery"}, false},
+		{"gateway may not patch its name elsewhere", gw, attrs{Verb: "patch", Resource: "services", Namespace: "demo", Name: "fedmesh-gateway"}, false},
+		{"gateway may not update its service", gw, attrs{Verb: "update", Resource: "services", Namespace: sys, Name: "fedmesh-gateway"}, false},
+		{"gateway may not delete its service", gw, attrs{Verb: "delete", Resource: "services", Namespace: sys, Name: "fedmesh-gateway"}, false},
+		{"gateway may not patch service status", gw, attrs{Verb: "patch", Resource: "services", Subresource: "status", Namespace: sys, Name: "fedmesh-gateway"}, false},
+		{"gateway may not create services", gw, attrs{Verb: "create", Resource: "services", Namespace: sys}, false},
+		{"gateway may not write exports", gw, attrs{Verb: "update", Group: "multicluster.x-k8s.io", Resource: "serviceexports", Namespace: "demo"}, false},
+		{"gateway may not write slices", gw, attrs{Verb: "create", Group: "discovery.k8s.io", Resource: "endpointslices", Namespace: "demo"}, false},
+		{"gateway may not read imports", gw, attrs{Verb: "list", Group: "multicluster.x-k8s.io", Resource: "serviceimports"}, false},
+		{"gateway may not read secrets", gw, attrs{Verb: "get", Resource: "secrets", Namespace: sys}, false},
+		{"gateway may not read pods", gw, attrs{Verb: "list", Resource: "pods"}, false},
+		{"gateway may not take leases", gw, attrs{Verb: "create", Group: "coordination.k8s.io", Resource: "leases", Namespace: sys}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			a := tc.attrs
@@ -361,4 +397,5 @@ func TestRBAC(t *testing.T) {
 			}
 		})
 	}
+	t.Run("gateway runs as its account", func(t *testing.T) { checkGatewayAccess(t, ctx, c) })
 }

@@ -103,6 +103,10 @@ type Config struct {
 	// so sidecars and peers redial in a round trip instead of waiting for
 	// an idle timeout. Nil: no stateless resets.
 	StatelessResetKey *quic.StatelessResetKey
+	// PublishRTT, when set, makes this replica write its RTT to each peer
+	// cluster on the gateway Service (AnnotationPeerRTT) for the federation
+	// controller. Nil: not published.
+	PublishRTT *RTTPublication
 
 	Logger   *slog.Logger
 	Registry prometheus.Registerer // metrics; /metrics is served when it is also a Gatherer
@@ -186,6 +190,11 @@ func (c *Config) validate() error {
 	}
 	if c.DeadAfter > 0 && c.DeadAfter < 10*time.Millisecond {
 		errs = append(errs, fmt.Errorf("dead-after %s is under 10ms", c.DeadAfter))
+	}
+	if c.PublishRTT != nil {
+		if err := c.PublishRTT.validate(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -478,6 +487,10 @@ func (g *Gateway) Run(ctx context.Context) error {
 		})
 	}
 	wg.Go(func() { g.publishRTT(ctx) })
+	if g.cfg.PublishRTT != nil {
+		p := newRTTPublisher(g.cfg.PublishRTT, g.PeerRTTs, g.log, func(result string) { g.m.rttPublications.WithLabelValues(result).Inc() })
+		wg.Go(func() { p.run(ctx) })
+	}
 	if g.egressTLS != nil {
 		wg.Go(func() { g.keepRotatingTicketKeys(ctx) })
 	}

@@ -13,6 +13,8 @@ type metrics struct {
 	peerRTT       *prometheus.GaugeVec // cluster, addr
 	peerConnects  *prometheus.CounterVec
 	udpBuffer     *prometheus.GaugeVec // socket, dir
+	// rttPublications counts writes of AnnotationPeerRTT, by result.
+	rttPublications *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -47,10 +49,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		udpBuffer: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "fedmesh_gateway_udp_buffer_bytes", Help: "UDP socket buffer sizes the OS granted, by socket and dir (rcv, snd).",
 		}, []string{"socket", "dir"}),
+		rttPublications: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fedmesh_gateway_rtt_publications_total", Help: "Writes of this replica's per-cluster RTT to the gateway Service's annotation, by result (ok, error).",
+		}, []string{"result"}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.streamsOpen, m.streamsTotal, m.bytes, m.handshakeFail, m.drops, m.dialFailures,
-			m.peerUp, m.peerRTT, m.peerConnects, m.udpBuffer)
+			m.peerUp, m.peerRTT, m.peerConnects, m.udpBuffer, m.rttPublications)
 	}
 	return m
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
 
@@ -42,7 +43,7 @@ func main() {
 	}
 }
 
-const usage = `Usage: fedmesh-gateway --cluster NAME (--kubeconfig FILE | --catalog FILE) [flags]
+const usage = `Usage: fedmesh-gateway --cluster NAME (--kubeconfig FILE | --in-cluster | --catalog FILE) [flags]
 
 fedmesh-gateway carries TCP connections between clusters. Local sidecars
 connect to its egress (TCP with TLS 1.3, or QUIC streams, on the same port
@@ -51,6 +52,16 @@ each one as a stream of its long-lived QUIC connection to the target
 cluster's gateway (ALPN fedmesh-tunnel/1), whose ingress forwards it to a
 ready endpoint of an exported service. Identity comes from the SPIFFE
 Workload API only.
+
+What this cluster exports comes from its API server, reached with
+--kubeconfig, or with --in-cluster from a pod (its service account's token,
+KUBERNETES_SERVICE_HOST/PORT), or from a static --catalog file. With an API
+server, each replica also writes its RTT to every peer cluster on the
+Service fedmesh-gateway in --namespace (annotation
+multicluster.fedmesh.dev/peer-rtt) for the federation controller.
+
+Peers come from --peer flags and from --peers-file, one peer a line in the
+--peer syntax ("#" starts a comment); it is read at start only.
 
 Example:
   fedmesh-gateway --cluster east --kubeconfig /etc/fedmesh/kubeconfig \
@@ -92,12 +103,18 @@ type options struct {
 	cluster, trustDomain, spiffeSocket           string
 	tunnelAddr, egressAddr, adminAddr            string
 	federate, gatewayPath, kubeconfig, catalog   string
+	inCluster                                    bool
+	namespace, peersFile                         string
+	rttInterval                                  time.Duration
 	logLevel, logFormat                          string
 	deadAfter, dialTimeout, headerTimeout, eject time.Duration
 	resetKeyFile                                 string
 	maxStreams                                   int
 	peers                                        peerFlags
 }
+
+// serviceAccountNamespace is where a pod finds its own namespace.
+const serviceAccountNamespace = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 func parse(args []string, out io.Writer) (*options, error) {
 	o := &options{}
@@ -113,8 +130,12 @@ func parse(args []string, out io.Writer) (*options, error) {
 	fs.Var(&o.peers, "peer", "peer cluster and its gateway replicas: CLUSTER[@TRUST_DOMAIN]=HOST:PORT[,HOST:PORT...] (repeatable)")
 	fs.StringVar(&o.federate, "federate", "", "comma-separated trust domains whose gateways may open tunnels here (default: the peers' trust domains)")
 	fs.StringVar(&o.gatewayPath, "gateway-path", gateway.DefaultGatewayPath, "SPIFFE ID path of gateways in every trust domain")
+	fs.Var(&peersFile{&o.peers, &o.peersFile}, "peers-file", "`FILE` with one peer a line, in the --peer syntax; blank lines and \"#\" comments are ignored (read at start only)")
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig of this cluster: exports and endpoints come from its ServiceExports and EndpointSlices")
-	fs.StringVar(&o.catalog, "catalog", "", "static catalog JSON file instead of --kubeconfig: {\"services\":[{\"namespace\":\"shop\",\"name\":\"checkout\",\"port\":8080,\"endpoints\":[\"10.0.0.1:9090\"]}]}")
+	fs.BoolVar(&o.inCluster, "in-cluster", false, "like --kubeconfig, with the pod's service account (in a Kubernetes pod)")
+	fs.StringVar(&o.catalog, "catalog", "", "static catalog JSON file instead of --kubeconfig/--in-cluster: {\"services\":[{\"namespace\":\"shop\",\"name\":\"checkout\",\"port\":8080,\"endpoints\":[\"10.0.0.1:9090\"]}]}")
+	fs.StringVar(&o.namespace, "namespace", "", "namespace of the Service "+gateway.ServiceName+" that gets this replica's RTTs (default: the pod's namespace, else fedmesh-system)")
+	fs.DurationVar(&o.rttInterval, "rtt-publish-interval", gateway.DefaultRTTPublishInterval, "with --kubeconfig or --in-cluster: compare the RTT to each peer cluster this often and write it to annotation "+gateway.AnnotationPeerRTT+" of Service "+gateway.ServiceName+" when it moved by over 20% and 200us, or a cluster came or went (0 disables)")
 	fs.DurationVar(&o.deadAfter, "dead-after", time.Second, "declare a silent peer gateway dead after this long")
 	fs.StringVar(&o.resetKeyFile, "stateless-reset-key-file", "", "file with this replica's 32-byte QUIC stateless reset key, created if missing; keep it across restarts so a restarted replica resets stale sidecar and peer connections at once (empty: no stateless resets)")
 	fs.DurationVar(&o.dialTimeout, "dial-timeout", gateway.DefaultDialTimeout, "timeout of a dial to a local endpoint")
@@ -132,13 +153,94 @@ func parse(args []string, out io.Writer) (*options, error) {
 	if o.cluster == "" {
 		return nil, errors.New("--cluster is required (see --help)")
 	}
-	if (o.kubeconfig == "") == (o.catalog == "") {
-		return nil, errors.New("give exactly one of --kubeconfig and --catalog (see --help)")
+	if n := countTrue(o.kubeconfig != "", o.inCluster, o.catalog != ""); n != 1 {
+		msg := "give exactly one of --kubeconfig, --in-cluster and --catalog (see --help)"
+		if n == 0 && os.Getenv("KUBERNETES_SERVICE_HOST") != "" {
+			msg += "; in a pod, --in-cluster uses its service account"
+		}
+		return nil, errors.New(msg)
+	}
+	if o.rttInterval < 0 {
+		return nil, fmt.Errorf("--rtt-publish-interval %s is negative", o.rttInterval)
+	}
+	if o.namespace == "" {
+		o.namespace = podNamespace(serviceAccountNamespace)
 	}
 	if o.trustDomain == "" {
 		o.trustDomain = o.cluster + ".fedmesh.test"
 	}
 	return o, nil
+}
+
+func countTrue(bs ...bool) int {
+	n := 0
+	for _, b := range bs {
+		if b {
+			n++
+		}
+	}
+	return n
+}
+
+// peersFile is --peers-file: it reads the file when the flag is parsed and
+// adds its peers as if each line had been given as --peer.
+type peersFile struct {
+	peers *peerFlags
+	path  *string
+}
+
+func (f *peersFile) String() string {
+	if f.path == nil {
+		return ""
+	}
+	return *f.path
+}
+
+func (f *peersFile) Set(path string) error {
+	if *f.path != "" {
+		return errors.New("given twice")
+	}
+	*f.path = path
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	for i, line := range strings.Split(string(data), "\n") {
+		line, _, _ = strings.Cut(line, "#")
+		if line = strings.TrimSpace(line); line == "" {
+			continue
+		}
+		if err := f.peers.Set(line); err != nil {
+			return fmt.Errorf("%s line %d: %w", path, i+1, err)
+		}
+	}
+	return nil
+}
+
+// podNamespace is the namespace in file (a pod's service account
+// namespace), or fedmesh-system outside a pod.
+func podNamespace(file string) string {
+	if data, err := os.ReadFile(file); err == nil {
+		if ns := strings.TrimSpace(string(data)); ns != "" {
+			return ns
+		}
+	}
+	return "fedmesh-system"
+}
+
+// restConfig is the API server configuration of --kubeconfig or
+// --in-cluster.
+func restConfig(o *options) (*rest.Config, error) {
+	var cfg *rest.Config
+	var err error
+	if o.inCluster {
+		if cfg, err = rest.InClusterConfig(); err != nil {
+			return nil, fmt.Errorf("--in-cluster: %w", err)
+		}
+	} else if cfg, err = clientcmd.BuildConfigFromFlags("", o.kubeconfig); err != nil {
+		return nil, fmt.Errorf("load kubeconfig %s: %w", o.kubeconfig, err)
+	}
+	return rest.AddUserAgent(cfg, "fedmesh-gateway"), nil
 }
 
 func newLogger(level, format string, w io.Writer) (*slog.Logger, error) {
@@ -187,21 +289,33 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 
 	var catalog gateway.Catalog
+	var publishRTT *gateway.RTTPublication
 	if o.catalog != "" {
 		catalog, err = loadCatalog(o.catalog)
 		if err != nil {
 			return err
 		}
 	} else {
-		cfg, err := clientcmd.BuildConfigFromFlags("", o.kubeconfig)
+		cfg, err := restConfig(o)
 		if err != nil {
-			return fmt.Errorf("load kubeconfig %s: %w", o.kubeconfig, err)
+			return err
 		}
-		kc := kubecatalog.New(kubernetes.NewForConfigOrDie(cfg), mcsclient.NewForConfigOrDie(cfg), 0, log)
+		kube, err := kubernetes.NewForConfig(cfg)
+		if err != nil {
+			return fmt.Errorf("kubernetes client: %w", err)
+		}
+		mcs, err := mcsclient.NewForConfig(cfg)
+		if err != nil {
+			return fmt.Errorf("multicluster services client: %w", err)
+		}
+		kc := kubecatalog.New(kube, mcs, 0, log)
 		if err := kc.Start(ctx, time.Minute); err != nil {
 			return err
 		}
 		catalog = kc
+		if o.rttInterval > 0 {
+			publishRTT = &gateway.RTTPublication{Client: kube, Namespace: o.namespace, Interval: o.rttInterval}
+		}
 	}
 
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -226,7 +340,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		Peers: o.peers, Catalog: catalog,
 		TunnelAddr: o.tunnelAddr, EgressAddr: o.egressAddr, AdminAddr: o.adminAddr,
 		DeadAfter: o.deadAfter, DialTimeout: o.dialTimeout, HeaderTimeout: o.headerTimeout, EjectFor: o.eject,
-		MaxStreams: o.maxStreams, Logger: log, Registry: reg,
+		MaxStreams: o.maxStreams, PublishRTT: publishRTT, Logger: log, Registry: reg,
 	})
 	if err != nil {
 		return err
