@@ -66,9 +66,11 @@ func (p *RTTPublication) validate() error {
 }
 
 // PeerRTTs is this replica's round-trip time to each peer cluster that has
-// at least one live link with an RTT sample: the mean of those links' p50s
-// (streams spread over a peer's replicas, so the mean is what a stream
-// meets). Clusters without such a link are absent.
+// at least one live link with an RTT sample: the mean of those links'
+// recent RTTs (peer.Status.RTTRecent, the median of the last 32 samples, so
+// a slower path shows within seconds; streams spread over a peer's
+// replicas, so the mean is what a stream meets). Clusters without such a
+// link are absent.
 func (g *Gateway) PeerRTTs() map[string]time.Duration {
 	out := map[string]time.Duration{}
 	for cluster, ls := range g.links {
@@ -76,7 +78,7 @@ func (g *Gateway) PeerRTTs() map[string]time.Duration {
 		n := 0
 		for _, l := range ls {
 			if st := l.Status(); st.Up && st.RTTSamples > 0 {
-				sum += st.RTTP50
+				sum += st.RTTRecent
 				n++
 			}
 		}

@@ -34,6 +34,9 @@ const (
 	DefaultMinBackoff = 50 * time.Millisecond
 	DefaultMaxBackoff = time.Second
 	rttSamples        = 256
+	// RecentRTTSamples is the window of Status.RTTRecent (3.2 s at the
+	// default sampling interval of dead-after/10).
+	RecentRTTSamples = 32
 )
 
 // ErrDown is returned by OpenStream when the link has no live connection.
@@ -302,15 +305,20 @@ func (l *Link) OpenStreams() int64 { return l.streams.Load() }
 
 // Status is a snapshot of a link for the admin endpoint.
 type Status struct {
-	Cluster     string        `json:"cluster"`
-	Addr        string        `json:"addr"`
-	Up          bool          `json:"up"`
-	Since       time.Time     `json:"since"`
-	RTTP50      time.Duration `json:"-"`
-	RTTP99      time.Duration `json:"-"`
-	RTTP50MS    float64       `json:"rtt_p50_ms"`
-	RTTP99MS    float64       `json:"rtt_p99_ms"`
-	RTTSamples  int           `json:"rtt_samples"`
+	Cluster    string        `json:"cluster"`
+	Addr       string        `json:"addr"`
+	Up         bool          `json:"up"`
+	Since      time.Time     `json:"since"`
+	RTTP50     time.Duration `json:"-"`
+	RTTP99     time.Duration `json:"-"`
+	RTTP50MS   float64       `json:"rtt_p50_ms"`
+	RTTP99MS   float64       `json:"rtt_p99_ms"`
+	RTTSamples int           `json:"rtt_samples"`
+	// RTTRecent is the median of the last RecentRTTSamples samples: what
+	// the gateway publishes for ordering clusters, so a changed path shows
+	// within seconds instead of half the window.
+	RTTRecent   time.Duration `json:"-"`
+	RTTRecentMS float64       `json:"rtt_recent_ms"`
 	OpenStreams int64         `json:"open_streams"`
 	Connects    uint64        `json:"connects"`
 	LastError   string        `json:"last_error,omitempty"`
@@ -327,6 +335,10 @@ func (l *Link) Status() Status {
 	l.mu.Lock()
 	n := min(l.nrtt, rttSamples)
 	s := slices.Clone(l.rtts[:n])
+	recent := make([]time.Duration, 0, RecentRTTSamples)
+	for i := l.nrtt - 1; i >= 0 && i >= l.nrtt-min(n, RecentRTTSamples); i-- {
+		recent = append(recent, l.rtts[i%rttSamples])
+	}
 	st := Status{
 		Cluster: l.cfg.Cluster, Addr: l.cfg.Addr, Up: l.up, Since: l.since,
 		RTTSamples: n, OpenStreams: l.streams.Load(), Connects: l.reconnects, LastError: l.lastErr,
@@ -345,6 +357,9 @@ func (l *Link) Status() Status {
 		st.RTTP99 = s[(n-1)*99/100]
 		st.RTTP50MS = float64(st.RTTP50) / 1e6
 		st.RTTP99MS = float64(st.RTTP99) / 1e6
+		slices.Sort(recent)
+		st.RTTRecent = recent[(len(recent)-1)/2]
+		st.RTTRecentMS = float64(st.RTTRecent) / 1e6
 	}
 	return st
 }

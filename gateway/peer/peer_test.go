@@ -49,3 +49,30 @@ func TestConfigValidation(t *testing.T) {
 		t.Errorf("open stream on a down link: %v, want ErrDown", err)
 	}
 }
+
+// TestRecentRTT: the recent RTT follows the last 32 samples while the p50
+// still reflects the 256-sample window, across the ring's wrap.
+func TestRecentRTT(t *testing.T) {
+	l := &Link{}
+	add := func(n int, d time.Duration) {
+		for range n {
+			l.rtts[l.nrtt%rttSamples] = d
+			l.nrtt++
+		}
+	}
+	add(250, time.Millisecond)
+	add(RecentRTTSamples, 40*time.Millisecond) // wraps the ring
+	st := l.Status()
+	if st.RTTP50 != time.Millisecond || st.RTTRecent != 40*time.Millisecond || st.RTTSamples != rttSamples {
+		t.Fatalf("p50 %v recent %v samples %d, want 1ms, 40ms, %d", st.RTTP50, st.RTTRecent, st.RTTSamples, rttSamples)
+	}
+	add(RecentRTTSamples/2+1, 2*time.Millisecond) // the recent median is back
+	if st := l.Status(); st.RTTRecent != 2*time.Millisecond {
+		t.Fatalf("recent %v after 17 samples of 2ms, want 2ms", st.RTTRecent)
+	}
+	l = &Link{}
+	add(3, 5*time.Millisecond) // fewer samples than the window
+	if st := l.Status(); st.RTTRecent != 5*time.Millisecond || st.RTTRecentMS != 5 {
+		t.Fatalf("recent %v (%v ms) from 3 samples, want 5ms", st.RTTRecent, st.RTTRecentMS)
+	}
+}
