@@ -79,7 +79,7 @@ Scenarios available today (local federation only):
 		Example: `  fedctl drill peer-apiserver-down --cluster west
   fedctl drill peer-apiserver-down --cluster north --max-detection 1s -o json --junit drill.xml`,
 	}
-	cmd.AddCommand(newPeerAPIServerDownDrill(g), newWANPartitionDrill(g), newKillLocalEndpointsDrill(g), newControllerRestartDrill(g), newGatewayReplicaLossDrill(g), newWANDegradedDrill(g), newSVIDRotationDrill(g), newCanaryShiftDrill(g))
+	cmd.AddCommand(newPeerAPIServerDownDrill(g), newWANPartitionDrill(g), newKillLocalEndpointsDrill(g), newControllerRestartDrill(g), newGatewayReplicaLossDrill(g), newWANDegradedDrill(g), newSVIDRotationDrill(g), newCanaryShiftDrill(g), newNearestRemoteDrill(g))
 	return cmd
 }
 
@@ -434,12 +434,14 @@ func drillWANPartition(ctx context.Context, g *globals, target string, maxDetect
 		if sidecarSends(ctx, others[i], target) {
 			client, done, stopLoad = &others[i], ch, stop
 			say("%s's echo pods killed: its client is served remotely, partly by %s, under load", others[i].Name, target)
-			defer localfed.EchoControl(context.Background(), st.Dir, others[i].Name, "start")
+			defer restoreEcho(context.Background(), st, others[i].Name)
 			break
 		}
 		stop()
 		<-ch
-		localfed.EchoControl(ctx, st.Dir, others[i].Name, "start")
+		if err := restoreEcho(ctx, st, others[i].Name); err != nil {
+			return nil, err
+		}
 	}
 	defer stopLoad()
 	if client == nil && len(others) > 0 && len(others[0].Workloads) > 0 {
@@ -573,6 +575,61 @@ func withReportFlags(g *globals, cmd *cobra.Command, junit *string) *cobra.Comma
 	cmd.Flags().StringVarP(&g.output, "output", "o", "table", "table, json or yaml")
 	cmd.Flags().StringVar(junit, "junit", "", "also write the results as a JUnit XML file")
 	return cmd
+}
+
+// restoreEcho starts a cluster's echo pods again and waits until its
+// client sidecar has every local endpoint available (not ejected, checked
+// healthy), so a drill leaves the federation as it found it: until then
+// the client's overprovisioning still sends a share of its traffic away.
+func restoreEcho(ctx context.Context, st *localfed.State, cluster string) error {
+	if err := localfed.EchoControl(ctx, st.Dir, cluster, "start"); err != nil {
+		return err
+	}
+	return waitLocalAvailable(ctx, st, cluster)
+}
+
+// waitLocalAvailable waits up to 15 s until the cluster's client sidecar
+// (if it has one) has local endpoints and all of them are available.
+func waitLocalAvailable(ctx context.Context, st *localfed.State, cluster string) error {
+	var admin string
+	for _, c := range st.Clusters {
+		for _, w := range c.Workloads {
+			if c.Name == cluster && w.Outbound != "" {
+				admin = w.Admin
+			}
+		}
+	}
+	if admin == "" {
+		return nil
+	}
+	for deadline := time.Now().Add(15 * time.Second); ; {
+		if doc, err := sidecarState(ctx, admin); err == nil && len(doc.Upstreams) > 0 && localAvailable(doc, cluster) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s's echo pods are not all available to its client 15 s after their restart", cluster)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// localAvailable reports whether the first upstream of a sidecar's state
+// has local endpoints and all of them are available.
+func localAvailable(doc *sidecarDoc, cluster string) bool {
+	n := 0
+	for _, e := range doc.Upstreams[0].Endpoints {
+		if e.Cluster == cluster {
+			if !e.Available {
+				return false
+			}
+			n++
+		}
+	}
+	return n > 0
 }
 
 // say prints a drill's progress line, on the table output only.

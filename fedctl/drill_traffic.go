@@ -138,7 +138,7 @@ func drillKillLocal(ctx context.Context, g *globals, target string, rate int, ho
 	restarted := false
 	defer func() {
 		if !restarted {
-			localfed.EchoControl(context.Background(), st.Dir, target, "start")
+			restoreEcho(context.Background(), st, target)
 		}
 	}()
 	time.Sleep(hold)
@@ -151,6 +151,9 @@ func drillKillLocal(ctx context.Context, g *globals, target string, rate int, ho
 	time.Sleep(3 * time.Second)
 	stopLoad()
 	samples := <-done
+	if err := waitLocalAvailable(ctx, st, target); err != nil {
+		return nil, err
+	}
 
 	var failed, total int
 	failover, failback := time.Duration(-1), time.Duration(-1)
@@ -318,7 +321,7 @@ func drillGatewayReplicaLoss(ctx context.Context, g *globals, target string, rat
 	if err := localfed.EchoControl(ctx, st.Dir, target, "kill"); err != nil {
 		return nil, err
 	}
-	defer localfed.EchoControl(bg, st.Dir, target, "start")
+	defer restoreEcho(bg, st, target)
 	lctx, stopLoad := context.WithCancel(ctx)
 	defer stopLoad()
 	done := make(chan []sample, 1)
@@ -407,7 +410,7 @@ func drillWANDegraded(ctx context.Context, g *globals, target string, rate int, 
 	if err := localfed.EchoControl(ctx, st.Dir, target, "kill"); err != nil {
 		return nil, err
 	}
-	defer localfed.EchoControl(bg, st.Dir, target, "start")
+	defer restoreEcho(bg, st, target)
 	say("degrading every WAN link of %s: delay %s, jitter %s, loss %.1f%%", target, f.Delay, f.Jitter, 100*f.Loss)
 	for _, o := range others {
 		if err := localfed.SetWAN(ctx, st.Dir, target, o, f); err != nil {

@@ -197,6 +197,7 @@ func TestUpStatusDrillDown(t *testing.T) {
 			{"wan-degraded", "--cluster", "west", "--hold", "3s"},
 			{"svid-rotation", "--cluster", "east", "--ttl", "4s", "--hold", "8s"},
 			{"canary-shift", "--cluster", "east", "--canary-cluster", "west", "--from", "0", "--to", "50"},
+			{"nearest-remote", "--cluster", "east"},
 		} {
 			out, code = run(append(append([]string{"drill"}, drill...), "-o", "json")...)
 			if code != 0 {

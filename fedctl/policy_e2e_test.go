@@ -18,6 +18,7 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/yaml"
 
 	"github.com/fedmesh/fedmesh/fedctl"
@@ -45,13 +46,19 @@ func (w *policyWorld) apply(gvr schema.GroupVersionResource, doc string) {
 		w.t.Fatalf("test YAML: %v", err)
 	}
 	api := w.dyn.Resource(gvr).Namespace(o.GetNamespace())
-	cur, err := api.Get(context.Background(), o.GetName(), metav1.GetOptions{})
-	if err == nil {
-		o.SetResourceVersion(cur.GetResourceVersion())
-		_, err = api.Update(context.Background(), &o, metav1.UpdateOptions{})
-	} else {
-		_, err = api.Create(context.Background(), &o, metav1.CreateOptions{})
-	}
+	// The controller writes the object's status meanwhile, so an update
+	// may meet a newer resourceVersion: read again and retry, as kubectl
+	// apply does.
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		cur, err := api.Get(context.Background(), o.GetName(), metav1.GetOptions{})
+		if err == nil {
+			o.SetResourceVersion(cur.GetResourceVersion())
+			_, err = api.Update(context.Background(), &o, metav1.UpdateOptions{})
+		} else {
+			_, err = api.Create(context.Background(), &o, metav1.CreateOptions{})
+		}
+		return err
+	})
 	if err != nil {
 		w.t.Fatalf("apply %s %s: %v", gvr.Resource, o.GetName(), err)
 	}

@@ -377,8 +377,13 @@ type sidecarDoc struct {
 		Expires time.Time `json:"expires"`
 	} `json:"svid"`
 	Upstreams []struct {
-		Upstream  string    `json:"upstream"`
-		Loads     []float64 `json:"loads"`
+		Upstream string    `json:"upstream"`
+		Loads    []float64 `json:"loads"`
+		Clusters []struct {
+			Name     string  `json:"name"`
+			Priority int     `json:"priority"`
+			RTTMS    float64 `json:"rttMs"`
+		} `json:"clusters"`
 		Endpoints []struct {
 			Cluster   string `json:"cluster"`
 			Priority  int    `json:"priority"`

@@ -33,13 +33,25 @@ type UpstreamState struct {
 	// Transparent: made on first use by the transparent listener (a
 	// service port the app called by its virtual IP), not an explicit
 	// --upstream.
-	Transparent bool            `json:"transparent,omitempty"`
-	Ready       bool            `json:"ready"`
-	Loads       []float64       `json:"loads"` // traffic share per priority
-	Targets     []EndpointState `json:"endpoints"`
+	Transparent bool      `json:"transparent,omitempty"`
+	Ready       bool      `json:"ready"`
+	Loads       []float64 `json:"loads"` // traffic share per priority
+	// Clusters are the clusters of the last endpoint set in priority
+	// order: the own cluster, then FailoverPolicy order, then gateway RTT.
+	Clusters []ClusterState  `json:"clusters"`
+	Targets  []EndpointState `json:"endpoints"`
 	// Routes are the route rules in force for this upstream's port, in the
 	// order they are tried (first match wins).
 	Routes []RouteState `json:"routes,omitempty"`
+}
+
+// ClusterState is one cluster of an upstream's endpoint set.
+type ClusterState struct {
+	Name     string `json:"name"`
+	Priority int    `json:"priority"`
+	// RTTMS is the local gateway's RTT to the cluster's gateway as the
+	// endpoint set gives it; 0 when not measured (and for the own cluster).
+	RTTMS float64 `json:"rttMs,omitempty"`
 }
 
 // RouteState is one route rule as the sidecar applies it.
@@ -80,7 +92,7 @@ func (s *Sidecar) State() State {
 	}
 	for i, u := range ups {
 		us := UpstreamState{Upstream: u.cfg.String(), Protocol: u.cfg.Protocol, Transparent: i >= len(s.upstreams),
-			Ready: u.own.ready.Load(), Loads: u.own.all.Loads(now)}
+			Ready: u.own.ready.Load(), Loads: u.own.all.Loads(now), Clusters: u.own.clusterOrder()}
 		if r := u.router.Load(); r != nil {
 			for _, rt := range r.rules {
 				rs := RouteState{Route: rt.name, Match: rt.match}

@@ -49,10 +49,11 @@ type backendPool struct {
 	h2Once   sync.Once
 	h2t      *http.Transport // HTTP/2 connections to endpoints
 
-	mu       sync.Mutex // guards targets, groups and failover (writer: apply)
+	mu       sync.Mutex // guards targets, groups, failover and order (writer: apply)
 	targets  map[string]*balancer.Target
 	groups   map[string]*health.Group
 	failover *policy.Failover
+	order    []ClusterState // the clusters in priority order, for /state
 }
 
 func newBackendPool(s *Sidecar, ns, name string, port uint16) *backendPool {
@@ -111,6 +112,13 @@ func orderClusters(clusters []endpoints.Cluster, local string, order []string) {
 	})
 }
 
+// clusterOrder is the clusters of the last set in priority order.
+func (p *backendPool) clusterOrder() []ClusterState {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.order)
+}
+
 // apply turns a Set into targets by priority: the own cluster first, then
 // remote clusters (FailoverPolicy order, then RTT). Targets that stay keep
 // their pools, latency and ejection state. The set's FailoverPolicy takes
@@ -132,6 +140,7 @@ func (p *backendPool) apply(set endpoints.Set) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.failover = fo
+	p.order = p.order[:0]
 	seen := map[string]bool{}
 	prewarmed := map[string]bool{}
 	for _, t := range p.targets {
@@ -169,6 +178,7 @@ func (p *backendPool) apply(set endpoints.Set) {
 		if c.Name != local && i == 0 {
 			prio = 1 // no local endpoints at all: remote clusters still rank after "local"
 		}
+		p.order = append(p.order, ClusterState{Name: c.Name, Priority: prio, RTTMS: float64(c.RTT) / 1e6})
 		if c.Gateway && !allAddressed(c.Endpoints) {
 			// Pods without an address to name: one target for the
 			// cluster, whose gateway picks the pod.
