@@ -2,9 +2,12 @@ package injector
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
+
+	"github.com/fedmesh/fedmesh/sidecar/appprobe"
 )
 
 // checkInjected reports what is missing from an injected pod, comparing it
@@ -27,6 +30,15 @@ func checkInjected(got, before *corev1.Pod, cfg Config) error {
 	sc := got.Spec.Containers[len(got.Spec.Containers)-1]
 	if sc.Name != SidecarName || sc.Image != cfg.SidecarImage || len(sc.Command) == 0 || sc.Command[0] != cfg.SidecarCommand[0] {
 		return fmt.Errorf("last container is %s (%s), want %s (%s)", sc.Name, sc.Image, SidecarName, cfg.SidecarImage)
+	}
+	if !strings.Contains(ic.Args[0], fmt.Sprintf("--dport %d -j RETURN", cfg.ProbePort)) {
+		return fmt.Errorf("init script does not exempt the probe port %d:\n%s", cfg.ProbePort, ic.Args[0])
+	}
+	if rp := sc.ReadinessProbe; rp == nil || rp.HTTPGet == nil || rp.HTTPGet.Path != appprobe.ReadyPath || rp.HTTPGet.Port.IntValue() != int(cfg.ProbePort) {
+		return fmt.Errorf("sidecar readiness probe %+v, want GET %s on port %d", rp, appprobe.ReadyPath, cfg.ProbePort)
+	}
+	if !slices.Contains(sc.Env, corev1.EnvVar{Name: appprobe.EnvAddr, Value: fmt.Sprintf(":%d", cfg.ProbePort)}) {
+		return fmt.Errorf("sidecar env %+v lacks %s=:%d", sc.Env, appprobe.EnvAddr, cfg.ProbePort)
 	}
 	wantSock := "unix://" + cfg.SocketDir + "/" + cfg.SocketName
 	if len(sc.Env) == 0 || sc.Env[0].Name != SocketEnv || sc.Env[0].Value != wantSock {

@@ -2,7 +2,9 @@
 // should not have to hand-edit every Deployment to join the mesh: labelling a
 // namespace (or a pod) is enough, and the API server asks this webhook to add
 // the sidecar, the init step that redirects traffic to it with iptables, and
-// the SPIFFE Workload API socket the sidecar gets its identity from.
+// the SPIFFE Workload API socket the sidecar gets its identity from. The
+// redirect would also take the kubelet's probes of the app, so the webhook
+// points them at the sidecar's probe server (probes.go).
 package injector
 
 import (
@@ -14,6 +16,9 @@ import (
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/fedmesh/fedmesh/sidecar/appprobe"
 )
 
 const (
@@ -70,6 +75,10 @@ type Config struct {
 	// --outbound-port (transparent outbound) and, for a pod that declares a
 	// container port, --inbound-port with --app=127.0.0.1:<its first TCP
 	// container port> (the mTLS inbound hands plaintext to that port).
+	// The probe server is configured through the sidecar's environment
+	// (FEDMESH_PROBE_ADDR, FEDMESH_APP_PROBES), which SidecarArgs leaves
+	// alone: probes are rewritten either way, and arguments that move or
+	// turn off --probe-addr make them, and the sidecar's readiness, fail.
 	SidecarArgs []string
 	// Cluster and Discovery, when set, reach every sidecar as
 	// FEDMESH_CLUSTER and FEDMESH_DISCOVERY, the defaults of its --cluster
@@ -83,8 +92,15 @@ type Config struct {
 	// is not redirected. Defaults 15006, 15001, 1337.
 	InboundPort, OutboundPort int32
 	ProxyUID                  int64
-	// ExcludeInboundPorts are not redirected (for example health probes).
+	// ExcludeInboundPorts are not redirected; probes of these ports are
+	// left as they are.
 	ExcludeInboundPorts []int32
+	// ProbePort (default 15021) is the sidecar's probe server, never
+	// redirected: the kubelet's httpGet, tcpSocket and grpc probes of
+	// redirected ports are rewritten to HTTP GETs of it, and it performs
+	// the original probes on the pod's loopback (package
+	// sidecar/appprobe). The sidecar's own readiness probe is its /ready.
+	ProbePort int32
 
 	SocketSource SocketSource // default hostPath
 	// SocketDir is the node directory holding the agent socket (hostPath)
@@ -111,6 +127,9 @@ func (c *Config) Validate() error {
 	if c.OutboundPort == 0 {
 		c.OutboundPort = 15001
 	}
+	if c.ProbePort == 0 {
+		c.ProbePort = 15021
+	}
 	if c.ProxyUID == 0 {
 		c.ProxyUID = 1337
 	}
@@ -133,13 +152,16 @@ func (c *Config) Validate() error {
 		c.SidecarCommand = []string{"/usr/local/bin/fedmesh-sidecar"}
 	}
 	var errs []error
-	for _, p := range append([]int32{c.InboundPort, c.OutboundPort}, c.ExcludeInboundPorts...) {
+	for _, p := range append([]int32{c.InboundPort, c.OutboundPort, c.ProbePort}, c.ExcludeInboundPorts...) {
 		if p < 1 || p > 65535 {
 			errs = append(errs, fmt.Errorf("port %d out of range", p))
 		}
 	}
 	if c.InboundPort == c.OutboundPort {
 		errs = append(errs, fmt.Errorf("inbound and outbound port are both %d", c.InboundPort))
+	}
+	if c.ProbePort == c.InboundPort || c.ProbePort == c.OutboundPort {
+		errs = append(errs, fmt.Errorf("probe port %d is also the inbound or outbound port", c.ProbePort))
 	}
 	if c.ProxyUID < 1 {
 		errs = append(errs, fmt.Errorf("proxy uid %d must be positive", c.ProxyUID))
@@ -198,7 +220,7 @@ type patchOp struct {
 // Patch returns the JSON patch that injects pod, or an error when the pod
 // cannot be injected safely.
 func (c *Config) Patch(pod *corev1.Pod) ([]byte, error) {
-	reserved := map[int32]bool{c.InboundPort: true, c.OutboundPort: true}
+	reserved := map[int32]bool{c.InboundPort: true, c.OutboundPort: true, c.ProbePort: true}
 	for _, ct := range slices.Concat(pod.Spec.InitContainers, pod.Spec.Containers) {
 		for _, p := range ct.Ports {
 			if reserved[p.ContainerPort] {
@@ -209,7 +231,16 @@ func (c *Config) Patch(pod *corev1.Pod) ([]byte, error) {
 	if slices.ContainsFunc(pod.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == SocketVolume }) {
 		return nil, fmt.Errorf("pod already has a volume named %s", SocketVolume)
 	}
-	var ops []patchOp
+	// Probes first: their paths use the pod's own container indexes, which
+	// adding the init container shifts.
+	ops, probes, err := c.rewriteProbes(pod)
+	if err != nil {
+		return nil, err
+	}
+	sidecar, err := c.sidecar(pod, probes)
+	if err != nil {
+		return nil, err
+	}
 	add := func(path string, exists bool, v any) {
 		if exists {
 			ops = append(ops, patchOp{"add", path + "/-", v})
@@ -223,7 +254,7 @@ func (c *Config) Patch(pod *corev1.Pod) ([]byte, error) {
 	} else {
 		ops = append(ops, patchOp{"add", "/spec/initContainers", []any{c.initContainer()}})
 	}
-	add("/spec/containers", len(pod.Spec.Containers) > 0, c.sidecar(pod))
+	add("/spec/containers", len(pod.Spec.Containers) > 0, sidecar)
 	add("/spec/volumes", len(pod.Spec.Volumes) > 0, c.socketVolume())
 	if pod.Annotations == nil {
 		ops = append(ops, patchOp{"add", "/metadata/annotations", map[string]string{AnnotationInjected: "true"}})
@@ -234,8 +265,9 @@ func (c *Config) Patch(pod *corev1.Pod) ([]byte, error) {
 }
 
 // RedirectScript is the iptables program the init container runs: every
-// inbound TCP connection goes to InboundPort, every outbound one (except the
-// sidecar's own, by UID, and loopback) to OutboundPort. The same rules go
+// inbound TCP connection goes to InboundPort (except to ProbePort and
+// ExcludeInboundPorts), every outbound one (except the sidecar's own, by
+// UID, and loopback) to OutboundPort. The same rules go
 // into ip6tables when the pod's kernel has IPv6 NAT.
 func (c *Config) RedirectScript() string {
 	var b strings.Builder
@@ -250,7 +282,10 @@ func (c *Config) RedirectScript() string {
 func (c *Config) redirectRules(b *strings.Builder, ipt, indent string) {
 	in, out, uid := c.InboundPort, c.OutboundPort, c.ProxyUID
 	fmt.Fprintf(b, "%s%s -t nat -N FEDMESH_INBOUND\n", indent, ipt)
-	for _, p := range c.ExcludeInboundPorts {
+	for i, p := range append([]int32{c.ProbePort}, c.ExcludeInboundPorts...) {
+		if i > 0 && p == c.ProbePort {
+			continue
+		}
 		fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_INBOUND -p tcp --dport %d -j RETURN\n", indent, ipt, p)
 	}
 	fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_INBOUND -p tcp -j REDIRECT --to-ports %d\n", indent, ipt, in)
@@ -312,7 +347,9 @@ func (c *Config) initContainer() corev1.Container {
 	}
 }
 
-func (c *Config) sidecar(pod *corev1.Pod) corev1.Container {
+// sidecar is the sidecar container for pod, whose rewritten probes' originals
+// are probes.
+func (c *Config) sidecar(pod *corev1.Pod, probes map[string]appprobe.Probe) (corev1.Container, error) {
 	f, t := false, true
 	uid := c.ProxyUID
 	env := []corev1.EnvVar{{Name: SocketEnv, Value: "unix://" + strings.TrimSuffix(c.SocketDir, "/") + "/" + c.SocketName}}
@@ -321,6 +358,20 @@ func (c *Config) sidecar(pod *corev1.Pod) corev1.Container {
 	}
 	if c.Discovery != "" {
 		env = append(env, corev1.EnvVar{Name: EnvDiscovery, Value: c.Discovery})
+	}
+	probeAddr := ":" + strconv.Itoa(int(c.ProbePort))
+	env = append(env, corev1.EnvVar{Name: appprobe.EnvAddr, Value: probeAddr})
+	if len(probes) > 0 {
+		v, err := probesEnv(probes)
+		if err != nil {
+			return corev1.Container{}, err
+		}
+		// What the sidecar would refuse at start fails here, where the
+		// failure policy applies and the message reaches the user.
+		if _, err := appprobe.Parse(v); err != nil {
+			return corev1.Container{}, err
+		}
+		env = append(env, corev1.EnvVar{Name: appprobe.EnvProbes, Value: v})
 	}
 	return corev1.Container{
 		Name:    SidecarName,
@@ -331,6 +382,15 @@ func (c *Config) sidecar(pod *corev1.Pod) corev1.Container {
 		Ports: []corev1.ContainerPort{
 			{Name: "fedmesh-in", ContainerPort: c.InboundPort, Protocol: corev1.ProtocolTCP},
 			{Name: "fedmesh-out", ContainerPort: c.OutboundPort, Protocol: corev1.ProtocolTCP},
+			{Name: "fedmesh-probe", ContainerPort: c.ProbePort, Protocol: corev1.ProtocolTCP},
+		},
+		// The sidecar's own readiness: its identity, and in transparent
+		// mode the service directory (sidecar.Sidecar.Ready).
+		ReadinessProbe: &corev1.Probe{
+			ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{
+				Path: appprobe.ReadyPath, Port: intstr.FromInt32(c.ProbePort), Scheme: corev1.URISchemeHTTP,
+			}},
+			PeriodSeconds: 2,
 		},
 		VolumeMounts: []corev1.VolumeMount{{Name: SocketVolume, MountPath: c.SocketDir, ReadOnly: true}},
 		SecurityContext: &corev1.SecurityContext{
@@ -340,7 +400,7 @@ func (c *Config) sidecar(pod *corev1.Pod) corev1.Container {
 			ReadOnlyRootFilesystem:   &t,
 			Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
 		},
-	}
+	}, nil
 }
 
 func (c *Config) socketVolume() corev1.Volume {

@@ -10,6 +10,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+
+	"github.com/fedmesh/fedmesh/sidecar/appprobe"
 )
 
 func pod(mod func(*corev1.Pod)) *corev1.Pod {
@@ -117,6 +119,9 @@ func TestConfigValidate(t *testing.T) {
 	}{
 		{name: "defaults", cfg: Config{}},
 		{name: "same ports", cfg: Config{InboundPort: 15001}, wantErr: "both 15001"},
+		{name: "probe port is the inbound port", cfg: Config{ProbePort: 15006}, wantErr: "probe port 15006 is also the inbound or outbound port"},
+		{name: "probe port is the outbound port", cfg: Config{ProbePort: 16001, OutboundPort: 16001}, wantErr: "probe port 16001"},
+		{name: "probe port range", cfg: Config{ProbePort: -1}, wantErr: "port -1 out of range"},
 		{name: "port range", cfg: Config{ExcludeInboundPorts: []int32{70000}}, wantErr: "out of range"},
 		{name: "socket source", cfg: Config{SocketSource: "nfs"}, wantErr: "socket source"},
 		{name: "relative dir", cfg: Config{SocketDir: "run/spire"}, wantErr: "absolute"},
@@ -134,7 +139,8 @@ func TestConfigValidate(t *testing.T) {
 // TestSidecarArgs: the injected sidecar gets the flags fedmesh-sidecar
 // defines: the transparent outbound always, the inbound with the app's
 // first TCP port when the pod declares one; the cluster and discovery
-// address as environment when configured; SidecarArgs replaces it all.
+// address as environment when configured, and the probe server's address
+// always; SidecarArgs replaces the arguments, not the environment.
 func TestSidecarArgs(t *testing.T) {
 	withPorts := func(p *corev1.Pod) {
 		p.Spec.Containers[0].Ports = []corev1.ContainerPort{{ContainerPort: 53, Protocol: corev1.ProtocolUDP}, {ContainerPort: 8080}}
@@ -158,7 +164,10 @@ func TestSidecarArgs(t *testing.T) {
 			if err := cfg.Validate(); err != nil {
 				t.Fatal(err)
 			}
-			sc := cfg.sidecar(tc.pod)
+			sc, err := cfg.sidecar(tc.pod, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
 			if strings.Join(sc.Args, " ") != strings.Join(tc.args, " ") {
 				t.Errorf("args %q, want %q", sc.Args, tc.args)
 			}
@@ -171,7 +180,10 @@ func TestSidecarArgs(t *testing.T) {
 					t.Errorf("env %s=%q, want %q", k, env[k], v)
 				}
 			}
-			if len(env) != 1+len(tc.wantEnv) {
+			if env[appprobe.EnvAddr] != ":15021" {
+				t.Errorf("env %s=%q, want :15021", appprobe.EnvAddr, env[appprobe.EnvAddr])
+			}
+			if len(env) != 2+len(tc.wantEnv) {
 				t.Errorf("env %v", env)
 			}
 		})
@@ -181,20 +193,24 @@ func TestSidecarArgs(t *testing.T) {
 // TestRedirectScriptBothFamilies: the same rules for iptables and, when
 // the kernel has IPv6 NAT, ip6tables.
 func TestRedirectScriptBothFamilies(t *testing.T) {
-	cfg := Config{ExcludeInboundPorts: []int32{15021}}
+	cfg := Config{ExcludeInboundPorts: []int32{15021, 9090}}
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
 	s := cfg.RedirectScript()
 	for _, want := range []string{
 		"iptables -t nat -A FEDMESH_OUTBOUND -m owner --uid-owner 1337 -j RETURN",
-		"iptables -t nat -A FEDMESH_INBOUND -p tcp --dport 15021 -j RETURN",
+		"iptables -t nat -A FEDMESH_INBOUND -p tcp --dport 15021 -j RETURN\niptables -t nat -A FEDMESH_INBOUND -p tcp --dport 9090 -j RETURN\n",
 		"  ip6tables -t nat -A FEDMESH_OUTBOUND -p tcp -j REDIRECT --to-ports 15001",
 		"  ip6tables -t nat -A FEDMESH_INBOUND -p tcp -j REDIRECT --to-ports 15006",
 	} {
 		if !strings.Contains(s, want) {
 			t.Errorf("script lacks %q:\n%s", want, s)
 		}
+	}
+	// The probe port is exempt once per family, even when listed again.
+	if strings.Count(s, "--dport 15021 -j RETURN") != 2 {
+		t.Errorf("want the probe port exempt once per family:\n%s", s)
 	}
 	if strings.Count(s, "tables -t nat -A OUTPUT -p tcp -j FEDMESH_OUTBOUND") != 2 {
 		t.Errorf("want one OUTPUT jump per family:\n%s", s)

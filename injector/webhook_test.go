@@ -20,17 +20,20 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	admregv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/yaml"
 
 	"github.com/fedmesh/fedmesh/controlplane"
+	"github.com/fedmesh/fedmesh/sidecar/appprobe"
 )
 
 // testCA issues serving certificates for 127.0.0.1.
@@ -223,11 +226,57 @@ func TestWebhook(t *testing.T) {
 	}
 	injCfg := h.cfg
 
+	withProbes := func(p *corev1.Pod) {
+		svc := "echo"
+		p.Spec.Containers[0].Ports = []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}, {Name: "grpc", ContainerPort: 9090}}
+		p.Spec.Containers[0].ReadinessProbe = &corev1.Probe{
+			ProbeHandler:  corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/healthz", Port: intstr.FromString("http")}},
+			PeriodSeconds: 3, FailureThreshold: 5, TimeoutSeconds: 2,
+		}
+		p.Spec.Containers[0].LivenessProbe = &corev1.Probe{ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr.FromInt32(8080)}}}
+		p.Spec.Containers[0].StartupProbe = &corev1.Probe{ProbeHandler: corev1.ProbeHandler{GRPC: &corev1.GRPCAction{Port: 9090, Service: &svc}}, FailureThreshold: 30}
+		p.Spec.Containers = append(p.Spec.Containers, corev1.Container{Name: "tool", Image: "registry.k8s.io/pause:3.10",
+			LivenessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{Exec: &corev1.ExecAction{Command: []string{"true"}}}}})
+	}
+	// checkProbes: the API server stored the rewritten probes (with the
+	// timing the pod asked for and its defaults) and the sidecar got the
+	// originals.
+	checkProbes := func(t *testing.T, got *corev1.Pod) {
+		app, tool := got.Spec.Containers[0], got.Spec.Containers[1]
+		for _, c := range []struct {
+			probe            *corev1.Probe
+			path             string
+			period, failures int32
+		}{
+			{app.ReadinessProbe, "/app-health/app/readyz", 3, 5},
+			{app.LivenessProbe, "/app-health/app/livez", 10, 3},
+			{app.StartupProbe, "/app-health/app/startupz", 10, 30},
+		} {
+			g := c.probe.HTTPGet
+			if g == nil || g.Path != c.path || g.Port.IntValue() != int(injCfg.ProbePort) || g.Scheme != corev1.URISchemeHTTP ||
+				c.probe.TCPSocket != nil || c.probe.GRPC != nil || c.probe.PeriodSeconds != c.period || c.probe.FailureThreshold != c.failures {
+				t.Errorf("probe %s stored as %+v (%+v)", c.path, c.probe, g)
+			}
+		}
+		if tool.LivenessProbe == nil || tool.LivenessProbe.Exec == nil {
+			t.Errorf("exec probe changed: %+v", tool.LivenessProbe)
+		}
+		want := map[string]appprobe.Probe{
+			"/app-health/app/readyz":   {Type: appprobe.HTTP, Port: 8080, Path: "/healthz", Scheme: "HTTP", TimeoutSeconds: 2},
+			"/app-health/app/livez":    {Type: appprobe.TCP, Port: 8080, TimeoutSeconds: 1},
+			"/app-health/app/startupz": {Type: appprobe.GRPC, Port: 9090, Service: "echo", TimeoutSeconds: 1},
+		}
+		if d := cmp.Diff(want, sidecarProbes(t, got)); d != "" {
+			t.Errorf("the sidecar's probes (-want +got):\n%s", d)
+		}
+	}
+
 	for _, tc := range []struct {
 		name       string
 		pod        *corev1.Pod
 		wantInject bool
 		wantWarn   string
+		check      func(*testing.T, *corev1.Pod)
 	}{
 		{name: "labelled namespace", pod: newPod("mesh", "app", nil), wantInject: true},
 		{name: "opted out by label", pod: newPod("mesh", "out-label", func(p *corev1.Pod) { p.Labels = map[string]string{LabelInject: "false"} })},
@@ -237,6 +286,10 @@ func TestWebhook(t *testing.T) {
 		{name: "port conflict fails open with a warning", pod: newPod("mesh", "conflict", func(p *corev1.Pod) {
 			p.Spec.Containers[0].Ports = []corev1.ContainerPort{{ContainerPort: 15001}}
 		}), wantWarn: "NOT injected"},
+		{name: "probes rewritten", pod: newPod("mesh", "probes", withProbes), wantInject: true, check: checkProbes},
+		{name: "unresolved named probe port fails open with a warning", pod: newPod("mesh", "badprobe", func(p *corev1.Pod) {
+			p.Spec.Containers[0].ReadinessProbe = &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Port: intstr.FromString("http")}}}
+		}), wantWarn: `port "http" is not the name of a port of container app`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			warn.take()
@@ -249,6 +302,9 @@ func TestWebhook(t *testing.T) {
 			}
 			if !tc.wantInject && (len(got.Spec.Containers) != 1 || len(got.Spec.InitContainers) != 0 || len(got.Spec.Volumes) != 0) {
 				t.Fatalf("pod changed although not injected: %+v", got.Spec)
+			}
+			if tc.check != nil {
+				tc.check(t, got)
 			}
 			ws := strings.Join(warn.take(), "\n")
 			if (tc.wantWarn == "") != (ws == "") || !strings.Contains(ws, tc.wantWarn) {
@@ -274,8 +330,8 @@ func TestWebhook(t *testing.T) {
 			}
 		})
 	}
-	if n := counterValue(t, h.reviews.WithLabelValues("failed_open")); n != 1 {
-		t.Errorf("fedmesh_injector_reviews_total{result=failed_open} = %v, want 1", n)
+	if n := counterValue(t, h.reviews.WithLabelValues("failed_open")); n != 2 {
+		t.Errorf("fedmesh_injector_reviews_total{result=failed_open} = %v, want 2", n)
 	}
 
 	t.Run("cert rotation drops no request", func(t *testing.T) {

@@ -20,6 +20,7 @@ func TestRunRejectsBadConfig(t *testing.T) {
 		{name: "exclude ports", mod: func(c *config) { c.excludePorts = "80,http" }, wantErr: "--exclude-inbound-ports"},
 		{name: "failure policy", mod: func(c *config) { c.failurePolicy = "Sometimes" }, wantErr: "failure policy"},
 		{name: "socket source", mod: func(c *config) { c.socketSource = "nfs" }, wantErr: "socket source"},
+		{name: "probe port", mod: func(c *config) { c.inj.ProbePort = 15001 }, wantErr: "probe port 15001 is also the inbound or outbound port"},
 		{name: "missing cert", mod: func(*config) {}, wantErr: "load serving certificate"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

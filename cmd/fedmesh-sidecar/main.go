@@ -21,6 +21,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -29,6 +30,7 @@ import (
 	"github.com/fedmesh/fedmesh/identity/mtls"
 	"github.com/fedmesh/fedmesh/internal/metrics"
 	"github.com/fedmesh/fedmesh/sidecar"
+	"github.com/fedmesh/fedmesh/sidecar/appprobe"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
 
@@ -87,6 +89,8 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		service    = fs.String("service", "", "ns/name of the service this workload serves: its authorization and rate limit policy is enforced at the inbound (needs --endpoints or --discovery)")
 		svcPort    = fs.Uint("service-port", 0, "the service port the inbound serves (policy rules limited to other ports do not apply)")
 		inProto    = fs.String("inbound-protocol", sidecar.ProtocolTCP, "inbound protocol: tcp (splice bytes) or http (parse requests when the policy needs per-request checks)")
+		probeAddr  = fs.String("probe-addr", os.Getenv(appprobe.EnvAddr), "probe server listen address (:15021 when injected; default $"+appprobe.EnvAddr+"): GET /ready is the sidecar's readiness, GET /app-health/... performs the app's original probes; empty: off")
+		appProbes  = fs.String("app-probes", os.Getenv(appprobe.EnvProbes), "the app's original probes by path, JSON, as the injector writes them (default $"+appprobe.EnvProbes+"); needs --probe-addr")
 		ups, allow listFlag
 	)
 	fs.Var(&ups, "upstream", "ns/service:port=listen[,tcp|http], repeatable")
@@ -157,7 +161,13 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	if *inProto != sidecar.ProtocolTCP && *inProto != sidecar.ProtocolHTTP {
 		return fmt.Errorf("--inbound-protocol %q: want tcp or http", *inProto)
 	}
-	var err error
+	probes, err := appprobe.Parse(*appProbes)
+	if err != nil {
+		return fmt.Errorf("--app-probes: %w", err)
+	}
+	if len(probes) > 0 && *probeAddr == "" {
+		return errors.New("--app-probes needs --probe-addr: the kubelet reaches the app's probes through the probe server")
+	}
 	if cfg.TrustDomain, err = spiffeid.TrustDomainFromString(*td); err != nil {
 		return fmt.Errorf("--trust-domain: %w", err)
 	}
@@ -192,6 +202,33 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		if cfg.Endpoints, err = endpoints.FromFile(*epFile); err != nil {
 			return err
 		}
+	}
+	// The probe server starts before the identity arrives (which may take
+	// a while): the app's probes work from the start, and /ready says
+	// "not ready" until the sidecar is.
+	var running atomic.Pointer[sidecar.Sidecar]
+	if *probeAddr != "" {
+		ps, err := appprobe.New(appprobe.Options{Probes: probes, Logger: log, Ready: func() bool {
+			sc := running.Load()
+			return sc != nil && sc.Ready()
+		}})
+		if err != nil {
+			return fmt.Errorf("--app-probes: %w", err)
+		}
+		ln, err := net.Listen("tcp", *probeAddr)
+		if err != nil {
+			return fmt.Errorf("--probe-addr: %w", err)
+		}
+		pctx, stop := context.WithCancel(ctx)
+		served := make(chan error, 1)
+		go func() { served <- ps.Serve(pctx, ln) }()
+		defer func() {
+			stop()
+			if err := <-served; err != nil {
+				log.Warn("probe server", "err", err)
+			}
+		}()
+		log.Info("serving probes", "addr", ln.Addr().String(), "app_probes", len(probes))
 	}
 	reg := metrics.NewRegistry()
 	if err := reg.RegisterRuntime(); err != nil {
@@ -229,6 +266,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	running.Store(sc)
 	return sc.Run(ctx)
 }
 
