@@ -148,16 +148,9 @@ func (g *Gateway) rotateTicketKeys() error {
 }
 
 func (g *Gateway) keepRotatingTicketKeys(ctx context.Context) {
-	t := time.NewTicker(TicketKeyPeriod)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			if err := g.rotateTicketKeys(); err != nil {
-				g.log.Warn("cannot rotate the egress session ticket key", "err", err)
-			}
+	every(ctx, TicketKeyPeriod, func() {
+		if err := g.rotateTicketKeys(); err != nil {
+			g.log.Warn("cannot rotate the egress session ticket key", "err", err)
 		}
-	}
+	})
 }

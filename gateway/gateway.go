@@ -536,19 +536,26 @@ func (g *Gateway) linkChanged(l *peer.Link, up bool) {
 }
 
 func (g *Gateway) publishRTT(ctx context.Context) {
-	t := time.NewTicker(time.Second)
+	every(ctx, time.Second, func() {
+		for _, ls := range g.links {
+			for _, l := range ls {
+				st := l.Status()
+				g.m.peerRTT.WithLabelValues(st.Cluster, st.Addr).Set(st.RTTP50.Seconds())
+			}
+		}
+	})
+}
+
+// every calls f every d until ctx ends.
+func every(ctx context.Context, d time.Duration, f func()) {
+	t := time.NewTicker(d)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			for _, ls := range g.links {
-				for _, l := range ls {
-					st := l.Status()
-					g.m.peerRTT.WithLabelValues(st.Cluster, st.Addr).Set(st.RTTP50.Seconds())
-				}
-			}
+			f()
 		}
 	}
 }

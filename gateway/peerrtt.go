@@ -145,16 +145,7 @@ func newRTTPublisher(p *RTTPublication, measure func() map[string]time.Duration,
 
 // run compares every interval until ctx ends.
 func (p *rttPublisher) run(ctx context.Context) {
-	t := time.NewTicker(p.interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			p.tick(ctx)
-		}
-	}
+	every(ctx, p.interval, func() { p.tick(ctx) })
 }
 
 // tick writes the current RTTs if they moved since the last write. A
