@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -28,29 +27,13 @@ import (
 
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
 	"github.com/fedmesh/fedmesh/gateway/tunnel"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 type testGW struct {
 	*Gateway
 	reg    *prometheus.Registry
-	logs   *syncBuffer
+	logs   *testutil.SyncBuffer
 	cancel context.CancelFunc
 	done   chan error
 }
@@ -58,7 +41,7 @@ type testGW struct {
 // startGateway runs a gateway for dom's cluster with its gateway SVID.
 func startGateway(t testing.TB, dom *gatewaytest.Domain, cat Catalog, peers []Peer, tweak func(*Config)) *testGW {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &testutil.SyncBuffer{}
 	reg := prometheus.NewRegistry()
 	cfg := Config{
 		Cluster: dom.Cluster, TrustDomain: dom.TD, Source: dom.Source(t, "gateway"),

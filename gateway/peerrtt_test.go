@@ -21,6 +21,7 @@ import (
 	"github.com/fedmesh/fedmesh/controlplane"
 	"github.com/fedmesh/fedmesh/gateway/faultnet"
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 func TestRTTMoved(t *testing.T) {
@@ -110,7 +111,7 @@ func TestRTTPublisher(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		const iv = 5 * time.Second
 		sink := &fakeRTTSink{results: map[string]int{}}
-		logs := &syncBuffer{}
+		logs := &testutil.SyncBuffer{}
 		p := &rttPublisher{
 			interval: iv, measure: sink.measure, write: sink.write, count: sink.count, last: map[string]int64{},
 			log: slog.New(slog.NewTextHandler(logs, nil)),

@@ -13,6 +13,7 @@ import (
 	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
 	"github.com/fedmesh/fedmesh/internal/grpclite"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/discoverysource"
@@ -82,7 +83,7 @@ func TestGarbagePolicyKeepsRoutes(t *testing.T) {
 	srv.sets["shop/checkout"] <- mk("checkout", good, own)
 	srv.sets["shop/checkout-v2"] <- mk("checkout-v2", nil, v2)
 
-	srcLogs := &syncBuffer{}
+	srcLogs := &testutil.SyncBuffer{}
 	client := startSidecar(t, "client", sidecar.Config{
 		Cluster: "west", TrustDomain: west.TD, Source: west.Source(t, "web"),
 		Endpoints: discoverysource.New(conn, slog.New(slog.NewTextHandler(srcLogs, nil))),

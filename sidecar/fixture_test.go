@@ -21,26 +21,10 @@ import (
 	"github.com/fedmesh/fedmesh/gateway"
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
 	"github.com/fedmesh/fedmesh/internal/metrics"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // app is a workload's HTTP server on loopback. It answers 1 KiB with the
 // header X-Served-By, or the status in fail when that is not zero. A
@@ -103,14 +87,14 @@ func (a *app) kill() { _ = a.srv.Close() }
 type runningSidecar struct {
 	*sidecar.Sidecar
 	reg    *metrics.Registry
-	logs   *syncBuffer
+	logs   *testutil.SyncBuffer
 	cancel context.CancelFunc
 	done   chan error
 }
 
 func startSidecar(t testing.TB, name string, cfg sidecar.Config) *runningSidecar {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &testutil.SyncBuffer{}
 	reg := metrics.NewRegistry()
 	cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	cfg.Registry = reg

@@ -14,6 +14,7 @@ import (
 	testpb "google.golang.org/grpc/interop/grpc_testing"
 
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
@@ -51,7 +52,7 @@ func TestAccessLogAndTraceContext(t *testing.T) {
 		Endpoints: []endpoints.Endpoint{{Name: "web-0", Addr: server.InboundAddr().String(), Ready: true}}}}})
 	src.Update(endpoints.Set{Namespace: "shop", Service: "grpc", Port: 9090, Clusters: []endpoints.Cluster{{Name: "west",
 		Endpoints: []endpoints.Endpoint{{Name: "grpc-0", Addr: gserver.InboundAddr().String(), Ready: true}}}}})
-	logs := &syncBuffer{}
+	logs := &testutil.SyncBuffer{}
 	client := startSidecar(t, "client", sidecar.Config{
 		Cluster: west.Cluster, TrustDomain: west.TD, Source: west.Source(t, "web"), Endpoints: src, NoActiveChecks: true,
 		AccessLog: slog.New(slog.NewJSONHandler(logs, nil)),

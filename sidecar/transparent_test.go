@@ -29,6 +29,7 @@ import (
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
 	"github.com/fedmesh/fedmesh/identity/mtls"
 	"github.com/fedmesh/fedmesh/injector"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/sidecar"
 )
 
@@ -451,7 +452,7 @@ func startFakeDiscovery(t *testing.T, ns *podNetns, west *gatewaytest.Domain, ct
 // the injector's flags, as UID 1337 (the UID the redirect exempts) or, to
 // show what a wrong UID does, as root. It returns its logs and its admin
 // address (on the pod address, port 15000, which the redirect exempts).
-func startNetnsSidecar(t *testing.T, ns *podNetns, west *gatewaytest.Domain, discoAddr string, asProxyUID bool) (*syncBuffer, string) {
+func startNetnsSidecar(t *testing.T, ns *podNetns, west *gatewaytest.Domain, discoAddr string, asProxyUID bool) (*testutil.SyncBuffer, string) {
 	t.Helper()
 	// The sidecar may run as 1337: let it reach its Workload API socket.
 	if err := os.Chmod(filepath.Dir(west.Socket("web")), 0o755); err != nil {
@@ -462,32 +463,13 @@ func startNetnsSidecar(t *testing.T, ns *podNetns, west *gatewaytest.Domain, dis
 	}
 	bin := buildSidecarBinary(t)
 	admin := ns.podIP + ":15000"
-	logs := &syncBuffer{}
 	args := []string{"netns", "exec", ns.name}
 	if asProxyUID {
 		args = append(args, "setpriv", "--reuid=1337", "--regid=1337", "--clear-groups")
 	}
 	args = append(args, bin, "--cluster", "west", "--workload-api", west.Addr("web"), "--discovery", discoAddr,
 		"--outbound-port", "15001", "--admin", admin, "--log-level", "debug")
-	cmd := exec.Command("ip", args...)
-	cmd.Stdout, cmd.Stderr = logs, logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-exited
-		}
-		if t.Failed() {
-			t.Logf("transparent sidecar logs:\n%s", logs.String())
-		}
-	})
+	logs, exited := testutil.Start(t, exec.Command("ip", args...), "transparent sidecar")
 	waitFor(t, "the sidecar's admin endpoint", 30*time.Second, func() bool {
 		select {
 		case <-exited:

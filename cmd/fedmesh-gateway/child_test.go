@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -10,10 +9,11 @@ import (
 	"path/filepath"
 	"runtime/pprof"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 // TestMain lets tests and benchmarks run the real gateway main in a child
@@ -48,28 +48,11 @@ func runChildGateway() {
 	main()
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // child is a gateway (or quic sink) process.
 type child struct {
 	cmd    *exec.Cmd
 	addrs  map[string]string // from the "serving k=v ..." line
-	stderr *syncBuffer
+	stderr *testutil.SyncBuffer
 	done   chan error
 }
 
@@ -87,7 +70,7 @@ func startChild(t testing.TB, mode string, args ...string) *child {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &child{cmd: cmd, stderr: &syncBuffer{}, addrs: map[string]string{}, done: make(chan error, 1)}
+	c := &child{cmd: cmd, stderr: &testutil.SyncBuffer{}, addrs: map[string]string{}, done: make(chan error, 1)}
 	cmd.Stderr = c.stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -15,7 +14,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -28,6 +26,7 @@ import (
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
 	"github.com/fedmesh/fedmesh/identity/mtls"
 	"github.com/fedmesh/fedmesh/injector"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/sidecar/appprobe"
 )
 
@@ -227,23 +226,6 @@ func TestNetnsHelper(t *testing.T) {
 	os.Exit(0)
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 func mustRun(t *testing.T, name string, args ...string) {
 	t.Helper()
 	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
@@ -364,25 +346,7 @@ func TestProbesThroughRedirect(t *testing.T) {
 			cmd.Env = append(cmd.Env, e.Name+"="+e.Value)
 		}
 	}
-	logs := &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = logs, logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-exited
-		}
-		if t.Failed() {
-			t.Logf("sidecar logs:\n%s", logs.String())
-		}
-	})
+	logs, exited := testutil.Start(t, cmd, "sidecar")
 
 	// The kubelet's probes, from the node.
 	probeURL := func(pr *corev1.Probe) string {

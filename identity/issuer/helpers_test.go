@@ -1,7 +1,6 @@
 package issuer
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"os"
@@ -16,6 +15,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
+
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 // fakeClock is a Clock whose time moves only when the test says so.
@@ -156,27 +157,10 @@ type testIssuer struct {
 	*Issuer
 	dir  string
 	reg  *prometheus.Registry
-	logs *syncBuffer
+	logs *testutil.SyncBuffer
 }
 
 func (ti *testIssuer) addr() string { return "unix://" + ti.cfg.SocketPath }
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // newTestConfig is a config for trust domain td with one entry for the test
 // process, rooted in a fresh short directory.
@@ -208,7 +192,7 @@ func startIssuer(t testing.TB, cfg Config) *testIssuer {
 // newTestIssuer creates an issuer (not started) and stops it at cleanup.
 func newTestIssuer(t testing.TB, cfg Config) *testIssuer {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &testutil.SyncBuffer{}
 	reg := prometheus.NewRegistry()
 	cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	cfg.Registry = reg
