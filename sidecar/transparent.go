@@ -109,8 +109,9 @@ type transparent struct {
 	ctx context.Context
 	wg  *sync.WaitGroup
 
-	mu  sync.RWMutex
-	ups map[upstreamKey]*upstream
+	mu      sync.RWMutex
+	ups     map[upstreamKey]*upstream
+	cancels map[upstreamKey]context.CancelFunc // ends an upstream's endpoint watch
 
 	ownMu    sync.Mutex
 	ownPorts map[uint16]int // local ports of passthrough dials in flight or open
@@ -126,6 +127,7 @@ func newTransparent(s *Sidecar, ln net.Listener) (*transparent, error) {
 		dirReady: make(chan struct{}),
 		logged:   map[string]bool{},
 		ups:      map[upstreamKey]*upstream{},
+		cancels:  map[upstreamKey]context.CancelFunc{},
 		ownPorts: map[uint16]int{},
 	}
 	var err error
@@ -233,6 +235,30 @@ func (t *transparent) apply(services []VirtualService) {
 	t.dir.Store(d)
 	t.readyOnce.Do(func() { close(t.dirReady) })
 	t.s.log.Debug("service directory updated", "services", len(services), "addresses", len(d.byAddr))
+	t.prune(d)
+}
+
+// prune removes the upstreams of service ports the directory no longer
+// has: their endpoint watches end and their idle connections close.
+// Connections already proxied through one finish undisturbed; a service
+// port that comes back gets a new upstream on its next connection.
+func (t *transparent) prune(d *vipDirectory) {
+	present := make(map[upstreamKey]bool, len(d.byAddr))
+	for _, tg := range d.byAddr {
+		present[tg.key] = true
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for k, u := range t.ups {
+		if present[k] {
+			continue
+		}
+		t.cancels[k]()
+		delete(t.cancels, k)
+		delete(t.ups, k)
+		u.closeIdle()
+		t.s.log.Info("transparent upstream removed: its service port left the directory", "upstream", u.cfg.String())
+	}
 }
 
 // lookup returns what a destination stands for.
@@ -379,21 +405,24 @@ func (t *transparent) upstream(tg vipTarget) *upstream {
 		return nil
 	}
 	cfg := Upstream{Namespace: tg.key.namespace, Service: tg.key.name, Port: tg.key.port, Protocol: tg.protocol}
+	ctx, cancel := context.WithCancel(t.ctx)
 	var ch <-chan endpoints.Set
 	var err error
 	if pw, ok := t.s.cfg.Endpoints.(PortWatcher); ok {
-		ch, err = pw.WatchPort(t.ctx, cfg.Namespace, cfg.Service, cfg.Port)
+		ch, err = pw.WatchPort(ctx, cfg.Namespace, cfg.Service, cfg.Port)
 	} else {
-		ch, err = t.s.cfg.Endpoints.Watch(t.ctx, cfg.Namespace, cfg.Service)
+		ch, err = t.s.cfg.Endpoints.Watch(ctx, cfg.Namespace, cfg.Service)
 	}
 	if err != nil {
+		cancel()
 		t.s.log.Error("watch endpoints of a transparent upstream", "upstream", cfg.String(), "err", err)
 		return nil
 	}
 	u = newUpstream(t.s, cfg, nil)
-	ctx, wg := t.ctx, t.wg
+	wg := t.wg
 	wg.Go(func() { u.watch(ctx, ch, wg) })
 	t.ups[tg.key] = u
+	t.cancels[tg.key] = cancel
 	t.s.log.Info("transparent upstream started", "upstream", cfg.String(), "protocol", cfg.Protocol)
 	return u
 }

@@ -2,13 +2,18 @@ package sidecar
 
 import (
 	"bytes"
+	"context"
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	imetrics "github.com/fedmesh/fedmesh/internal/metrics"
+	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
 
 // TestDirectoryLookup: the directory as the transparent listener reads it:
@@ -72,5 +77,95 @@ func TestDirectoryLookup(t *testing.T) {
 		if n := strings.Count(logs.String(), want); n != 1 {
 			t.Errorf("%q logged %d times, want once:\n%s", want, n, logs.String())
 		}
+	}
+}
+
+// watchRecorder is an endpoints.Source that hands out channels and
+// records which watches have ended.
+type watchRecorder struct {
+	mu    sync.Mutex
+	ended map[string]bool
+}
+
+func (w *watchRecorder) Watch(ctx context.Context, ns, name string) (<-chan endpoints.Set, error) {
+	w.mu.Lock()
+	w.ended[ns+"/"+name] = false
+	w.mu.Unlock()
+	go func() {
+		<-ctx.Done()
+		w.mu.Lock()
+		w.ended[ns+"/"+name] = true
+		w.mu.Unlock()
+	}()
+	return make(chan endpoints.Set), nil
+}
+
+func (w *watchRecorder) isEnded(key string) (ended, seen bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	ended, seen = w.ended[key]
+	return ended, seen
+}
+
+// TestTransparentUpstreamPruned: a transparent upstream whose service port
+// leaves the directory is removed and its endpoint watch ends; the other
+// stays; the port coming back makes a new one.
+func TestTransparentUpstreamPruned(t *testing.T) {
+	rec := &watchRecorder{ended: map[string]bool{}}
+	reg := imetrics.NewRegistry()
+	m, err := newMetrics(reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Sidecar{cfg: Config{Registry: reg, Endpoints: rec, NoActiveChecks: true}, m: m, log: slog.New(slog.DiscardHandler)}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	tr, err := newTransparent(s, ln)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	defer func() { cancel(); wg.Wait() }()
+	tr.ctx, tr.wg = ctx, &wg
+	web := VirtualService{Namespace: "shop", Name: "web", IPs: []string{"10.96.0.10"}, Ports: []ServicePort{{Name: "http", Port: 80}}}
+	db := VirtualService{Namespace: "shop", Name: "db", IPs: []string{"10.96.0.11"}, Ports: []ServicePort{{Name: "tcp", Port: 5432}}}
+	tr.apply([]VirtualService{web, db})
+	for _, dst := range []string{"10.96.0.10:80", "10.96.0.11:5432"} {
+		tg, ok := tr.lookup(netip.MustParseAddrPort(dst))
+		if !ok || tr.upstream(tg) == nil {
+			t.Fatalf("no upstream for %s", dst)
+		}
+	}
+	first := tr.upstreamList()
+	if len(first) != 2 {
+		t.Fatalf("%d upstreams, want 2", len(first))
+	}
+
+	tr.apply([]VirtualService{db}) // web is deleted
+	if ups := tr.upstreamList(); len(ups) != 1 || ups[0].cfg.Service != "db" {
+		t.Fatalf("upstreams after web left: %d, want only db", len(ups))
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if ended, _ := rec.isEnded("shop/web"); ended {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("web's endpoint watch still running after web left the directory")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if ended, _ := rec.isEnded("shop/db"); ended {
+		t.Fatal("db's endpoint watch ended, but db is still in the directory")
+	}
+
+	tr.apply([]VirtualService{web, db}) // web comes back
+	tg, _ := tr.lookup(netip.MustParseAddrPort("10.96.0.10:80"))
+	if u := tr.upstream(tg); u == nil || slices.Contains(first, u) {
+		t.Fatalf("web's upstream after it came back: %v, want a new one", u)
 	}
 }
