@@ -40,6 +40,11 @@ func checkInjected(got, before *corev1.Pod, cfg Config) error {
 	if !slices.Contains(sc.Env, corev1.EnvVar{Name: appprobe.EnvAddr, Value: fmt.Sprintf(":%d", cfg.ProbePort)}) {
 		return fmt.Errorf("sidecar env %+v lacks %s=:%d", sc.Env, appprobe.EnvAddr, cfg.ProbePort)
 	}
+	dnsEnv := corev1.EnvVar{Name: EnvDNSAddr, Value: fmt.Sprintf("localhost:%d", cfg.DNSPort)}
+	dnsRule := fmt.Sprintf("-p udp --dport 53 -j REDIRECT --to-ports %d", cfg.DNSPort)
+	if capture := !cfg.NoDNSCapture; slices.Contains(sc.Env, dnsEnv) != capture || strings.Contains(ic.Args[0], dnsRule) != capture {
+		return fmt.Errorf("dns capture %v, but sidecar env %+v and init script:\n%s", capture, sc.Env, ic.Args[0])
+	}
 	wantSock := "unix://" + cfg.SocketDir + "/" + cfg.SocketName
 	if len(sc.Env) == 0 || sc.Env[0].Name != SocketEnv || sc.Env[0].Value != wantSock {
 		return fmt.Errorf("sidecar env %+v, want %s=%s", sc.Env, SocketEnv, wantSock)

@@ -42,6 +42,9 @@ const (
 	// and --discovery (Config.Cluster, Config.Discovery).
 	EnvCluster   = "FEDMESH_CLUSTER"
 	EnvDiscovery = "FEDMESH_DISCOVERY"
+	// EnvDNSAddr is the default of the sidecar's --dns-addr (Config.DNSAddr
+	// of package sidecar): its DNS server, which answers clusterset.local.
+	EnvDNSAddr = "FEDMESH_DNS_ADDR"
 )
 
 // SocketSource says where the Workload API socket comes from.
@@ -101,6 +104,16 @@ type Config struct {
 	// the original probes on the pod's loopback (package
 	// sidecar/appprobe). The sidecar's own readiness probe is its /ready.
 	ProbePort int32
+	// DNSPort (default 15053) is the sidecar's DNS server on localhost
+	// (127.0.0.1 and ::1): the app's DNS queries (UDP and TCP port 53) are
+	// redirected to it, and it answers <svc>.<ns>.svc.clusterset.local
+	// from the service directory and forwards the rest to the pod's
+	// nameservers. NoDNSCapture leaves DNS alone: clusterset.local names
+	// then need the cluster's DNS to serve that zone. With DNS capture,
+	// SidecarArgs must keep --outbound-port (the sidecar refuses
+	// FEDMESH_DNS_ADDR without it).
+	DNSPort      int32
+	NoDNSCapture bool
 
 	SocketSource SocketSource // default hostPath
 	// SocketDir is the node directory holding the agent socket (hostPath)
@@ -130,6 +143,9 @@ func (c *Config) Validate() error {
 	if c.ProbePort == 0 {
 		c.ProbePort = 15021
 	}
+	if c.DNSPort == 0 {
+		c.DNSPort = 15053
+	}
 	if c.ProxyUID == 0 {
 		c.ProxyUID = 1337
 	}
@@ -152,7 +168,7 @@ func (c *Config) Validate() error {
 		c.SidecarCommand = []string{"/usr/local/bin/fedmesh-sidecar"}
 	}
 	var errs []error
-	for _, p := range append([]int32{c.InboundPort, c.OutboundPort, c.ProbePort}, c.ExcludeInboundPorts...) {
+	for _, p := range append([]int32{c.InboundPort, c.OutboundPort, c.ProbePort, c.DNSPort}, c.ExcludeInboundPorts...) {
 		if p < 1 || p > 65535 {
 			errs = append(errs, fmt.Errorf("port %d out of range", p))
 		}
@@ -162,6 +178,9 @@ func (c *Config) Validate() error {
 	}
 	if c.ProbePort == c.InboundPort || c.ProbePort == c.OutboundPort {
 		errs = append(errs, fmt.Errorf("probe port %d is also the inbound or outbound port", c.ProbePort))
+	}
+	if c.DNSPort == c.InboundPort || c.DNSPort == c.OutboundPort || c.DNSPort == c.ProbePort {
+		errs = append(errs, fmt.Errorf("dns port %d is also the inbound, outbound or probe port", c.DNSPort))
 	}
 	if c.ProxyUID < 1 {
 		errs = append(errs, fmt.Errorf("proxy uid %d must be positive", c.ProxyUID))
@@ -221,6 +240,9 @@ type patchOp struct {
 // cannot be injected safely.
 func (c *Config) Patch(pod *corev1.Pod) ([]byte, error) {
 	reserved := map[int32]bool{c.InboundPort: true, c.OutboundPort: true, c.ProbePort: true}
+	if !c.NoDNSCapture {
+		reserved[c.DNSPort] = true
+	}
 	for _, ct := range slices.Concat(pod.Spec.InitContainers, pod.Spec.Containers) {
 		for _, p := range ct.Ports {
 			if reserved[p.ContainerPort] {
@@ -267,8 +289,10 @@ func (c *Config) Patch(pod *corev1.Pod) ([]byte, error) {
 // RedirectScript is the iptables program the init container runs: every
 // inbound TCP connection goes to InboundPort (except to ProbePort and
 // ExcludeInboundPorts), every outbound one (except the sidecar's own, by
-// UID, and loopback) to OutboundPort. The same rules go
-// into ip6tables when the pod's kernel has IPv6 NAT.
+// UID, and loopback) to OutboundPort; unless NoDNSCapture, outbound DNS
+// (UDP and TCP port 53, except the sidecar's own and loopback) goes to
+// DNSPort. The same rules go into ip6tables when the pod's kernel has
+// IPv6 NAT: there REDIRECT sends to ::1, where the sidecar listens too.
 func (c *Config) RedirectScript() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "set -e\n")
@@ -293,8 +317,16 @@ func (c *Config) redirectRules(b *strings.Builder, ipt, indent string) {
 	fmt.Fprintf(b, "%s%s -t nat -N FEDMESH_OUTBOUND\n", indent, ipt)
 	fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_OUTBOUND -m owner --uid-owner %d -j RETURN\n", indent, ipt, uid)
 	fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_OUTBOUND -o lo -j RETURN\n", indent, ipt)
+	if !c.NoDNSCapture {
+		for _, proto := range []string{"udp", "tcp"} {
+			fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_OUTBOUND -p %s --dport 53 -j REDIRECT --to-ports %d\n", indent, ipt, proto, c.DNSPort)
+		}
+	}
 	fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_OUTBOUND -p tcp -j REDIRECT --to-ports %d\n", indent, ipt, out)
 	fmt.Fprintf(b, "%s%s -t nat -A OUTPUT -p tcp -j FEDMESH_OUTBOUND\n", indent, ipt)
+	if !c.NoDNSCapture {
+		fmt.Fprintf(b, "%s%s -t nat -A OUTPUT -p udp --dport 53 -j FEDMESH_OUTBOUND\n", indent, ipt)
+	}
 }
 
 // sidecarArgs are the sidecar's arguments for pod: SidecarArgs when set,
@@ -358,6 +390,11 @@ func (c *Config) sidecar(pod *corev1.Pod, probes map[string]appprobe.Probe) (cor
 	}
 	if c.Discovery != "" {
 		env = append(env, corev1.EnvVar{Name: EnvDiscovery, Value: c.Discovery})
+	}
+	if !c.NoDNSCapture {
+		// localhost: 127.0.0.1 and ::1, where iptables and ip6tables
+		// REDIRECT the app's queries.
+		env = append(env, corev1.EnvVar{Name: EnvDNSAddr, Value: "localhost:" + strconv.Itoa(int(c.DNSPort))})
 	}
 	probeAddr := ":" + strconv.Itoa(int(c.ProbePort))
 	env = append(env, corev1.EnvVar{Name: appprobe.EnvAddr, Value: probeAddr})

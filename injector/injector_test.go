@@ -2,6 +2,7 @@ package injector
 
 import (
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -59,6 +60,7 @@ func TestReview(t *testing.T) {
 		name       string
 		policy     FailurePolicy
 		socket     SocketSource
+		noDNS      bool
 		pod        *corev1.Pod
 		wantResult string
 		wantAllow  bool
@@ -84,9 +86,15 @@ func TestReview(t *testing.T) {
 		{name: "port conflict fails closed", policy: Fail, pod: pod(func(p *corev1.Pod) {
 			p.Spec.Containers[0].Ports = []corev1.ContainerPort{{ContainerPort: 15006}}
 		}), wantResult: "denied", wantAllow: false},
+		{name: "dns port conflict", policy: Ignore, pod: pod(func(p *corev1.Pod) {
+			p.Spec.Containers[0].Ports = []corev1.ContainerPort{{ContainerPort: 15053, Protocol: corev1.ProtocolUDP}}
+		}), wantResult: "failed_open", wantAllow: true, wantWarn: true},
+		{name: "dns port free without dns capture", noDNS: true, pod: pod(func(p *corev1.Pod) {
+			p.Spec.Containers[0].Ports = []corev1.ContainerPort{{ContainerPort: 15053}}
+		}), wantResult: "injected", wantAllow: true, wantInject: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h, err := New(Options{Config: Config{FailurePolicy: tc.policy, SocketSource: tc.socket}})
+			h, err := New(Options{Config: Config{FailurePolicy: tc.policy, SocketSource: tc.socket, NoDNSCapture: tc.noDNS}})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -123,6 +131,10 @@ func TestConfigValidate(t *testing.T) {
 		{name: "probe port is the outbound port", cfg: Config{ProbePort: 16001, OutboundPort: 16001}, wantErr: "probe port 16001"},
 		{name: "probe port range", cfg: Config{ProbePort: -1}, wantErr: "port -1 out of range"},
 		{name: "port range", cfg: Config{ExcludeInboundPorts: []int32{70000}}, wantErr: "out of range"},
+		{name: "dns port range", cfg: Config{DNSPort: 65536}, wantErr: "port 65536 out of range"},
+		{name: "dns port is the probe port", cfg: Config{DNSPort: 15021}, wantErr: "dns port 15021 is also the inbound, outbound or probe port"},
+		{name: "dns port is the outbound port", cfg: Config{DNSPort: 15001}, wantErr: "dns port 15001"},
+		{name: "dns port without capture", cfg: Config{DNSPort: 16053, NoDNSCapture: true}},
 		{name: "socket source", cfg: Config{SocketSource: "nfs"}, wantErr: "socket source"},
 		{name: "relative dir", cfg: Config{SocketDir: "run/spire"}, wantErr: "absolute"},
 		{name: "policy", cfg: Config{FailurePolicy: "Maybe"}, wantErr: "failure policy"},
@@ -139,12 +151,14 @@ func TestConfigValidate(t *testing.T) {
 // TestSidecarArgs: the injected sidecar gets the flags fedmesh-sidecar
 // defines: the transparent outbound always, the inbound with the app's
 // first TCP port when the pod declares one; the cluster and discovery
-// address as environment when configured, and the probe server's address
-// always; SidecarArgs replaces the arguments, not the environment.
+// address as environment when configured, the probe server's address
+// always and the DNS server's unless DNS capture is off; SidecarArgs
+// replaces the arguments, not the environment.
 func TestSidecarArgs(t *testing.T) {
 	withPorts := func(p *corev1.Pod) {
 		p.Spec.Containers[0].Ports = []corev1.ContainerPort{{ContainerPort: 53, Protocol: corev1.ProtocolUDP}, {ContainerPort: 8080}}
 	}
+	dnsEnv := map[string]string{EnvDNSAddr: "localhost:15053"}
 	for _, tc := range []struct {
 		name    string
 		cfg     Config
@@ -152,12 +166,13 @@ func TestSidecarArgs(t *testing.T) {
 		args    []string
 		wantEnv map[string]string
 	}{
-		{"no port", Config{}, pod(nil), []string{"--outbound-port=15001"}, nil},
-		{"first TCP port", Config{}, pod(withPorts), []string{"--outbound-port=15001", "--inbound-port=15006", "--app=127.0.0.1:8080"}, nil},
-		{"other ports, cluster and discovery", Config{InboundPort: 16006, OutboundPort: 16001, Cluster: "east", Discovery: "fedmesh-discovery.fedmesh-system.svc:15012"},
+		{"no port", Config{}, pod(nil), []string{"--outbound-port=15001"}, dnsEnv},
+		{"first TCP port", Config{}, pod(withPorts), []string{"--outbound-port=15001", "--inbound-port=15006", "--app=127.0.0.1:8080"}, dnsEnv},
+		{"other ports, cluster and discovery", Config{InboundPort: 16006, OutboundPort: 16001, DNSPort: 16053, Cluster: "east", Discovery: "fedmesh-discovery.fedmesh-system.svc:15012"},
 			pod(withPorts), []string{"--outbound-port=16001", "--inbound-port=16006", "--app=127.0.0.1:8080"},
-			map[string]string{EnvCluster: "east", EnvDiscovery: "fedmesh-discovery.fedmesh-system.svc:15012"}},
-		{"explicit args", Config{SidecarArgs: []string{"--cluster=west"}}, pod(withPorts), []string{"--cluster=west"}, nil},
+			map[string]string{EnvCluster: "east", EnvDiscovery: "fedmesh-discovery.fedmesh-system.svc:15012", EnvDNSAddr: "localhost:16053"}},
+		{"explicit args", Config{SidecarArgs: []string{"--cluster=west"}}, pod(withPorts), []string{"--cluster=west"}, dnsEnv},
+		{"no dns capture", Config{NoDNSCapture: true}, pod(nil), []string{"--outbound-port=15001"}, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := tc.cfg
@@ -214,5 +229,54 @@ func TestRedirectScriptBothFamilies(t *testing.T) {
 	}
 	if strings.Count(s, "tables -t nat -A OUTPUT -p tcp -j FEDMESH_OUTBOUND") != 2 {
 		t.Errorf("want one OUTPUT jump per family:\n%s", s)
+	}
+}
+
+// TestRedirectScriptDNS: outbound DNS, UDP and TCP, goes to the DNS port
+// in both families, after the sidecar's own traffic and loopback are
+// exempt and before the generic TCP redirect; without DNS capture, port 53
+// is not mentioned.
+func TestRedirectScriptDNS(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+		want bool
+	}{
+		{"default", Config{}, true},
+		{"other port", Config{DNSPort: 16053}, true},
+		{"off", Config{NoDNSCapture: true}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := tc.cfg
+			if err := cfg.Validate(); err != nil {
+				t.Fatal(err)
+			}
+			s := cfg.RedirectScript()
+			if !tc.want {
+				if strings.Contains(s, "53") {
+					t.Fatalf("dns capture off, but the script mentions port 53:\n%s", s)
+				}
+				return
+			}
+			for _, ipt := range []string{"iptables", "  ip6tables"} {
+				order := []string{
+					ipt + " -t nat -A FEDMESH_OUTBOUND -m owner --uid-owner 1337 -j RETURN\n",
+					ipt + " -t nat -A FEDMESH_OUTBOUND -o lo -j RETURN\n",
+					fmt.Sprintf("%s -t nat -A FEDMESH_OUTBOUND -p udp --dport 53 -j REDIRECT --to-ports %d\n", ipt, cfg.DNSPort),
+					fmt.Sprintf("%s -t nat -A FEDMESH_OUTBOUND -p tcp --dport 53 -j REDIRECT --to-ports %d\n", ipt, cfg.DNSPort),
+					ipt + " -t nat -A FEDMESH_OUTBOUND -p tcp -j REDIRECT --to-ports 15001\n",
+					ipt + " -t nat -A OUTPUT -p tcp -j FEDMESH_OUTBOUND\n",
+					ipt + " -t nat -A OUTPUT -p udp --dport 53 -j FEDMESH_OUTBOUND\n",
+				}
+				at := 0
+				for _, line := range order {
+					i := strings.Index(s[at:], line)
+					if i < 0 {
+						t.Fatalf("script lacks %q after offset %d (or has it out of order):\n%s", line, at, s)
+					}
+					at += i + len(line)
+				}
+			}
+		})
 	}
 }

@@ -11,7 +11,9 @@
 // app on localhost. In transparent mode (Kubernetes, iptables) it also
 // takes every outbound TCP connection of the workload on one listener and
 // finds the service from the connection's original destination in the
-// cluster's service directory; what is no service passes through.
+// cluster's service directory; what is no service passes through. Its DNS
+// server answers the Multi-Cluster Services names of that directory
+// (svc.clusterset.local) and forwards every other query.
 package sidecar
 
 import (
@@ -95,6 +97,22 @@ type Config struct {
 	OutboundAddr string
 	// Directory is the service directory; required with OutboundAddr.
 	Directory DirectorySource
+
+	// DNSAddr is the DNS server, UDP and TCP (e.g. "127.0.0.1:15053"),
+	// where iptables redirects the workload's DNS queries; "" disables it.
+	// It needs OutboundAddr: <name>.<ns>.svc.clusterset.local is answered
+	// from Directory (the ServiceImport's clusterset IPs), every other
+	// query is forwarded unchanged to DNSServers. The host "localhost"
+	// listens on 127.0.0.1 and ::1, where iptables and ip6tables redirect
+	// to. See dns.go.
+	DNSAddr string
+	// DNSServers are the nameservers (host:port) queries are forwarded to;
+	// empty means those of ResolvConf (DefaultResolvConf).
+	DNSServers []string
+	ResolvConf string
+	// DNSTimeout is how long a forwarded query waits for a nameserver
+	// before it tries the next one (2s).
+	DNSTimeout time.Duration
 
 	// InboundAddr is the mTLS listener; "" disables inbound.
 	InboundAddr string
@@ -191,6 +209,9 @@ func (c *Config) setDefaults() {
 	if c.Registry == nil {
 		c.Registry = imetrics.NewRegistry()
 	}
+	if c.ResolvConf == "" {
+		c.ResolvConf = DefaultResolvConf
+	}
 	if c.InboundProtocol == "" {
 		c.InboundProtocol = ProtocolTCP
 	}
@@ -220,6 +241,9 @@ func (c *Config) validate() error {
 	}
 	if c.OutboundAddr != "" && c.Directory == nil {
 		errs = append(errs, errors.New("transparent outbound without a service directory"))
+	}
+	if c.DNSAddr != "" && c.OutboundAddr == "" {
+		errs = append(errs, errors.New("dns server without the transparent outbound (its service directory answers clusterset.local)"))
 	}
 	if !c.Service.IsZero() && (c.Service.Namespace == "" || c.Service.Name == "") {
 		errs = append(errs, fmt.Errorf("service %s: namespace and name are required", c.Service))
@@ -259,6 +283,7 @@ type Sidecar struct {
 	admin       net.Listener
 	upstreams   []*upstream
 	transparent *transparent // nil unless OutboundAddr is set
+	dns         *dnsServer   // nil unless DNSAddr is set
 
 	gwOnce sync.Once
 	gw     *egress.Client
@@ -339,14 +364,21 @@ func New(cfg Config) (*Sidecar, error) {
 			return fail(err)
 		}
 	}
+	if cfg.DNSAddr != "" {
+		if s.dns, err = newDNSServer(s, s.transparent); err != nil {
+			return fail(err)
+		}
+	}
 	if cfg.InboundAddr != "" {
 		if s.inbound, err = net.Listen("tcp", cfg.InboundAddr); err != nil {
+			s.closeDNS()
 			return fail(fmt.Errorf("listen inbound: %w", err))
 		}
 		lns = append(lns, s.inbound)
 	}
 	if cfg.AdminAddr != "" {
 		if s.admin, err = net.Listen("tcp", cfg.AdminAddr); err != nil {
+			s.closeDNS()
 			return fail(fmt.Errorf("listen admin: %w", err))
 		}
 	}
@@ -372,6 +404,21 @@ func (s *Sidecar) OutboundAddr() net.Addr {
 
 // UpstreamAddr is the bound outbound listener of the i-th upstream.
 func (s *Sidecar) UpstreamAddr(i int) net.Addr { return s.upstreams[i].ln.Addr() }
+
+// DNSAddr is the bound DNS address (UDP; TCP has the same), the first
+// when there are several, nil when disabled.
+func (s *Sidecar) DNSAddr() net.Addr {
+	if s.dns == nil {
+		return nil
+	}
+	return s.dns.pcs[0].LocalAddr()
+}
+
+func (s *Sidecar) closeDNS() {
+	if s.dns != nil {
+		s.dns.close()
+	}
+}
 
 // AdminAddr is the bound admin address, nil when disabled.
 func (s *Sidecar) AdminAddr() net.Addr {
@@ -415,6 +462,9 @@ func (s *Sidecar) Run(ctx context.Context) error {
 			return err
 		}
 	}
+	if s.dns != nil {
+		s.dns.run(ctx, &wg)
+	}
 	if s.inbound != nil {
 		wg.Go(func() { s.serveInbound(ctx) })
 	}
@@ -424,7 +474,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		wg.Go(func() { _ = adminSrv.Serve(s.admin) })
 	}
 	s.log.Info("sidecar running", "cluster", s.cfg.Cluster, "upstreams", len(s.upstreams), "inbound", addrString(s.InboundAddr()),
-		"transparent", addrString(s.OutboundAddr()))
+		"transparent", addrString(s.OutboundAddr()), "dns", addrString(s.DNSAddr()))
 	<-ctx.Done()
 	if adminSrv != nil {
 		_ = adminSrv.Close()
@@ -446,6 +496,7 @@ func (s *Sidecar) closeAll() {
 	if s.transparent != nil {
 		s.transparent.close()
 	}
+	s.closeDNS()
 	if s.inbound != nil {
 		_ = s.inbound.Close()
 	}

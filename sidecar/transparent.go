@@ -77,6 +77,9 @@ type vipTarget struct {
 // under an atomic pointer.
 type vipDirectory struct {
 	byAddr map[netip.AddrPort]vipTarget
+	// imports are the ServiceImports' clusterset IPs by "<name>.<ns>" in
+	// lower case, for the DNS server (dns.go).
+	imports map[string][]netip.Addr
 }
 
 // Results of transparent connections (fedmesh_sidecar_transparent_connections_total).
@@ -185,7 +188,7 @@ func (t *transparent) run(ctx context.Context, wg *sync.WaitGroup) error {
 // namespace or name, an IP that does not parse, a port out of range) are
 // skipped and logged once.
 func (t *transparent) apply(services []VirtualService) {
-	d := &vipDirectory{byAddr: make(map[netip.AddrPort]vipTarget, len(services)*2)}
+	d := &vipDirectory{byAddr: make(map[netip.AddrPort]vipTarget, len(services)*2), imports: map[string][]netip.Addr{}}
 	bad := func(vs VirtualService, what string) {
 		key := vs.Namespace + "/" + vs.Name + ": " + what
 		if t.logged[key] {
@@ -209,6 +212,10 @@ func (t *transparent) apply(services []VirtualService) {
 				continue
 			}
 			ips = append(ips, ip.Unmap())
+		}
+		if vs.Imported {
+			k := strings.ToLower(vs.Name + "." + vs.Namespace)
+			d.imports[k] = append(d.imports[k], ips...)
 		}
 		for _, p := range vs.Ports {
 			if p.Protocol != "" && p.Protocol != "TCP" {

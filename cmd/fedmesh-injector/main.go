@@ -65,6 +65,8 @@ Flags:
 	inbound := fs.Int("inbound-port", 15006, "sidecar port for redirected inbound traffic")
 	outbound := fs.Int("outbound-port", 15001, "sidecar port for redirected outbound traffic")
 	probe := fs.Int("probe-port", 15021, "sidecar probe server port, never redirected: the kubelet's httpGet, tcpSocket and grpc probes of redirected ports are rewritten to GETs of it")
+	dnsPort := fs.Int("dns-port", 15053, "sidecar DNS server port on localhost, where the app's DNS queries are redirected (with --capture-dns)")
+	captureDNS := fs.Bool("capture-dns", true, "redirect the app's DNS (port 53, UDP and TCP) to the sidecar, which answers <svc>.<ns>.svc.clusterset.local from the service directory and forwards other queries to the pod's nameservers; false: clusterset.local needs the cluster's DNS to serve it")
 	fs.Int64Var(&c.inj.ProxyUID, "proxy-uid", 1337, "UID the sidecar runs as; its traffic is not redirected")
 	fs.StringVar(&c.excludePorts, "exclude-inbound-ports", "", "inbound ports not redirected, comma-separated")
 	fs.StringVar(&c.socketSource, "socket-source", "hostPath", "Workload API socket source: hostPath or csi")
@@ -74,6 +76,7 @@ Flags:
 	fs.StringVar(&c.failurePolicy, "failure-policy", "Ignore", "when a pod cannot be injected: Ignore (admit without sidecar, warn) or Fail (reject); match the webhook's failurePolicy")
 	fs.Parse(os.Args[1:])
 	c.inj.InboundPort, c.inj.OutboundPort, c.inj.ProbePort = int32(*inbound), int32(*outbound), int32(*probe)
+	c.inj.DNSPort, c.inj.NoDNSCapture = int32(*dnsPort), !*captureDNS
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

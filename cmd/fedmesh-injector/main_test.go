@@ -21,6 +21,7 @@ func TestRunRejectsBadConfig(t *testing.T) {
 		{name: "failure policy", mod: func(c *config) { c.failurePolicy = "Sometimes" }, wantErr: "failure policy"},
 		{name: "socket source", mod: func(c *config) { c.socketSource = "nfs" }, wantErr: "socket source"},
 		{name: "probe port", mod: func(c *config) { c.inj.ProbePort = 15001 }, wantErr: "probe port 15001 is also the inbound or outbound port"},
+		{name: "dns port", mod: func(c *config) { c.inj.DNSPort = 15006 }, wantErr: "dns port 15006 is also the inbound, outbound or probe port"},
 		{name: "missing cert", mod: func(*config) {}, wantErr: "load serving certificate"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

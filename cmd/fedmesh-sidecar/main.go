@@ -77,6 +77,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		inbound    = fs.String("inbound", "", "mTLS inbound listen address; empty disables inbound")
 		inPort     = fs.Uint("inbound-port", 0, "mTLS inbound on every address at this port (the port iptables redirects inbound TCP to, 15006 when injected): --inbound=:PORT")
 		outPort    = fs.Uint("outbound-port", 0, "transparent outbound listener on every address at this port (the port iptables redirects outbound TCP to, 15001 when injected); needs --discovery for the service directory")
+		dnsAddr    = fs.String("dns-addr", os.Getenv("FEDMESH_DNS_ADDR"), "DNS server listen address, UDP and TCP (localhost:15053 when injected: 127.0.0.1 and ::1; default $FEDMESH_DNS_ADDR): answers <svc>.<ns>.svc.clusterset.local from the service directory, forwards other queries to the nameservers of /etc/resolv.conf; needs --outbound-port; empty: off")
 		app        = fs.String("app", "", "app address on localhost, e.g. 127.0.0.1:8080")
 		egress     = fs.String("gateway-egress", "", "local gateway egress address (UDP)")
 		admin      = fs.String("admin", "", "admin listen address (/live, /ready, /state, /metrics)")
@@ -157,6 +158,12 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 			return errors.New("--outbound-port needs --discovery: the service directory transparent connections are looked up in comes from the federation controller")
 		}
 		cfg.OutboundAddr = ":" + strconv.FormatUint(uint64(*outPort), 10)
+	}
+	if *dnsAddr != "" {
+		if cfg.OutboundAddr == "" {
+			return errors.New("--dns-addr needs --outbound-port (and --discovery): clusterset.local names are answered from the transparent outbound's service directory")
+		}
+		cfg.DNSAddr = *dnsAddr
 	}
 	if *inProto != sidecar.ProtocolTCP && *inProto != sidecar.ProtocolHTTP {
 		return fmt.Errorf("--inbound-protocol %q: want tcp or http", *inProto)

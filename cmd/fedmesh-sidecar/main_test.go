@@ -43,6 +43,7 @@ func TestPortFlags(t *testing.T) {
 		{"inbound port range", []string{"--cluster=west", "--inbound-port=70000"}, "not a port"},
 		{"outbound without discovery", []string{"--cluster=west", "--outbound-port=15001"}, "--outbound-port needs --discovery"},
 		{"outbound port range", []string{"--cluster=west", "--outbound-port=70000", "--discovery=127.0.0.1:1"}, "not a port"},
+		{"dns without outbound", []string{"--cluster=west", "--dns-addr=127.0.0.1:15053"}, "--dns-addr needs --outbound-port"},
 		{"unknown flag", []string{"--cluster=west", "--outbound=:15001"}, "flag provided but not defined"},
 		{"app probes not JSON", []string{"--cluster=west", "--probe-addr=127.0.0.1:0", "--app-probes={"}, "--app-probes: decode app probes"},
 		{"app probe invalid", []string{"--cluster=west", "--probe-addr=127.0.0.1:0", `--app-probes={"/app-health/app/readyz":{"type":"exec","port":8080}}`},
@@ -67,6 +68,17 @@ func TestProbeEnvironment(t *testing.T) {
 	err := run(context.Background(), []string{"--cluster=west"}, io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "--app-probes: app probe /app-health/app/readyz: port 0 out of range") {
 		t.Fatalf("run: %v, want the environment's probes checked", err)
+	}
+}
+
+// TestDNSEnvironment: the injector sets the DNS server up through the
+// environment, the default of --dns-addr, which needs the transparent
+// outbound.
+func TestDNSEnvironment(t *testing.T) {
+	t.Setenv(injector.EnvDNSAddr, "localhost:15053")
+	err := run(context.Background(), []string{"--cluster=west"}, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "--dns-addr needs --outbound-port") {
+		t.Fatalf("run: %v, want the environment's DNS address checked", err)
 	}
 }
 
@@ -342,7 +354,9 @@ func TestProbesThroughRedirect(t *testing.T) {
 	cmd := exec.Command("ip", "netns", "exec", ns, os.Args[0], "-test.run=^TestNetnsHelper$", "-test.timeout=5m")
 	cmd.Env = append(os.Environ(), helperEnv+"="+string(rawArgs), helperUnhealth+"="+unhealthy)
 	for _, e := range sc.Env {
-		if e.Name != mtls.EndpointSocketEnv {
+		// Without the transparent outbound there is no DNS server either
+		// (sidecar's TestDNSThroughRedirect runs both).
+		if e.Name != mtls.EndpointSocketEnv && e.Name != injector.EnvDNSAddr {
 			cmd.Env = append(cmd.Env, e.Name+"="+e.Value)
 		}
 	}
