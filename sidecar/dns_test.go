@@ -569,11 +569,7 @@ func dialIn(ctx context.Context, nsPath, network, addr string) (net.Conn, error)
 func TestDNSThroughRedirect(t *testing.T) {
 	needTransparentPrereqs(t)
 	ns := newPodNetns(t)
-	inj := injector.Config{ExcludeInboundPorts: []int32{15000}}
-	if err := inj.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	mustRun(t, "ip", "netns", "exec", ns.name, "sh", "-c", inj.RedirectScript())
+	inj := redirect(t, ns)
 	// The sidecar's environment, as the injector writes it.
 	patch, err := inj.Patch(&corev1.Pod{})
 	if err != nil {

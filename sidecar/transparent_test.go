@@ -88,6 +88,20 @@ func mustRun(t *testing.T, name string, args ...string) {
 	}
 }
 
+// redirect runs the injector's own iptables script in the pod's namespace,
+// with the admin port 15000 exempt from the inbound redirect (as the probe
+// port is) so that tests can read the sidecar's state and metrics, and
+// returns the injector's configuration.
+func redirect(t *testing.T, ns *podNetns) injector.Config {
+	t.Helper()
+	inj := injector.Config{ExcludeInboundPorts: []int32{15000}}
+	if err := inj.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, "ip", "netns", "exec", ns.name, "sh", "-c", inj.RedirectScript())
+	return inj
+}
+
 func newPodNetns(t *testing.T) *podNetns {
 	t.Helper()
 	routes, err := exec.Command("ip", "-4", "route", "show").Output()
@@ -225,13 +239,7 @@ func TestTransparentOutbound(t *testing.T) {
 	needTransparentPrereqs(t)
 	ns := newPodNetns(t)
 
-	// The injector's script, with the admin port exempt from the inbound
-	// redirect (as a probe port would be) so the test can read metrics.
-	inj := injector.Config{ExcludeInboundPorts: []int32{15000}}
-	if err := inj.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	mustRun(t, "ip", "netns", "exec", ns.name, "sh", "-c", inj.RedirectScript())
+	redirect(t, ns)
 
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
@@ -494,11 +502,7 @@ func startNetnsSidecar(t *testing.T, ns *podNetns, west *gatewaytest.Domain, dis
 func TestTransparentOwnTrafficRedirected(t *testing.T) {
 	needTransparentPrereqs(t)
 	ns := newPodNetns(t)
-	inj := injector.Config{ExcludeInboundPorts: []int32{15000}}
-	if err := inj.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	mustRun(t, "ip", "netns", "exec", ns.name, "sh", "-c", inj.RedirectScript())
+	redirect(t, ns)
 	west := gatewaytest.Start(t, []string{"west"}, nil)["west"]
 	discoAddr := startFakeDiscovery(t, ns, west, &fakeController{dir: &pb.Directory{LocalCluster: "west", Version: 1}})
 	plain, _ := startEcho(t, ns.hostIP+":0", "plain:")
