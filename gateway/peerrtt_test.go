@@ -291,9 +291,11 @@ func TestPeerRTTOnService(t *testing.T) {
 	if svc.Annotations["multicluster.fedmesh.dev/egress-addresses"] != egress {
 		t.Errorf("the patch lost the egress annotation: %v", svc.Annotations)
 	}
-	if !strings.Contains(west.logs.String(), "works again") {
-		t.Errorf("no recovery log:\n%s", west.logs.String())
-	}
+	// The publisher logs and counts a write after the API server took it:
+	// wait for both before taking the baseline below.
+	waitFor(t, "the recovery log and the write counted", 5*time.Second, func() bool {
+		return strings.Contains(west.logs.String(), "works again") && published() >= 1
+	})
 
 	// Steady RTT: ten intervals without a write.
 	rv, writes := svc.ResourceVersion, published()
