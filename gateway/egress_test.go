@@ -13,6 +13,7 @@ import (
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
 	"github.com/fedmesh/fedmesh/gateway/tunnel"
 	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 // TestTCPEgress: the TCP+mTLS egress (the Client's default) with real
@@ -23,7 +24,7 @@ import (
 // connection whose both directions ended is reused, and one cut without an
 // end frame resets the target.
 func TestTCPEgress(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west", "east", "north"}, [][2]string{{"west", "east"}})
 	echo := newLineEcho(t)
 	cat := &StaticCatalog{}

@@ -15,7 +15,6 @@ import (
 	"math/big"
 	"net"
 	"net/netip"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -306,29 +305,4 @@ func hasLabel(m *dto.Metric, k, v string) bool {
 		}
 	}
 	return false
-}
-
-// checkGoroutines fails the test if goroutines started during it are still
-// running after its cleanups. Register it first so it runs last.
-func checkGoroutines(t *testing.T) {
-	t.Helper()
-	before := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for runtime.NumGoroutine() > before {
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<20)
-				n := runtime.Stack(buf, true)
-				var keep []string
-				for _, g := range strings.Split(string(buf[:n]), "\n\n") {
-					if strings.Contains(g, "fedmesh") || strings.Contains(g, "quic-go") {
-						keep = append(keep, g)
-					}
-				}
-				t.Errorf("goroutine leak: %d running, %d before\n%s", runtime.NumGoroutine(), before, strings.Join(keep, "\n\n"))
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	})
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/fedmesh/fedmesh/gateway/peer"
 	"github.com/fedmesh/fedmesh/gateway/tunnel"
 	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 // TestEndToEndTLS: a west sidecar's TLS conversation with a server in east
@@ -33,7 +34,7 @@ import (
 // the gateways carried the TLS bytes without terminating them. The admin
 // endpoint and metrics reflect the stream.
 func TestEndToEndTLS(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	p := newPair(t, nil)
 	cert, pool := selfSigned(t)
 	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}})
@@ -150,7 +151,7 @@ func closedPort(t *testing.T) Endpoint {
 // TestRefusals: every refusal arrives as its code before any byte, and a
 // dead endpoint is skipped (and ejected) in favour of a live one.
 func TestRefusals(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	p := newPair(t, nil)
 	echo := newLineEcho(t)
 	p.eastCat.Set("shop", "empty", 81)
@@ -253,7 +254,7 @@ func (w withBundles) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509
 // gateway (unauthorized); east's egress refuses a sidecar of another trust
 // domain. None of them gets a stream through.
 func TestIdentityRefused(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west", "east", "north"}, [][2]string{{"west", "east"}})
 	echo := newLineEcho(t)
 	cat := &StaticCatalog{}
@@ -319,7 +320,7 @@ func mustBundle(t *testing.T, src mtls.Source, td spiffeid.TrustDomain) *x509bun
 // TestHalfCloseAndReset: half-closes travel independently in each
 // direction, and a reset on either end reaches the other.
 func TestHalfCloseAndReset(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	p := newPair(t, nil)
 	echo := newLineEcho(t)
 	p.eastCat.Set("shop", "checkout", 80, echo.endpoint())
@@ -406,7 +407,7 @@ func halfCloseAndReset(t *testing.T, client *Client, echo *lineEcho) {
 // egress, and the stream ends: never a stuck stream, and the gateway keeps
 // serving.
 func TestBadHeaders(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	p := newPair(t, func(_ string, c *Config) { c.HeaderTimeout = 300 * time.Millisecond })
 	echo := newLineEcho(t)
 	p.eastCat.Set("shop", "checkout", 80, echo.endpoint())
@@ -491,7 +492,7 @@ func rawDial(t *testing.T, src mtls.Source, server spiffeid.ID, alpn string, add
 // default 1 s bound, streams meanwhile fail fast as unreachable, and after
 // the heal the link and streams come back.
 func TestFaultRelay(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
 	echo := newLineEcho(t)
 	cat := &StaticCatalog{}
@@ -588,7 +589,7 @@ func TestFaultRelay(t *testing.T) {
 // reach the target once it is connected, and a refusal surfaces on the
 // first Read with its code.
 func TestDialEarly(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	p := newPair(t, nil)
 	echo := newLineEcho(t)
 	p.eastCat.Set("shop", "checkout", 80, echo.endpoint())
@@ -626,7 +627,7 @@ func dialEarly(t *testing.T, client *Client) {
 // answers as east's gateway (trusted, right identity, wrong cluster) never
 // comes up, so streams for north cannot land in east.
 func TestWrongClusterWelcome(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
 	east := startGateway(t, doms["east"], &StaticCatalog{}, nil, func(c *Config) { c.Federated = []spiffeid.TrustDomain{doms["west"].TD} })
 	west := startGateway(t, doms["west"], &StaticCatalog{}, []Peer{{

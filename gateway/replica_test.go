@@ -10,6 +10,7 @@ import (
 
 	"github.com/fedmesh/fedmesh/gateway/faultnet"
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 // TestReplicaKilledMidLoad: east runs two active-active replicas and west
@@ -30,7 +31,7 @@ func TestReplicaKilledMidLoad(t *testing.T) {
 }
 
 func replicaKilled(t *testing.T, mode string) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
 	echo := newLineEcho(t)
 	cat := &StaticCatalog{}

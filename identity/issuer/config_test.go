@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 // TestConfigErrors: bad configuration is refused with an error that names
@@ -119,7 +121,7 @@ func TestLoadEntries(t *testing.T) {
 // root at half its life, activates it at three quarters (re-issuing SVIDs)
 // and drops the old root when it expires.
 func TestCARotationSchedule(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	clock := newFakeClock()
 	cfg := newTestConfig(t, "east.fedmesh.test")
 	cfg.Clock = clock

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
@@ -189,7 +190,7 @@ func (w withBundles) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509
 // with SVIDs from the Workload API; north is not federated with east and is
 // refused, and authorization by trust domain or exact ID is enforced.
 func TestFederatedMTLS(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	m := newMesh(t, []spiffeid.TrustDomain{eastTD, westTD, northTD}, [][2]spiffeid.TrustDomain{{eastTD, westTD}}, nil)
 	src := map[spiffeid.TrustDomain]*workloadapi.X509Source{}
 	for td, iss := range m {
@@ -255,7 +256,7 @@ func TestFederatedMTLS(t *testing.T) {
 // connection keeps working, new handshakes with the re-issued SVIDs succeed,
 // and the retired root stays in the bundle.
 func TestCARotationUnderLiveConnection(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	m := newMesh(t, []spiffeid.TrustDomain{eastTD, westTD}, [][2]spiffeid.TrustDomain{{eastTD, westTD}}, nil)
 	east, west := newSource(t, m[eastTD].addr()), newSource(t, m[westTD].addr())
 	srv := newEchoServer(t, mtls.ServerConfig(east, mtls.MemberOf(eastTD, westTD)))
@@ -320,7 +321,7 @@ func TestCARotationUnderLiveConnection(t *testing.T) {
 // presents the configured SPIFFE ID under a root from the bootstrap bundle;
 // otherwise fetches fail and the held bundle does not change.
 func TestBundleEndpointAuthentication(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	tests := []struct {
 		name   string
 		tweak  func(c *Config, north *testIssuer)
@@ -338,7 +339,7 @@ func TestBundleEndpointAuthentication(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			checkGoroutines(t)
+			testutil.CheckGoroutines(t)
 			northCfg := newTestConfig(t, northTD.Name())
 			northCfg.RefreshHint = time.Second // the hint east retries a failing peer with
 			north := newTestIssuer(t, northCfg)
@@ -381,7 +382,7 @@ func TestBundleEndpointAuthentication(t *testing.T) {
 
 // TestNoTrustOnFirstUse: a peer without a bootstrap bundle is a start error.
 func TestNoTrustOnFirstUse(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	cfg := newTestConfig(t, eastTD.Name())
 	cfg.Peers = []Peer{{
 		TrustDomain:       westTD,
@@ -406,7 +407,7 @@ func TestNoTrustOnFirstUse(t *testing.T) {
 // roots (including a prepared or retired one) and SVIDs issued before the
 // restart still verify against it.
 func TestRestartKeepsRoots(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	tests := []struct {
 		name  string
 		steps []step

@@ -5,9 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -220,41 +218,4 @@ func newSource(t testing.TB, addr string) *workloadapi.X509Source {
 	}
 	t.Cleanup(func() { src.Close() })
 	return src
-}
-
-// checkGoroutines fails the test if goroutines started during it are still
-// running shortly after it (and its cleanups) finished. Register it first so
-// it runs last.
-func checkGoroutines(t *testing.T) {
-	t.Helper()
-	before := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		start := time.Now()
-		defer func() {
-			if d := time.Since(start); d > 500*time.Millisecond {
-				t.Logf("goroutines took %s to wind down", d)
-			}
-		}()
-		deadline := time.Now().Add(5 * time.Second)
-		for runtime.NumGoroutine() > before {
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<20)
-				n := runtime.Stack(buf, true)
-				t.Errorf("goroutine leak: %d running, %d before the test\n%s", runtime.NumGoroutine(), before, interesting(buf[:n]))
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	})
-}
-
-// interesting keeps the goroutine dumps that mention this module or grpc.
-func interesting(dump []byte) string {
-	var out []string
-	for _, g := range strings.Split(string(dump), "\n\n") {
-		if strings.Contains(g, "fedmesh") || strings.Contains(g, "grpc") || strings.Contains(g, "net/http") {
-			out = append(out, g)
-		}
-	}
-	return strings.Join(out, "\n\n")
 }

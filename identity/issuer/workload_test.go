@@ -23,6 +23,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 func ctxT(t *testing.T) context.Context {
@@ -35,7 +37,7 @@ func ctxT(t *testing.T) context.Context {
 // socket; they verify with x509svid against the bundle and follow the
 // X.509-SVID standard, for several lifetimes.
 func TestFetchX509SVID(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	tests := []struct {
 		name     string
 		svidTTL  time.Duration
@@ -113,7 +115,7 @@ func checkSVIDStandard(t *testing.T, leaf *x509.Certificate, ttl time.Duration) 
 // TestJWT: JWT-SVIDs fetched through go-spiffe validate through the issuer's
 // ValidateJWTSVID and against FetchJWTBundles, and only for their audience.
 func TestJWT(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	iss := startIssuer(t, newTestConfig(t, "east.fedmesh.test"))
 	ctx := ctxT(t)
 	client, err := workloadapi.New(ctx, workloadapi.WithAddr(iss.addr()))
@@ -206,7 +208,7 @@ var methods = []struct {
 // TestSecurityHeader: without workload.spiffe.io: true every method answers
 // InvalidArgument; with a wrong value too; with it, registered callers pass.
 func TestSecurityHeader(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	iss := startIssuer(t, newTestConfig(t, "east.fedmesh.test"))
 	c := rawClient(t, iss.addr())
 	headers := []struct {
@@ -243,7 +245,7 @@ func TestSecurityHeader(t *testing.T) {
 // dialled decide its identity; with no matching entry every method answers
 // PermissionDenied.
 func TestAttestation(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	me := self(t) // uid, gid, pid, path
 	other := func(sel string) string {
 		// same kind, a value the test process does not have
@@ -333,7 +335,7 @@ func lastField(s string) string {
 // renewed at half-life, pushed down the same stream, several times; the
 // issuer accepted exactly one connection for it.
 func TestRotationWithoutReconnect(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	clock := newFakeClock()
 	cfg := newTestConfig(t, "east.fedmesh.test")
 	cfg.Clock = clock
@@ -386,7 +388,7 @@ func TestRotationWithoutReconnect(t *testing.T) {
 // TestStreamCarriesCompleteSet: every message on a stream has the caller's
 // full SVID set and bundles, not a delta.
 func TestStreamCarriesCompleteSet(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	cfg := newTestConfig(t, "east.fedmesh.test")
 	cfg.Entries = append(cfg.Entries, Entry{SPIFFEID: "spiffe://east.fedmesh.test/ns/shop/sa/audit", Selectors: self(t)[:1]})
 	iss := startIssuer(t, cfg)

@@ -8,6 +8,8 @@ import (
 	"bytes"
 	"os"
 	"os/exec"
+	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -57,4 +59,35 @@ func Start(t testing.TB, cmd *exec.Cmd, name string) (*SyncBuffer, <-chan struct
 		}
 	})
 	return logs, exited
+}
+
+// CheckGoroutines fails the test if goroutines started during it are still
+// running 5 s after its cleanups; register it first so it runs last. The
+// failure shows the stacks of the goroutines that can be ours (fedmesh,
+// quic-go, grpc, net/http), and a slow wind-down (over 500 ms) is logged.
+func CheckGoroutines(t testing.TB) {
+	t.Helper()
+	before := runtime.NumGoroutine()
+	t.Cleanup(func() {
+		start := time.Now()
+		deadline := start.Add(5 * time.Second)
+		for runtime.NumGoroutine() > before {
+			if time.Now().After(deadline) {
+				buf := make([]byte, 1<<20)
+				n := runtime.Stack(buf, true)
+				var keep []string
+				for _, g := range strings.Split(string(buf[:n]), "\n\n") {
+					if strings.Contains(g, "fedmesh") || strings.Contains(g, "quic-go") || strings.Contains(g, "grpc") || strings.Contains(g, "net/http") {
+						keep = append(keep, g)
+					}
+				}
+				t.Errorf("goroutine leak: %d running, %d before the test\n%s", runtime.NumGoroutine(), before, strings.Join(keep, "\n\n"))
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		if d := time.Since(start); d > 500*time.Millisecond {
+			t.Logf("goroutines took %s to wind down", d)
+		}
+	})
 }

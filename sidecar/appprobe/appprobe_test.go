@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -18,6 +17,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/sidecar/appprobe"
 )
 
@@ -112,25 +112,6 @@ func FuzzParse(f *testing.F) {
 		}
 		if b2, _ := json.Marshal(again); string(b2) != string(b) {
 			t.Fatalf("round trip changed %s to %s", b, b2)
-		}
-	})
-}
-
-// checkGoroutines fails the test if goroutines started during it are still
-// running after its cleanups. Register it first so it runs last.
-func checkGoroutines(t *testing.T) {
-	t.Helper()
-	before := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for runtime.NumGoroutine() > before {
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<20)
-				n := runtime.Stack(buf, true)
-				t.Errorf("goroutine leak: %d running, %d before\n%s", runtime.NumGoroutine(), before, buf[:n])
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
 		}
 	})
 }
@@ -232,7 +213,7 @@ func silent(t *testing.T) int32 {
 // TestServer performs every kind of probe against real servers on
 // loopback through a real probe server, as the kubelet would reach it.
 func TestServer(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	release := make(chan struct{}) // unblocks /slow at the end
 	var seen atomic.Value          // the last request to /headers
 	mux := http.NewServeMux()
@@ -396,7 +377,7 @@ func TestServer(t *testing.T) {
 // TestInflightBound: probes beyond MaxInflight are answered 503 at once
 // instead of queueing behind a slow app.
 func TestInflightBound(t *testing.T) {
-	checkGoroutines(t)
+	testutil.CheckGoroutines(t)
 	arrived, release := make(chan struct{}, 1), make(chan struct{})
 	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		arrived <- struct{}{}
