@@ -6,7 +6,7 @@
 // grpc-go and the protobuf runtime, about 4 MB of code, into every sidecar's
 // resident set, while this needs one server-streaming call: it speaks the
 // Workload API's gRPC wire protocol with net/http's HTTP/2 (internal/grpclite)
-// and decodes the two messages by hand (protowire). What it returns is
+// and decodes the two messages by hand (internal/pbwire). What it returns is
 // go-spiffe's own types (x509svid.SVID, x509bundle.Bundle), checked by
 // go-spiffe's parsers, so go-spiffe's tlsconfig verifies peers as before.
 // It follows go-spiffe's semantics: the first SVID of a response is the
@@ -29,9 +29,9 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/fedmesh/fedmesh/internal/grpclite"
+	"github.com/fedmesh/fedmesh/internal/pbwire"
 )
 
 const (
@@ -235,36 +235,27 @@ type rawSVID struct {
 func parseResponse(b []byte) (*x509svid.SVID, *x509bundle.Set, error) {
 	var svids []rawSVID
 	federated := map[string][]byte{}
-	err := fields(b, func(num protowire.Number, typ protowire.Type, v []byte) error {
-		switch num {
+	err := pbwire.Walk(b, func(f *pbwire.Field) error {
+		switch f.Num {
 		case 1:
-			if typ != protowire.BytesType {
-				return wireTypeError("X509SVIDResponse.svids", typ)
-			}
-			r, err := parseSVID(v)
+			return pbwire.AppendMessage(f, "svids", &svids, parseSVID)
+		case 3:
+			v, err := f.Value("federated_bundles")
 			if err != nil {
 				return err
 			}
-			svids = append(svids, r)
-		case 3:
-			if typ != protowire.BytesType {
-				return wireTypeError("X509SVIDResponse.federated_bundles", typ)
-			}
 			var key string
 			var val []byte
-			if err := fields(v, func(num protowire.Number, typ protowire.Type, v []byte) error {
-				if typ != protowire.BytesType && (num == 1 || num == 2) {
-					return wireTypeError("federated_bundles entry", typ)
-				}
-				switch num {
+			if err := pbwire.Walk(v, func(e *pbwire.Field) error {
+				switch e.Num {
 				case 1:
-					key = string(v)
+					return e.Str("key", &key)
 				case 2:
-					val = v
+					return e.Bytes("value", &val)
 				}
 				return nil
 			}); err != nil {
-				return err
+				return fmt.Errorf("federated_bundles: %w", err)
 			}
 			federated[key] = val
 		}
@@ -302,21 +293,18 @@ func parseResponse(b []byte) (*x509svid.SVID, *x509bundle.Set, error) {
 
 func parseSVID(b []byte) (rawSVID, error) {
 	var r rawSVID
-	err := fields(b, func(num protowire.Number, typ protowire.Type, v []byte) error {
-		if num >= 1 && num <= 5 && typ != protowire.BytesType {
-			return wireTypeError("X509SVID field "+fmt.Sprint(num), typ)
-		}
-		switch num {
+	err := pbwire.Walk(b, func(f *pbwire.Field) error {
+		switch f.Num {
 		case 1:
-			r.id = string(v)
+			return f.Str("spiffe_id", &r.id)
 		case 2:
-			r.certs = v
+			return f.Bytes("x509_svid", &r.certs)
 		case 3:
-			r.key = v
+			return f.Bytes("x509_svid_key", &r.key)
 		case 4:
-			r.bundle = v
+			return f.Bytes("bundle", &r.bundle)
 		case 5:
-			r.hint = string(v)
+			return f.Str("hint", &r.hint)
 		}
 		return nil
 	})
@@ -335,35 +323,4 @@ func parseBundle(id string, der []byte) (*x509bundle.Bundle, error) {
 		return nil, fmt.Errorf("workload api bundle for %s: %w", td, err)
 	}
 	return x509bundle.FromX509Authorities(td, certs), nil
-}
-
-// fields calls f with every field of a protobuf message; v is the value's
-// bytes for length-delimited fields and nil otherwise (unknown fields of
-// other types are skipped).
-func fields(b []byte, f func(protowire.Number, protowire.Type, []byte) error) error {
-	for len(b) > 0 {
-		num, typ, n := protowire.ConsumeTag(b)
-		if n < 0 {
-			return protowire.ParseError(n)
-		}
-		b = b[n:]
-		var v []byte
-		if typ == protowire.BytesType {
-			v, n = protowire.ConsumeBytes(b)
-		} else {
-			n = protowire.ConsumeFieldValue(num, typ, b)
-		}
-		if n < 0 {
-			return fmt.Errorf("field %d: %w", num, protowire.ParseError(n))
-		}
-		b = b[n:]
-		if err := f(num, typ, v); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func wireTypeError(field string, typ protowire.Type) error {
-	return fmt.Errorf("%s: wire type %d, want length-delimited", field, typ)
 }

@@ -14,6 +14,8 @@ import (
 	"google.golang.org/protobuf/reflect/protoreflect"
 
 	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
+
+	"github.com/fedmesh/fedmesh/internal/pbwire"
 )
 
 // The codec is checked against protobuf-go and the generated types: the
@@ -341,25 +343,25 @@ func TestDecodeErrors(t *testing.T) {
 		is   error
 	}{
 		{"truncated varint", cat(tag(8, protowire.VarintType), []byte{0x80, 0x80}),
-			"decode EndpointSet: version: message truncated", errTruncated},
+			"decode EndpointSet: version: message truncated", pbwire.ErrTruncated},
 		{"truncated length", cat(tag(1, protowire.BytesType), []byte{10, 'a', 'b'}),
-			"decode EndpointSet: namespace: message truncated", errTruncated},
+			"decode EndpointSet: namespace: message truncated", pbwire.ErrTruncated},
 		{"truncated tag", []byte{0x80},
-			"decode EndpointSet: field tag: message truncated", errTruncated},
+			"decode EndpointSet: field tag: message truncated", pbwire.ErrTruncated},
 		{"truncated inside an endpoint", endpointIn(cat(tag(1, protowire.BytesType), []byte{5, '1', '0'})),
-			"decode EndpointSet: clusters[0]: endpoints[0]: address: message truncated", errTruncated},
+			"decode EndpointSet: clusters[0]: endpoints[0]: address: message truncated", pbwire.ErrTruncated},
 		{"truncated unknown field", cat(tag(99, protowire.Fixed64Type), []byte{1, 2, 3}),
-			"decode EndpointSet: unknown field 99: message truncated", errTruncated},
+			"decode EndpointSet: unknown field 99: message truncated", pbwire.ErrTruncated},
 		{"unterminated group", cat(tag(99, protowire.StartGroupType), tag(1, protowire.VarintType), []byte{1}),
-			"decode EndpointSet: unknown field 99: message truncated", errTruncated},
+			"decode EndpointSet: unknown field 99: message truncated", pbwire.ErrTruncated},
 		{"string as varint", cat(tag(1, protowire.VarintType), []byte{1}),
-			"decode EndpointSet: namespace (field 1): wire type varint, want length-delimited", errWireType},
+			"decode EndpointSet: namespace (field 1): wire type varint, want length-delimited", pbwire.ErrWireType},
 		{"bool as bytes", endpointIn(cat(tag(2, protowire.BytesType), lenPrefixed([]byte{1}))),
-			"decode EndpointSet: clusters[0]: endpoints[0]: ready (field 2): wire type length-delimited, want varint", errWireType},
+			"decode EndpointSet: clusters[0]: endpoints[0]: ready (field 2): wire type length-delimited, want varint", pbwire.ErrWireType},
 		{"message as fixed32", cat(tag(5, protowire.Fixed32Type), []byte{1, 2, 3, 4}),
-			"decode EndpointSet: ports (field 5): wire type fixed32, want length-delimited", errWireType},
+			"decode EndpointSet: ports (field 5): wire type fixed32, want length-delimited", pbwire.ErrWireType},
 		{"known field as group", cat(tag(6, protowire.StartGroupType), tag(6, protowire.EndGroupType)),
-			"decode EndpointSet: clusters (field 6): wire type start group, want length-delimited", errWireType},
+			"decode EndpointSet: clusters (field 6): wire type start group, want length-delimited", pbwire.ErrWireType},
 		{"invalid UTF-8", cat(tag(7, protowire.BytesType), lenPrefixed([]byte{0xff, 'x'})),
 			"decode EndpointSet: egress: invalid UTF-8", nil},
 		{"field number 0", []byte{0x02, 0},
@@ -395,13 +397,13 @@ func TestDecodePrefixes(t *testing.T) {
 	for range 20 {
 		b := marshal(t, g.endpointSet())
 		for i := range len(b) {
-			if _, err := decodeEndpointSet(b[:i]); err != nil && !errors.Is(err, errTruncated) {
+			if _, err := decodeEndpointSet(b[:i]); err != nil && !errors.Is(err, pbwire.ErrTruncated) {
 				t.Fatalf("prefix %d of %x: %v, want a truncation", i, b, err)
 			}
 		}
 		d := marshal(t, g.directory())
 		for i := range len(d) {
-			if _, err := decodeDirectory(d[:i]); err != nil && !errors.Is(err, errTruncated) {
+			if _, err := decodeDirectory(d[:i]); err != nil && !errors.Is(err, pbwire.ErrTruncated) {
 				t.Fatalf("prefix %d of %x: %v, want a truncation", i, d, err)
 			}
 		}
@@ -434,7 +436,7 @@ func checkAgainstProto[T any](t *testing.T, b []byte, got T, err error, m proto.
 		if diff := cmp.Diff(want(), got); diff != "" {
 			t.Fatalf("(-protobuf-go +ours):\n%s", diff)
 		}
-	case perr == nil && !errors.Is(err, errWireType):
+	case perr == nil && !errors.Is(err, pbwire.ErrWireType):
 		t.Fatalf("refused what protobuf-go accepts: %v", err)
 	case !strings.HasPrefix(err.Error(), "decode "):
 		t.Fatalf("error does not say what failed: %v", err)
