@@ -251,6 +251,23 @@ func (p *proc) rssMB(peak bool) float64 {
 	return sum / 1024
 }
 
+// switches counts the context switches of every thread.
+func (p *proc) switches() (n int64) {
+	for _, pid := range p.pids() {
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", pid))
+		for _, f := range tasks {
+			b, _ := os.ReadFile(f)
+			for line := range strings.SplitSeq(string(b), "\n") {
+				if k, v, ok := strings.Cut(line, ":"); ok && strings.HasSuffix(k, "voluntary_ctxt_switches") {
+					x, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+					n += x
+				}
+			}
+		}
+	}
+	return n
+}
+
 // cpu is the CPU time of every thread, from schedstat (ns, not 10ms ticks).
 func (p *proc) cpu() time.Duration {
 	var sum int64
@@ -269,6 +286,9 @@ func (p *proc) cpu() time.Duration {
 }
 
 func buildSidecar(b *testing.B) string {
+	if bin := os.Getenv("BENCH_SIDECAR_BIN"); bin != "" { // A/B runs against another build
+		return bin
+	}
 	bin := filepath.Join(b.TempDir(), "fedmesh-sidecar")
 	// As `make build` builds it: static, without grpc-go's tracing.
 	cmd := exec.Command("go", "build", "-tags=grpcnotrace", "-o", bin, "github.com/fedmesh/fedmesh/cmd/fedmesh-sidecar")
@@ -360,7 +380,14 @@ type pathFigures struct {
 	p99    float64
 	rps    float64
 	cpu    time.Duration // of the path's proxies over its fixed-rate slices
-	failed int
+	maxCPU time.Duration // of the path's proxies over its max-rate slices
+	maxN   float64       // requests answered in the max-rate slices
+	// Context switches of the path's proxies, and the machine's idle and
+	// total CPU ticks, over the max-rate slices: a path whose proxies
+	// sleep and wake more leaves the CPUs idle while requests wait.
+	maxSwitches int64
+	idle, ticks int64
+	failed      int
 }
 
 // path is one way from the load generator to the app.
@@ -369,6 +396,13 @@ type path struct {
 	addr  string
 	procs []*proc
 	fig   pathFigures
+}
+
+func (p *path) switches() (n int64) {
+	for _, pr := range p.procs {
+		n += pr.switches()
+	}
+	return n
 }
 
 func (p *path) cpu() (d time.Duration) {
@@ -400,9 +434,21 @@ func measureInterleaved(b *testing.B, paths []*path) {
 			p.fig.failed += failed
 		}
 	}
-	for range rounds {
-		for _, p := range paths {
+	for r := range rounds {
+		for i := range paths {
+			if r%2 == 1 { // every other round in reverse, so no path always follows the same one
+				i = len(paths) - 1 - i
+			}
+			p := paths[i]
+			c0, s0 := p.cpu(), p.switches()
+			i0, t0 := idleTicks()
 			rps, failed := maxRate(p.addr, benchConns, maxFor/rounds)
+			i1, t1 := idleTicks()
+			p.fig.maxSwitches += p.switches() - s0
+			p.fig.idle += i1 - i0
+			p.fig.ticks += t1 - t0
+			p.fig.maxCPU += p.cpu() - c0
+			p.fig.maxN += rps * (maxFor / rounds).Seconds()
 			p.fig.rps += rps / rounds
 			p.fig.failed += failed
 		}
@@ -478,6 +524,16 @@ func benchPaths(b *testing.B, proto string) {
 	b.ReportMetric(max(client.kb("RssAnon"), server.kb("RssAnon"))/1024, "rss-anon-2000rps-mb")
 	b.ReportMetric(max(client.rssMB(true), server.rssMB(true)), "rss-2000rps-mb")
 	b.ReportMetric(perK(s.cpu), "cpu-pct-per-1k-rps")
+	perReq := func(f pathFigures) float64 { // µs of CPU per request per proxy, at saturation
+		return f.maxCPU.Seconds() * 1e6 / 2 / max(f.maxN, 1)
+	}
+	b.ReportMetric(perReq(s), "cpu-us-per-req-at-max")
+	switchesPerReq := func(f pathFigures) float64 { // per proxy
+		return float64(f.maxSwitches) / 2 / max(f.maxN, 1)
+	}
+	idlePct := func(f pathFigures) float64 { return 100 * float64(f.idle) / float64(max(f.ticks, 1)) }
+	b.ReportMetric(switchesPerReq(s), "switches-per-req-at-max")
+	b.ReportMetric(idlePct(s), "idle-pct-at-max")
 	if hp == "" {
 		return
 	}
@@ -491,6 +547,9 @@ func benchPaths(b *testing.B, proto string) {
 	b.ReportMetric(h.rps, "haproxy-max-rps")
 	b.ReportMetric(max(ha.rssMB(true), hb.rssMB(true)), "haproxy-rss-mb")
 	b.ReportMetric(perK(h.cpu), "haproxy-cpu-pct-per-1k-rps")
+	b.ReportMetric(perReq(h), "haproxy-cpu-us-per-req-at-max")
+	b.ReportMetric(switchesPerReq(h), "haproxy-switches-per-req-at-max")
+	b.ReportMetric(idlePct(h), "haproxy-idle-pct-at-max")
 	b.ReportMetric((s.p50-d.p50)/hAdd50, "added-p50-vs-haproxy")
 	b.ReportMetric((s.p99-d.p99)/hAdd99, "added-p99-vs-haproxy")
 	b.ReportMetric(s.rps/h.rps, "max-rps-vs-haproxy")
@@ -763,4 +822,24 @@ func benchRouted(b *testing.B) {
 	b.ReportMetric(float64(allocs[0])/n, "none-allocs-per-req")
 	b.ReportMetric(float64(dur[1].Microseconds())/n, "routed-us-per-req")
 	b.ReportMetric(float64(allocs[1])/n, "routed-allocs-per-req")
+}
+
+// idleTicks reads the machine's idle (idle + iowait) and total CPU ticks:
+// user, nice, system, idle, iowait, irq, softirq, steal (guest time is
+// already counted in user).
+func idleTicks() (idle, total int64) {
+	b, _ := os.ReadFile("/proc/stat")
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 9 {
+		return 0, 0
+	}
+	for i, f := range f[1:9] {
+		n, _ := strconv.ParseInt(f, 10, 64)
+		total += n
+		if i == 3 || i == 4 {
+			idle += n
+		}
+	}
+	return
 }
