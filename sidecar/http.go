@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fedmesh/fedmesh/internal/rawio"
 	"github.com/fedmesh/fedmesh/sidecar/balancer"
 	"github.com/fedmesh/fedmesh/sidecar/health"
 )
@@ -75,6 +76,7 @@ func (u *upstream) serve(ctx context.Context) {
 // protocol and closes it. Explicit listeners and the transparent listener
 // both hand their connections here.
 func (u *upstream) serveConn(ctx context.Context, c net.Conn) {
+	c = rawio.Wrap(c)
 	untrack := u.s.track(c)
 	defer untrack()
 	defer c.Close()

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/internal/rawio"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
 
@@ -79,7 +80,7 @@ func (s *Sidecar) watchOwn(ctx context.Context, ch <-chan endpoints.Set) {
 // reset aborts c with a TCP reset (no close_notify, no FIN): the caller
 // sees the refusal at once and no byte of its reached the app.
 func reset(c net.Conn) {
-	if tc, ok := c.(*net.TCPConn); ok {
+	if tc, ok := c.(interface{ SetLinger(int) error }); ok {
 		_ = tc.SetLinger(0)
 	}
 	_ = c.Close()
@@ -101,6 +102,7 @@ func (s *Sidecar) handleInbound(c net.Conn) error {
 	if tc, ok := app.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
 	}
+	c, app = rawio.Wrap(c), rawio.Wrap(app)
 	tc := tls.Server(c, s.serverTLS)
 	_ = c.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
 	if err := tc.Handshake(); err != nil {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/fedmesh/fedmesh/gateway/tunnel"
+	"github.com/fedmesh/fedmesh/internal/rawio"
 	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar/balancer"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
@@ -439,7 +440,7 @@ func (p *backendPool) dialTLS(ctx context.Context, t *balancer.Target, cfg *tls.
 		if tc, ok := c.(*net.TCPConn); ok {
 			_ = tc.SetNoDelay(true)
 		}
-		raw = c
+		raw = rawio.Wrap(c)
 	}
 	tc := tls.Client(raw, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {

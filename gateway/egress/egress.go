@@ -23,6 +23,7 @@ import (
 
 	"github.com/fedmesh/fedmesh/gateway/tunnel"
 	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/internal/rawio"
 )
 
 // DefaultGatewayPath is the SPIFFE ID path of gateways in every trust
@@ -244,7 +245,9 @@ func (c *Client) handshake(ctx context.Context) (spare, error) {
 		return spare{}, fmt.Errorf("dial gateway egress %s: %w", c.addr, err)
 	}
 	tc := raw.(*net.TCPConn)
-	tlsConn := tls.Client(tc, c.tls)
+	// Reads and writes go off the scheduler's syscall path (internal/rawio);
+	// tc stays for the liveness peek and Close.
+	tlsConn := tls.Client(rawio.Wrap(tc), c.tls)
 	if err := tlsConn.HandshakeContext(ctx); err != nil {
 		_ = tc.Close()
 		return spare{}, fmt.Errorf("gateway egress %s handshake: %w", c.addr, err)
