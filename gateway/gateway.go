@@ -327,6 +327,7 @@ func New(cfg Config) (*Gateway, error) {
 func (g *Gateway) quicConfig() *quic.Config {
 	q := g.cfg.QUIC.Clone()
 	q.MaxIdleTimeout, q.KeepAlivePeriod = peer.Timeouts(g.cfg.DeadAfter)
+	q.EnableDatagrams = true // peer links' RTT pings, echoed by acceptTunnel
 	return q
 }
 
@@ -588,6 +589,7 @@ func (g *Gateway) acceptTunnel(ctx context.Context, wg *sync.WaitGroup) {
 			// Streams of this connection end with it: their splices abort.
 			cctx, done := connContext(ctx, conn)
 			defer done()
+			wg.Go(func() { peer.ServeDatagrams(cctx, conn, nil) }) // echo the dialer's RTT pings
 			defer func() {
 				g.mu.Lock()
 				delete(g.inbound, conn)

@@ -130,6 +130,7 @@ func New(cfg Config) (*Link, error) {
 	}
 	q := cfg.QUIC.Clone()
 	q.MaxIdleTimeout, q.KeepAlivePeriod = Timeouts(cfg.DeadAfter)
+	q.EnableDatagrams = true // RTT pings (ping.go)
 	if q.HandshakeIdleTimeout == 0 {
 		q.HandshakeIdleTimeout = max(2*cfg.DeadAfter, 2*time.Second)
 	}
@@ -217,12 +218,30 @@ func (l *Link) awaitWelcome(ctx context.Context, conn *quic.Conn) error {
 	return nil
 }
 
-// serve holds one connection until it dies or ctx ends, sampling RTT.
+// serve holds one connection until it dies or ctx ends, sampling RTT:
+// with a ping every tick when the peer echoes datagrams (ping.go), else
+// from quic-go's latest sample.
 func (l *Link) serve(ctx context.Context, conn *quic.Conn) {
 	l.conn.Store(conn)
 	l.setUp(true, "")
 	tick := time.NewTicker(max(l.cfg.DeadAfter/10, 10*time.Millisecond))
 	defer tick.Stop()
+	var pp *pings
+	if datagramsOn(conn) {
+		pp = &pings{}
+		dctx, stop := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			ServeDatagrams(dctx, conn, func(sent time.Duration) {
+				if rtt, ok := pp.echoed(sent); ok {
+					l.addRTT(rtt)
+				}
+			})
+		}()
+		defer func() { stop(); <-done }()
+		pp.add(sendPing(conn))
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -237,14 +256,20 @@ func (l *Link) serve(ctx context.Context, conn *quic.Conn) {
 			l.log.Warn("peer gateway connection lost", "err", cause)
 			return
 		case <-tick.C:
-			if rtt := conn.ConnectionStats().LatestRTT; rtt > 0 {
-				l.mu.Lock()
-				l.rtts[l.nrtt%rttSamples] = rtt
-				l.nrtt++
-				l.mu.Unlock()
+			if pp != nil {
+				pp.add(sendPing(conn))
+			} else if rtt := conn.ConnectionStats().LatestRTT; rtt > 0 {
+				l.addRTT(rtt)
 			}
 		}
 	}
+}
+
+func (l *Link) addRTT(rtt time.Duration) {
+	l.mu.Lock()
+	l.rtts[l.nrtt%rttSamples] = rtt
+	l.nrtt++
+	l.mu.Unlock()
 }
 
 func (l *Link) setUp(up bool, reason string) {

@@ -1,0 +1,100 @@
+package peer
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"math/big"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+)
+
+func TestEchoesOnlyOwnRecentPings(t *testing.T) {
+	var p pings
+	now := sincePingEpoch()
+	sent := func(i int) time.Duration { return now - time.Duration(inFlight+1-i)*time.Millisecond }
+	for i := range inFlight + 1 { // the first leaves the window
+		p.add(sent(i))
+	}
+	if _, ok := p.echoed(sent(0)); ok {
+		t.Error("echo of a ping that left the window counted")
+	}
+	if _, ok := p.echoed(now + 12345); ok {
+		t.Error("echo of a ping never sent counted")
+	}
+	if _, ok := p.echoed(0); ok {
+		t.Error("echo of clock 0 counted")
+	}
+	// sent(5) was 12 ms before now.
+	if rtt, ok := p.echoed(sent(5)); !ok || rtt < 12*time.Millisecond || rtt > time.Second {
+		t.Fatalf("echo of a ping sent 12ms ago: %v, %v", rtt, ok)
+	}
+	if _, ok := p.echoed(sent(5)); ok {
+		t.Error("second echo of the same ping counted")
+	}
+}
+
+// TestServeDatagramsOverQUIC: over a real QUIC connection, the echoing side
+// drops datagrams that are no ping (wrong size, unknown type, an echo it
+// never asked for) and answers the ping that follows them.
+func TestServeDatagramsOverQUIC(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := &quic.Config{EnableDatagrams: true}
+	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}, NextProtos: []string{"t"}}, q)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		c, err := ln.Accept(ctx)
+		if err != nil {
+			return
+		}
+		ServeDatagrams(ctx, c, nil)
+		_ = c.CloseWithError(0, "")
+	}()
+	c, err := quic.DialAddr(ctx, ln.Addr().String(), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"t"}}, q) //nolint:gosec // a throwaway self-signed peer
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.CloseWithError(0, "")
+	if !datagramsOn(c) {
+		t.Fatal("datagrams not negotiated")
+	}
+	for _, junk := range [][]byte{{1, 2, 3}, bytes.Repeat([]byte{'x'}, pingLen), append([]byte{pongType}, make([]byte, pingLen-1)...)} {
+		if err := c.SendDatagram(junk); err != nil {
+			t.Fatal(err)
+		}
+	}
+	at := sendPing(c)
+	rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
+	defer rcancel()
+	b, err := c.ReceiveDatagram(rctx)
+	if err != nil {
+		t.Fatalf("no echo of the ping: %v", err)
+	}
+	if len(b) != pingLen || b[0] != pongType || time.Duration(binary.BigEndian.Uint64(b[1:])) != at {
+		t.Fatalf("first datagram back is %x, want the echo of the ping sent at %v", b, at)
+	}
+	cancel()
+	<-served
+}
