@@ -4,6 +4,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"syscall"
 	"time"
 	"unsafe"
@@ -21,9 +22,8 @@ import (
 // its sleeps. A read or write on a non-blocking socket never blocks, so it
 // need not tell the scheduler. See docs/sidecar.md, "Raw socket I/O".
 //
-// A Conn must not be read by two goroutines at once, nor written by two at
-// once (one reader and one writer are fine), as is the case for every
-// connection the sidecar proxies.
+// Like a net.Conn, a Conn may be used by several goroutines at once:
+// concurrent Reads (and concurrent Writes) take turns.
 type Conn struct {
 	tc *net.TCPConn
 	rc syscall.RawConn
@@ -34,6 +34,7 @@ type Conn struct {
 // op is one read or write in flight; fn is bound once, so an operation
 // allocates nothing.
 type op struct {
+	mu  sync.Mutex // one operation of this direction at a time
 	p   []byte
 	n   int
 	err syscall.Errno
@@ -97,10 +98,12 @@ func (c *Conn) Read(p []byte) (int, error) {
 		return 0, nil
 	}
 	o := &c.rd
+	o.mu.Lock()
 	o.p, o.n, o.err = p, 0, 0
 	err := c.rc.Read(o.fn)
 	n, e := o.n, o.err
 	o.p = nil
+	o.mu.Unlock()
 	switch {
 	case err != nil:
 		return 0, c.opError("read", err)
@@ -119,10 +122,12 @@ func (c *Conn) Write(p []byte) (int, error) {
 		return 0, nil
 	}
 	o := &c.wr
+	o.mu.Lock()
 	o.p, o.n, o.err = p, 0, 0
 	err := c.rc.Write(o.fn)
 	n, e := o.n, o.err
 	o.p = nil
+	o.mu.Unlock()
 	switch {
 	case err != nil:
 		return n, c.opError("write", err)

@@ -246,3 +246,42 @@ func selfSigned(t testing.TB) tls.Certificate {
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 }
+
+// TestConcurrentWrites: writes from several goroutines at once each arrive
+// whole, as on a net.TCPConn.
+func TestConcurrentWrites(t *testing.T) {
+	w, p := pair(t)
+	const writers, each, size = 4, 200, 1000
+	done := make(chan struct{})
+	for g := range writers {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			msg := bytes.Repeat([]byte{byte('a' + g)}, size)
+			for range each {
+				if _, err := w.Write(msg); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	go func() {
+		for range writers {
+			<-done
+		}
+		_ = w.(interface{ CloseWrite() error }).CloseWrite()
+	}()
+	_ = p.SetReadDeadline(time.Now().Add(20 * time.Second))
+	got, err := io.ReadAll(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != writers*each*size {
+		t.Fatalf("read %d bytes, want %d", len(got), writers*each*size)
+	}
+	for i := 0; i < len(got); i += size { // every write is one run of its letter
+		if c := bytes.Count(got[i:i+size], got[i:i+1]); c != size {
+			t.Fatalf("write at offset %d interleaved with another", i)
+		}
+	}
+}
