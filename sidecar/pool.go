@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/fedmesh/fedmesh/gateway/tunnel"
-	"github.com/fedmesh/fedmesh/internal/rawio"
 	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar/balancer"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
@@ -440,7 +439,7 @@ func (p *backendPool) dialTLS(ctx context.Context, t *balancer.Target, cfg *tls.
 		if tc, ok := c.(*net.TCPConn); ok {
 			_ = tc.SetNoDelay(true)
 		}
-		raw = rawio.Wrap(c)
+		raw = p.s.socket(c)
 	}
 	tc := tls.Client(raw, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {

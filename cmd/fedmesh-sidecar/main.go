@@ -82,6 +82,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		egress     = fs.String("gateway-egress", "", "local gateway egress address (UDP)")
 		admin      = fs.String("admin", "", "admin listen address (/live, /ready, /state, /metrics)")
 		logLevel   = fs.String("log-level", "info", "debug, info, warn or error")
+		socketIO   = fs.String("socket-io", "raw", "how proxied connections read and write their sockets: raw (system calls off the Go scheduler's syscall path: about 30% less CPU per request, a higher throughput ceiling) or std (net.TCPConn: on a lightly loaded VM a median some 0.05 ms lower, for more CPU)")
 		accessLog  = fs.String("access-log", "", "one JSON line per outbound HTTP request: stdout, stderr or a file path (appended); empty: off")
 		attempt    = fs.Duration("attempt-timeout", sidecar.DefaultAttemptTimeout, "per-attempt timeout until the response head")
 		maxReqs    = fs.Int("max-requests", sidecar.DefaultMaxRequests, "circuit breaker: outstanding requests per upstream before 503 overflow")
@@ -115,6 +116,13 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		AdminAddr: *admin, AttemptTimeout: *attempt, Logger: log,
 		MaxRequests: *maxReqs, MaxConnections: *maxConns, MaxPending: *maxPending,
 		InboundProtocol: *inProto,
+	}
+	switch *socketIO {
+	case "raw":
+	case "std":
+		cfg.StdSocketIO = true
+	default:
+		return fmt.Errorf("--socket-io %q: want raw or std", *socketIO)
 	}
 	switch *accessLog {
 	case "":
