@@ -189,6 +189,15 @@ type prefixConn struct {
 
 func (c *prefixConn) Read(p []byte) (int, error) { return c.br.Read(p) }
 
+// CloseWrite half-closes the connection underneath (a tunnel after an
+// upgrade passes half-closes on), or closes it.
+func (c *prefixConn) CloseWrite() error {
+	if cw, ok := c.Conn.(closeWriter); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}
+
 // h2Server is the upstream's HTTP/2 server, made on first use and closed
 // when ctx (the sidecar's) ends.
 func (u *upstream) h2Server(ctx context.Context) *connServer {

@@ -14,7 +14,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/fedmesh/fedmesh/internal/rawio"
 	"github.com/fedmesh/fedmesh/sidecar/balancer"
 	"github.com/fedmesh/fedmesh/sidecar/health"
 )
@@ -76,7 +75,7 @@ func (u *upstream) serve(ctx context.Context) {
 // protocol and closes it. Explicit listeners and the transparent listener
 // both hand their connections here.
 func (u *upstream) serveConn(ctx context.Context, c net.Conn) {
-	c = rawio.Wrap(c)
+	c = u.s.socket(c)
 	untrack := u.s.track(c)
 	defer untrack()
 	defer c.Close()
@@ -115,12 +114,22 @@ func (u *upstream) serveHTTP(ctx context.Context, c net.Conn) {
 		if !ok {
 			return
 		}
-		keep := u.roundTrip(ctx, req, bw)
+		expectContinue(req, bw)
+		keep, up := u.roundTrip(ctx, req, bw)
+		if up != nil { // 101 Switching Protocols: no more HTTP on either side
+			if bw.Flush() == nil {
+				joinSwitched(c, br, up.Conn, up.br)
+			}
+			_ = up.Close()
+			return
+		}
 		if err := bw.Flush(); err != nil || !keep || req.Close {
 			return
 		}
 		if req.Body != http.NoBody { // the body must be consumed before the next request
-			if _, err := io.Copy(io.Discard, req.Body); err != nil {
+			// Forwarding it closed it, and closing a request body reads it
+			// to its end: only a body nothing forwarded is left to drain.
+			if _, err := io.Copy(io.Discard, req.Body); err != nil && !errors.Is(err, http.ErrBodyReadAfterClose) {
 				return
 			}
 		}
@@ -184,10 +193,12 @@ func (a *answer) release(reuse bool) {
 }
 
 // roundTrip serves one request and reports whether the client connection
-// may carry another. The first route rule that matches picks the backend
+// may carry another; switched is the upstream connection when the answer
+// was 101 Switching Protocols (written to w, not yet flushed), which the
+// caller joins to the client's. The first route rule that matches picks the backend
 // service and may override timeouts, retries and headers; with none, the
 // upstream's own service serves as ever.
-func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Writer) bool {
+func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Writer) (keep bool, switched *upConn) {
 	start := time.Now()
 	svc := u.name
 	rec := reqRecord{req: req, start: start, traceID: traceContext(req.Header)}
@@ -195,7 +206,7 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 	if !u.enter() {
 		u.finish(&rec, "", "overflow", http.StatusServiceUnavailable, -1)
 		writeError(w, http.StatusServiceUnavailable, "overflow", "too many outstanding requests")
-		return replayable
+		return replayable, nil
 	}
 	defer u.leave()
 	u.budget.request(start)
@@ -203,7 +214,7 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 	if !ok {
 		u.finish(&rec, "", "no_endpoint", http.StatusServiceUnavailable, -1)
 		writeError(w, http.StatusServiceUnavailable, "no_healthy_endpoint", "no backend of route "+pl.rt.name+" has an endpoint")
-		return replayable
+		return replayable, nil
 	}
 	rt, bp := pl.rt, pl.bp
 	deadline := start.Add(pl.reqTimeout)
@@ -229,7 +240,7 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 			u.s.m.overflows.WithLabelValues(svc, "pending").Inc()
 			u.finish(&rec, "", "overflow", http.StatusServiceUnavailable, -1)
 			writeError(w, http.StatusServiceUnavailable, "overflow", err.Error())
-			return replayable
+			return replayable, nil
 		}
 		if err != nil {
 			u.s.log.Debug("attempt failed", "upstream", svc, "cluster", t.Cluster, "endpoint", t.Name, "err", err)
@@ -239,7 +250,7 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 			}
 			u.finish(&rec, t.Cluster, "error", http.StatusBadGateway, -1)
 			writeError(w, http.StatusBadGateway, "upstream_failed", err.Error())
-			return false
+			return false, nil
 		}
 		if safe && a.body != nil && rt.retryable(a.resp.StatusCode) {
 			if last != nil {
@@ -262,17 +273,20 @@ func (u *upstream) roundTrip(ctx context.Context, req *http.Request, w *bufio.Wr
 	if timedOut || time.Now().After(deadline) {
 		u.finish(&rec, "", "timeout", http.StatusGatewayTimeout, -1)
 		writeError(w, http.StatusGatewayTimeout, "timeout", "no answer from "+bp.label+" in time")
-		return replayable
+		return replayable, nil
 	}
 	u.finish(&rec, "", "no_endpoint", http.StatusServiceUnavailable, -1)
 	writeError(w, http.StatusServiceUnavailable, "no_healthy_endpoint", "no endpoint of "+bp.label+" answered")
-	return replayable
+	return replayable, nil
 }
 
 // respond forwards a to the client and returns the upstream connection to
 // its pool when the body was read to the end.
-func (u *upstream) respond(rec *reqRecord, a *answer, w *bufio.Writer, rt *route) bool {
+func (u *upstream) respond(rec *reqRecord, a *answer, w *bufio.Writer, rt *route) (bool, *upConn) {
 	req := rec.req
+	if a.resp.StatusCode == http.StatusSwitchingProtocols {
+		return u.switchProtocols(rec, a, w)
+	}
 	result := "ok"
 	if a.resp.StatusCode >= 500 {
 		result = "5xx"
@@ -293,12 +307,38 @@ func (u *upstream) respond(rec *reqRecord, a *answer, w *bufio.Writer, rt *route
 	if err != nil {
 		u.finish(rec, a.t.Cluster, "client_error", a.resp.StatusCode, -1)
 		a.release(false)
-		return false
+		return false, nil
 	}
 	u.finish(rec, a.t.Cluster, result, a.resp.StatusCode, -1)
 	u.latency.Observe(time.Since(rec.start).Seconds())
 	a.release(true)
-	return true
+	return true, nil
+}
+
+// switchProtocols passes on the upstream's 101 Switching Protocols (a
+// WebSocket handshake, say) and hands its connection over for the tunnel;
+// it never returns to the pool. A 101 the client did not ask for is a 502.
+func (u *upstream) switchProtocols(rec *reqRecord, a *answer, w *bufio.Writer) (bool, *upConn) {
+	if !upgradeRequested(rec.req.Header) {
+		u.finish(rec, a.t.Cluster, "error", http.StatusBadGateway, -1)
+		a.release(false)
+		writeError(w, http.StatusBadGateway, "upstream_failed", "101 Switching Protocols to a request that asked for no upgrade")
+		return false, nil
+	}
+	a.resp.Body = http.NoBody
+	err := a.resp.Write(w)
+	putBody(a.body)
+	a.body = nil
+	uc := a.uc
+	a.uc = nil
+	if err != nil {
+		u.finish(rec, a.t.Cluster, "client_error", a.resp.StatusCode, -1)
+		_ = uc.Close()
+		return false, nil
+	}
+	u.finish(rec, a.t.Cluster, "ok", a.resp.StatusCode, -1)
+	_ = uc.SetDeadline(time.Time{}) // the request's deadline does not bound the tunnel
+	return false, uc
 }
 
 // attempt sends req to t and reads the response head, and the body when
@@ -379,7 +419,7 @@ func (u *upstream) exchange(uc *upConn, t *balancer.Target, req *http.Request) (
 	if err := uc.bw.Flush(); err != nil {
 		return nil, fmt.Errorf("write request to %s: %w", t.Name, err)
 	}
-	resp, err := http.ReadResponse(uc.br, req)
+	resp, err := readAnswer(uc.br, req)
 	if err != nil {
 		return nil, fmt.Errorf("read response from %s: %w", t.Name, err)
 	}

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/fedmesh/fedmesh/identity/mtls"
-	"github.com/fedmesh/fedmesh/internal/rawio"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
 
@@ -102,7 +101,7 @@ func (s *Sidecar) handleInbound(c net.Conn) error {
 	if tc, ok := app.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
 	}
-	c, app = rawio.Wrap(c), rawio.Wrap(app)
+	c, app = s.socket(c), s.socket(app)
 	tc := tls.Server(c, s.serverTLS)
 	_ = c.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
 	if err := tc.Handshake(); err != nil {
@@ -279,16 +278,31 @@ func (s *Sidecar) serveInboundHTTP(c, app net.Conn, caller, td string) {
 			}
 			continue
 		}
+		expectContinue(req, bw)
 		if err := req.Write(abw); err != nil {
 			return
 		}
 		if err := abw.Flush(); err != nil {
 			return
 		}
-		resp, err := http.ReadResponse(abr, req)
+		resp, err := readAnswer(abr, req)
 		if err != nil {
 			writeError(bw, http.StatusBadGateway, "app_failed", err.Error())
 			_ = bw.Flush()
+			return
+		}
+		if resp.StatusCode == http.StatusSwitchingProtocols {
+			// The app took the upgrade (a WebSocket): the connection is
+			// the new protocol's from here, admitted as the request was.
+			if !upgradeRequested(req.Header) {
+				writeError(bw, http.StatusBadGateway, "app_failed", "101 Switching Protocols to a request that asked for no upgrade")
+				_ = bw.Flush()
+				return
+			}
+			resp.Body = http.NoBody
+			if resp.Write(bw) == nil && bw.Flush() == nil {
+				joinSwitched(c, br, app, abr)
+			}
 			return
 		}
 		// A body delimited by the app closing can only be passed on by

@@ -1,0 +1,203 @@
+package sidecar_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/sidecar"
+	"github.com/fedmesh/fedmesh/sidecar/endpoints"
+)
+
+// upgradeApp answers a request with Upgrade: fedmesh-echo by switching
+// protocols and then echoing every line it reads, prefixed with "echo ";
+// a POST gets its body back (and, through net/http, a 100 Continue when it
+// asked for one); anything else gets "plain".
+func upgradeApp(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.Header.Get("Upgrade") == "fedmesh-echo":
+			c, brw, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				t.Errorf("hijack: %v", err)
+				return
+			}
+			defer c.Close()
+			_, _ = brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: fedmesh-echo\r\nConnection: Upgrade\r\n\r\n")
+			_ = brw.Flush()
+			for {
+				line, err := brw.ReadString('\n')
+				if err != nil {
+					return
+				}
+				_, _ = brw.WriteString("echo " + line)
+				_ = brw.Flush()
+			}
+		case r.Method == http.MethodPost:
+			_, _ = io.Copy(w, r.Body)
+		default:
+			_, _ = io.WriteString(w, "plain")
+		}
+	})}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	return ln.Addr().String()
+}
+
+// meshTo runs a server sidecar in front of appAddr (its inbound HTTP loop
+// when loop is true, which a Service with an inbound policy uses; else the
+// spliced fast path) and a client sidecar with an HTTP upstream to it, and
+// returns the client's listener.
+func meshTo(t *testing.T, dom *gatewaytest.Domain, appAddr string, loop bool) string {
+	t.Helper()
+	cfg := sidecar.Config{
+		Cluster: dom.Cluster, TrustDomain: dom.TD, Source: dom.Source(t, "web"),
+		InboundAddr: "127.0.0.1:0", AppAddr: appAddr,
+	}
+	if loop {
+		cfg.Service = sidecar.ServiceName{Namespace: "shop", Name: "checkout"}
+		cfg.ServicePort = 8080
+		cfg.InboundProtocol = sidecar.ProtocolHTTP
+		cfg.Endpoints = &endpoints.Static{}
+	}
+	server := startSidecar(t, "server", cfg)
+	src := &endpoints.Static{}
+	src.Update(endpoints.Set{Namespace: "shop", Service: "checkout", Port: 8080, Clusters: []endpoints.Cluster{
+		{Name: dom.Cluster, Endpoints: []endpoints.Endpoint{{Name: "s", Addr: server.InboundAddr().String(), Ready: true}}},
+	}})
+	client := startSidecar(t, "client", sidecar.Config{
+		Cluster: dom.Cluster, TrustDomain: dom.TD, Source: dom.Source(t, "web"), Endpoints: src,
+		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 8080, Listen: "127.0.0.1:0"}},
+	})
+	waitFor(t, "client sidecar ready", 5*time.Second, client.Ready)
+	return client.UpstreamAddr(0).String()
+}
+
+// TestUpgradeThroughSidecars: a protocol upgrade (as a WebSocket handshake
+// does) is answered 101 through both sidecars, after which the connection
+// carries the new protocol both ways; the sidecars' connections are not
+// reused for HTTP afterwards, and the client's next connection is served.
+func TestUpgradeThroughSidecars(t *testing.T) {
+	dom := gatewaytest.Start(t, []string{"west"}, nil)["west"]
+	appAddr := upgradeApp(t)
+	for _, loop := range []bool{false, true} {
+		t.Run(fmt.Sprintf("inbound-loop=%v", loop), func(t *testing.T) {
+			addr := meshTo(t, dom, appAddr, loop)
+			c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+			br := bufio.NewReader(c)
+			// The first line of the new protocol goes with the handshake,
+			// before the 101 came back: it must not be lost.
+			if _, err := io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: checkout\r\nConnection: Upgrade\r\nUpgrade: fedmesh-echo\r\n\r\nfirst\n"); err != nil {
+				t.Fatal(err)
+			}
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Upgrade") != "fedmesh-echo" {
+				t.Fatalf("handshake answered %s, Upgrade %q; want 101, fedmesh-echo", resp.Status, resp.Header.Get("Upgrade"))
+			}
+			for _, line := range []string{"first", "second", strings.Repeat("x", 100_000)} {
+				if line != "first" {
+					if _, err := io.WriteString(c, line+"\n"); err != nil {
+						t.Fatal(err)
+					}
+				}
+				got, err := br.ReadString('\n')
+				if err != nil || got != "echo "+line+"\n" {
+					t.Fatalf("after the upgrade: read %.40q, %v; want the echo of %.20q", got, err, line)
+				}
+			}
+			// Half-close: the app sees the end, closes, and the client sees
+			// the end too.
+			_ = c.(*net.TCPConn).CloseWrite()
+			if b, err := br.ReadByte(); err != io.EOF {
+				t.Fatalf("after CloseWrite: read %q, %v; want EOF", b, err)
+			}
+			// Plain HTTP still works on a new connection (a tunnel's
+			// connection never went back to the pool).
+			for range 3 {
+				body, err := getBody("http://" + addr + "/")
+				if err != nil || body != "plain" {
+					t.Fatalf("plain request after the tunnel: %q, %v", body, err)
+				}
+			}
+		})
+	}
+}
+
+// TestExpectContinue: a client that waits for 100 Continue before sending
+// its body gets it at once from its sidecar, not after its own timeout,
+// and the app's own 100 Continue does not end the exchange early.
+func TestExpectContinue(t *testing.T) {
+	dom := gatewaytest.Start(t, []string{"west"}, nil)["west"]
+	appAddr := upgradeApp(t)
+	for _, loop := range []bool{false, true} {
+		t.Run(fmt.Sprintf("inbound-loop=%v", loop), func(t *testing.T) {
+			addr := meshTo(t, dom, appAddr, loop)
+			c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			br := bufio.NewReader(c)
+			for i := range 2 { // two requests on one connection
+				body := fmt.Sprintf("body %d", i)
+				if _, err := fmt.Fprintf(c, "POST /p HTTP/1.1\r\nHost: checkout\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n", len(body)); err != nil {
+					t.Fatal(err)
+				}
+				// Wait for 100 Continue, as curl does (for a second).
+				_ = c.SetReadDeadline(time.Now().Add(900 * time.Millisecond))
+				interim, err := http.ReadResponse(br, nil)
+				if err != nil || interim.StatusCode != http.StatusContinue {
+					t.Fatalf("request %d: before the body: %v, %v; want 100 Continue within 900ms", i, interim, err)
+				}
+				_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				if _, err := io.WriteString(c, body); err != nil {
+					t.Fatal(err)
+				}
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				got, _ := io.ReadAll(resp.Body)
+				if resp.StatusCode != http.StatusOK || string(got) != body {
+					t.Fatalf("request %d answered %s %q; want 200 %q", i, resp.Status, got, body)
+				}
+			}
+		})
+	}
+}
+
+func getBody(url string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
+}
