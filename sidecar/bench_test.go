@@ -472,18 +472,23 @@ func benchPaths(b *testing.B, proto string) {
 	dir := b.TempDir()
 	a := startApp(b, "app", "")
 
-	serverIn, clientOut, serverAdmin, clientAdmin := freePort(b), freePort(b), freePort(b), freePort(b)
-	epFile := filepath.Join(dir, "endpoints.json")
-	set := fmt.Sprintf(`[{"namespace":"shop","service":"checkout","port":8080,"clusters":[{"name":"west","endpoints":[{"name":"s","addr":%q,"ready":true}]}]}]`, serverIn)
-	if err := os.WriteFile(epFile, []byte(set), 0o600); err != nil {
-		b.Fatal(err)
+	// pair starts a server and a client sidecar, the client's upstream at
+	// front, with extra flags for both.
+	pair := func(extra ...string) (client, server *proc, front string) {
+		serverIn, clientOut, serverAdmin, clientAdmin := freePort(b), freePort(b), freePort(b), freePort(b)
+		epFile := filepath.Join(dir, "endpoints-"+serverIn[strings.LastIndex(serverIn, ":")+1:]+".json")
+		set := fmt.Sprintf(`[{"namespace":"shop","service":"checkout","port":8080,"clusters":[{"name":"west","endpoints":[{"name":"s","addr":%q,"ready":true}]}]}]`, serverIn)
+		if err := os.WriteFile(epFile, []byte(set), 0o600); err != nil {
+			b.Fatal(err)
+		}
+		common := []string{"--cluster", "west", "--workload-api", west.Addr("web"), "--log-level", "warn"}
+		server = startProc(b, bin, slices.Concat(common, extra, []string{"--inbound", serverIn, "--app", a.addr(), "--admin", serverAdmin})...)
+		client = startProc(b, bin, slices.Concat(common, extra, []string{"--endpoints", epFile, "--upstream", "shop/checkout:8080=" + clientOut + "," + proto, "--admin", clientAdmin})...)
+		waitListening(b, serverIn, server)
+		waitListening(b, clientOut, client)
+		return client, server, clientOut
 	}
-	server := startProc(b, bin, "--cluster", "west", "--workload-api", west.Addr("web"), "--log-level", "warn",
-		"--inbound", serverIn, "--app", a.addr(), "--admin", serverAdmin)
-	client := startProc(b, bin, "--cluster", "west", "--workload-api", west.Addr("web"), "--log-level", "warn",
-		"--endpoints", epFile, "--upstream", "shop/checkout:8080="+clientOut+","+proto, "--admin", clientAdmin)
-	waitListening(b, serverIn, server)
-	waitListening(b, clientOut, client)
+	client, server, clientOut := pair()
 	time.Sleep(time.Second) // settle before reading idle memory
 	idleRSS := max(client.rssMB(false), server.rssMB(false))
 	// Most of that RSS is the binary's own pages (file-backed, shared by
@@ -494,6 +499,10 @@ func benchPaths(b *testing.B, proto string) {
 	direct := &path{name: "direct", addr: a.addr()}
 	side := &path{name: "sidecar", addr: clientOut, procs: []*proc{client, server}}
 	paths := []*path{direct, side}
+	// The same pair reading and writing through net.TCPConn (--socket-io
+	// std): the trade-off of raw socket I/O, measured in the same run.
+	stdClient, stdServer, stdFront := pair("--socket-io", "std")
+	std := &path{name: "sidecar-std", addr: stdFront, procs: []*proc{stdClient, stdServer}}
 	hp, why := haproxyBin()
 	var ha, hb *proc
 	if hp != "" {
@@ -504,6 +513,7 @@ func benchPaths(b *testing.B, proto string) {
 	} else {
 		b.Logf("HAProxy comparison skipped: %s", why)
 	}
+	paths = append(paths, std)
 	measureInterleaved(b, paths)
 
 	d, s := direct.fig, side.fig
@@ -538,6 +548,16 @@ func benchPaths(b *testing.B, proto string) {
 		return
 	}
 	h := paths[2].fig
+	sd := std.fig
+	if sd.failed > 0 {
+		b.Errorf("%d requests failed through the sidecars with --socket-io std\nclient: %s\nserver: %s", sd.failed, stdClient.log, stdServer.log)
+	}
+	b.ReportMetric(sd.p50-d.p50, "std-added-p50-ms")
+	b.ReportMetric((sd.p50-d.p50)/(h.p50-d.p50), "std-added-p50-vs-haproxy")
+	b.ReportMetric((sd.p99-d.p99)/(h.p99-d.p99), "std-added-p99-vs-haproxy")
+	b.ReportMetric(sd.rps/h.rps, "std-max-rps-vs-haproxy")
+	b.ReportMetric(perK(sd.cpu), "std-cpu-pct-per-1k-rps")
+	b.ReportMetric(perReq(sd), "std-cpu-us-per-req-at-max")
 	if h.failed > 0 {
 		b.Logf("%d requests failed through HAProxy\nA: %s\nB: %s", h.failed, ha.log, hb.log)
 	}
