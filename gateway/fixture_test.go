@@ -24,6 +24,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/fedmesh/fedmesh/gateway/faultnet"
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
 	"github.com/fedmesh/fedmesh/gateway/tunnel"
 	"github.com/fedmesh/fedmesh/internal/testutil"
@@ -305,4 +306,22 @@ func hasLabel(m *dto.Metric, k, v string) bool {
 		}
 	}
 	return false
+}
+
+// relayedPair starts east (serving cat, federating west) and west, whose
+// only peer is east through a fault relay with faults f from the start;
+// westTweak may adjust west's config. The relay closes at cleanup.
+func relayedPair(t *testing.T, doms map[string]*gatewaytest.Domain, cat Catalog, f faultnet.Faults, westTweak func(*Config)) (west, east *testGW, relay *faultnet.Relay) {
+	t.Helper()
+	east = startGateway(t, doms["east"], cat, nil, func(c *Config) { c.Federated = []spiffeid.TrustDomain{doms["west"].TD} })
+	relay, err := faultnet.New("127.0.0.1:0", east.TunnelAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = relay.Close() })
+	if err := relay.SetFaults(f); err != nil {
+		t.Fatal(err)
+	}
+	west = startGateway(t, doms["west"], &StaticCatalog{}, []Peer{{Cluster: "east", TrustDomain: doms["east"].TD, Addrs: []string{relay.Addr().String()}}}, westTweak)
+	return west, east, relay
 }

@@ -497,13 +497,7 @@ func TestFaultRelay(t *testing.T) {
 	echo := newLineEcho(t)
 	cat := &StaticCatalog{}
 	cat.Set("shop", "checkout", 80, echo.endpoint())
-	east := startGateway(t, doms["east"], cat, nil, func(c *Config) { c.Federated = []spiffeid.TrustDomain{doms["west"].TD} })
-	relay, err := faultnet.New("127.0.0.1:0", east.TunnelAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer relay.Close()
-	west := startGateway(t, doms["west"], &StaticCatalog{}, []Peer{{Cluster: "east", TrustDomain: doms["east"].TD, Addrs: []string{relay.Addr().String()}}}, nil)
+	west, _, relay := relayedPair(t, doms, cat, faultnet.Faults{}, nil)
 	client := newClient(t, doms["west"], "web", west)
 	waitFor(t, "link up", 10*time.Second, func() bool { return west.ClusterUp("east") })
 	check := func(what string) {
@@ -569,7 +563,7 @@ func TestFaultRelay(t *testing.T) {
 		t.Errorf("state says east is up: %+v", st.Clusters[0])
 	}
 	dialStart := time.Now()
-	_, err = client.Dial(ctxT(t, 10*time.Second), req(80))
+	_, err := client.Dial(ctxT(t, 10*time.Second), req(80))
 	var te *tunnel.Error
 	if !errors.As(err, &te) || te.Code != tunnel.CodeUnreachable || time.Since(dialStart) > 500*time.Millisecond {
 		t.Fatalf("dial during partition: %v after %s, want unreachable at once", err, time.Since(dialStart))
@@ -648,13 +642,7 @@ func TestWrongClusterWelcome(t *testing.T) {
 func TestIdleLinkRTT(t *testing.T) {
 	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
-	east := startGateway(t, doms["east"], &StaticCatalog{}, nil, func(c *Config) { c.Federated = []spiffeid.TrustDomain{doms["west"].TD} })
-	relay, err := faultnet.New("127.0.0.1:0", east.TunnelAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer relay.Close()
-	west := startGateway(t, doms["west"], &StaticCatalog{}, []Peer{{Cluster: "east", TrustDomain: doms["east"].TD, Addrs: []string{relay.Addr().String()}}}, nil)
+	west, _, relay := relayedPair(t, doms, &StaticCatalog{}, faultnet.Faults{}, nil)
 	waitFor(t, "link up", 10*time.Second, func() bool { return west.ClusterUp("east") })
 	link := func() peer.Status { return west.State().Clusters[0].Replicas[0] }
 	// 3 s of an idle link: 30 samples.

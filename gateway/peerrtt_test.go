@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -232,19 +231,10 @@ func TestPeerRTTOnService(t *testing.T) {
 	const ns = controlplane.SystemNamespace
 
 	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
-	east := startGateway(t, doms["east"], &StaticCatalog{}, nil, func(c *Config) { c.Federated = []spiffeid.TrustDomain{doms["west"].TD} })
-	relay, err := faultnet.New("127.0.0.1:0", east.TunnelAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer relay.Close()
-	// 100 ms each way: far above loopback jitter and QUIC's delayed ACKs
-	// (up to 25 ms), so a steady RTT does not move by 20%.
-	if err := relay.SetFaults(faultnet.Faults{Delay: 100 * time.Millisecond}); err != nil {
-		t.Fatal(err)
-	}
 	const iv = 200 * time.Millisecond
-	west := startGateway(t, doms["west"], &StaticCatalog{}, []Peer{{Cluster: "east", TrustDomain: doms["east"].TD, Addrs: []string{relay.Addr().String()}}},
+	// 100 ms each way: far above loopback jitter, so a steady RTT does not
+	// move by 20%.
+	west, _, relay := relayedPair(t, doms, &StaticCatalog{}, faultnet.Faults{Delay: 100 * time.Millisecond},
 		func(c *Config) { c.PublishRTT = &RTTPublication{Client: kube, Namespace: ns, Interval: iv} })
 	waitFor(t, "west connected to east", 20*time.Second, func() bool { return west.ClusterUp("east") })
 

@@ -85,11 +85,11 @@ func meshTo(t *testing.T, dom *gatewaytest.Domain, appAddr string, loop bool) st
 	return client.UpstreamAddr(0).String()
 }
 
-// TestUpgradeThroughSidecars: a protocol upgrade (as a WebSocket handshake
-// does) is answered 101 through both sidecars, after which the connection
-// carries the new protocol both ways; the sidecars' connections are not
-// reused for HTTP afterwards, and the client's next connection is served.
-func TestUpgradeThroughSidecars(t *testing.T) {
+// throughBothInbounds runs check against a client sidecar in front of a
+// server sidecar and upgradeApp, once with the server's spliced inbound and
+// once with its HTTP loop, on a fresh connection c to the client sidecar
+// at addr.
+func throughBothInbounds(t *testing.T, check func(t *testing.T, addr string, c net.Conn)) {
 	dom := gatewaytest.Start(t, []string{"west"}, nil)["west"]
 	appAddr := upgradeApp(t)
 	for _, loop := range []bool{false, true} {
@@ -100,90 +100,89 @@ func TestUpgradeThroughSidecars(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer c.Close()
-			_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-			br := bufio.NewReader(c)
-			// The first line of the new protocol goes with the handshake,
-			// before the 101 came back: it must not be lost.
-			if _, err := io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: checkout\r\nConnection: Upgrade\r\nUpgrade: fedmesh-echo\r\n\r\nfirst\n"); err != nil {
-				t.Fatal(err)
-			}
-			resp, err := http.ReadResponse(br, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Upgrade") != "fedmesh-echo" {
-				t.Fatalf("handshake answered %s, Upgrade %q; want 101, fedmesh-echo", resp.Status, resp.Header.Get("Upgrade"))
-			}
-			for _, line := range []string{"first", "second", strings.Repeat("x", 100_000)} {
-				if line != "first" {
-					if _, err := io.WriteString(c, line+"\n"); err != nil {
-						t.Fatal(err)
-					}
-				}
-				got, err := br.ReadString('\n')
-				if err != nil || got != "echo "+line+"\n" {
-					t.Fatalf("after the upgrade: read %.40q, %v; want the echo of %.20q", got, err, line)
-				}
-			}
-			// Half-close: the app sees the end, closes, and the client sees
-			// the end too.
-			_ = c.(*net.TCPConn).CloseWrite()
-			if b, err := br.ReadByte(); err != io.EOF {
-				t.Fatalf("after CloseWrite: read %q, %v; want EOF", b, err)
-			}
-			// Plain HTTP still works on a new connection (a tunnel's
-			// connection never went back to the pool).
-			for range 3 {
-				body, err := getBody("http://" + addr + "/")
-				if err != nil || body != "plain" {
-					t.Fatalf("plain request after the tunnel: %q, %v", body, err)
-				}
-			}
+			check(t, addr, c)
 		})
 	}
+}
+
+// TestUpgradeThroughSidecars: a protocol upgrade (as a WebSocket handshake
+// does) is answered 101 through both sidecars, after which the connection
+// carries the new protocol both ways, half-closes included; plain
+// requests are served as before afterwards.
+func TestUpgradeThroughSidecars(t *testing.T) {
+	throughBothInbounds(t, func(t *testing.T, addr string, c net.Conn) {
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		br := bufio.NewReader(c)
+		// The first line of the new protocol goes with the handshake,
+		// before the 101 came back: it must not be lost.
+		if _, err := io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: checkout\r\nConnection: Upgrade\r\nUpgrade: fedmesh-echo\r\n\r\nfirst\n"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Upgrade") != "fedmesh-echo" {
+			t.Fatalf("handshake answered %s, Upgrade %q; want 101, fedmesh-echo", resp.Status, resp.Header.Get("Upgrade"))
+		}
+		for _, line := range []string{"first", "second", strings.Repeat("x", 100_000)} {
+			if line != "first" {
+				if _, err := io.WriteString(c, line+"\n"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			got, err := br.ReadString('\n')
+			if err != nil || got != "echo "+line+"\n" {
+				t.Fatalf("after the upgrade: read %.40q, %v; want the echo of %.20q", got, err, line)
+			}
+		}
+		// Half-close: the app sees the end, closes, and the client sees
+		// the end too.
+		_ = c.(*net.TCPConn).CloseWrite()
+		if b, err := br.ReadByte(); err != io.EOF {
+			t.Fatalf("after CloseWrite: read %q, %v; want EOF", b, err)
+		}
+		// Plain HTTP is served as before.
+		for range 3 {
+			body, err := getBody("http://" + addr + "/")
+			if err != nil || body != "plain" {
+				t.Fatalf("plain request after the tunnel: %q, %v", body, err)
+			}
+		}
+	})
 }
 
 // TestExpectContinue: a client that waits for 100 Continue before sending
 // its body gets it at once from its sidecar, not after its own timeout,
 // and the app's own 100 Continue does not end the exchange early.
 func TestExpectContinue(t *testing.T) {
-	dom := gatewaytest.Start(t, []string{"west"}, nil)["west"]
-	appAddr := upgradeApp(t)
-	for _, loop := range []bool{false, true} {
-		t.Run(fmt.Sprintf("inbound-loop=%v", loop), func(t *testing.T) {
-			addr := meshTo(t, dom, appAddr, loop)
-			c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	throughBothInbounds(t, func(t *testing.T, addr string, c net.Conn) {
+		br := bufio.NewReader(c)
+		for i := range 2 { // two requests on one connection
+			body := fmt.Sprintf("body %d", i)
+			if _, err := fmt.Fprintf(c, "POST /p HTTP/1.1\r\nHost: checkout\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n", len(body)); err != nil {
+				t.Fatal(err)
+			}
+			// Wait for 100 Continue, as curl does (for a second).
+			_ = c.SetReadDeadline(time.Now().Add(900 * time.Millisecond))
+			interim, err := http.ReadResponse(br, nil)
+			if err != nil || interim.StatusCode != http.StatusContinue {
+				t.Fatalf("request %d: before the body: %v, %v; want 100 Continue within 900ms", i, interim, err)
+			}
+			_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			if _, err := io.WriteString(c, body); err != nil {
+				t.Fatal(err)
+			}
+			resp, err := http.ReadResponse(br, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
-			defer c.Close()
-			br := bufio.NewReader(c)
-			for i := range 2 { // two requests on one connection
-				body := fmt.Sprintf("body %d", i)
-				if _, err := fmt.Fprintf(c, "POST /p HTTP/1.1\r\nHost: checkout\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n", len(body)); err != nil {
-					t.Fatal(err)
-				}
-				// Wait for 100 Continue, as curl does (for a second).
-				_ = c.SetReadDeadline(time.Now().Add(900 * time.Millisecond))
-				interim, err := http.ReadResponse(br, nil)
-				if err != nil || interim.StatusCode != http.StatusContinue {
-					t.Fatalf("request %d: before the body: %v, %v; want 100 Continue within 900ms", i, interim, err)
-				}
-				_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-				if _, err := io.WriteString(c, body); err != nil {
-					t.Fatal(err)
-				}
-				resp, err := http.ReadResponse(br, nil)
-				if err != nil {
-					t.Fatal(err)
-				}
-				got, _ := io.ReadAll(resp.Body)
-				if resp.StatusCode != http.StatusOK || string(got) != body {
-					t.Fatalf("request %d answered %s %q; want 200 %q", i, resp.Status, got, body)
-				}
+			got, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != http.StatusOK || string(got) != body {
+				t.Fatalf("request %d answered %s %q; want 200 %q", i, resp.Status, got, body)
 			}
-		})
-	}
+		}
+	})
 }
 
 func getBody(url string) (string, error) {

@@ -3,17 +3,14 @@ package peer
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/binary"
-	"math/big"
 	"testing"
 	"time"
 
 	"github.com/quic-go/quic-go"
+
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 func TestEchoesOnlyOwnRecentPings(t *testing.T) {
@@ -47,17 +44,8 @@ func TestEchoesOnlyOwnRecentPings(t *testing.T) {
 func TestServeDatagramsOverQUIC(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
 	defer cancel()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour)}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
 	q := &quic.Config{EnableDatagrams: true}
-	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}, NextProtos: []string{"t"}}, q)
+	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{testutil.SelfSignedCert(t)}, NextProtos: []string{"t"}}, q)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,14 +2,10 @@ package rawio_test
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"io"
-	"math/big"
 	"net"
 	"os"
 	"runtime"
@@ -18,6 +14,7 @@ import (
 	"time"
 
 	"github.com/fedmesh/fedmesh/internal/rawio"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 // pair is a real loopback TCP connection: a wrapped end and a plain one.
@@ -179,7 +176,7 @@ func TestResetIsASyscallError(t *testing.T) {
 
 func TestTLSOverWrapped(t *testing.T) {
 	w, p := pair(t)
-	cert := selfSigned(t)
+	cert := testutil.SelfSignedCert(t)
 	srv := tls.Server(p, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13})
 	cli := tls.Client(w, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13}) //nolint:gosec // a throwaway self-signed peer
 	go func() {
@@ -230,58 +227,5 @@ func TestNoAllocations(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Fatalf("%.1f allocations per round trip through the wrapped end, want 0", allocs)
-	}
-}
-
-func selfSigned(t testing.TB) tls.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour)}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
-}
-
-// TestConcurrentWrites: writes from several goroutines at once each arrive
-// whole, as on a net.TCPConn.
-func TestConcurrentWrites(t *testing.T) {
-	w, p := pair(t)
-	const writers, each, size = 4, 200, 1000
-	done := make(chan struct{})
-	for g := range writers {
-		go func() {
-			defer func() { done <- struct{}{} }()
-			msg := bytes.Repeat([]byte{byte('a' + g)}, size)
-			for range each {
-				if _, err := w.Write(msg); err != nil {
-					t.Error(err)
-					return
-				}
-			}
-		}()
-	}
-	go func() {
-		for range writers {
-			<-done
-		}
-		_ = w.(interface{ CloseWrite() error }).CloseWrite()
-	}()
-	_ = p.SetReadDeadline(time.Now().Add(20 * time.Second))
-	got, err := io.ReadAll(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(got) != writers*each*size {
-		t.Fatalf("read %d bytes, want %d", len(got), writers*each*size)
-	}
-	for i := 0; i < len(got); i += size { // every write is one run of its letter
-		if c := bytes.Count(got[i:i+size], got[i:i+1]); c != size {
-			t.Fatalf("write at offset %d interleaved with another", i)
-		}
 	}
 }

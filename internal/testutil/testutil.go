@@ -1,11 +1,18 @@
 // Package testutil holds what tests in several packages need alike: a log
 // buffer that child processes and goroutines may write while the test
-// reads it, and a child process that is stopped at cleanup with its output
-// shown when the test failed.
+// reads it, a child process that is stopped at cleanup with its output
+// shown when the test failed, a goroutine-leak check and a throwaway TLS
+// certificate.
 package testutil
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"math/big"
 	"os"
 	"os/exec"
 	"runtime"
@@ -90,4 +97,20 @@ func CheckGoroutines(t testing.TB) {
 			t.Logf("goroutines took %s to wind down", d)
 		}
 	})
+}
+
+// SelfSignedCert is a throwaway P-256 certificate for tests that need TLS
+// but not SPIFFE identities (a transport under test, not who is talking).
+func SelfSignedCert(t testing.TB) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 }
