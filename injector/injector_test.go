@@ -280,3 +280,37 @@ func TestRedirectScriptDNS(t *testing.T) {
 		})
 	}
 }
+
+// TestSocketIOAnnotation: a pod's fedmesh.dev/socket-io reaches its sidecar
+// as FEDMESH_SOCKET_IO; a value the sidecar would refuse is refused here.
+func TestSocketIOAnnotation(t *testing.T) {
+	h, err := New(Options{Config: Config{FailurePolicy: Fail}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	envOf := func(p *corev1.Pod) (string, bool) {
+		for _, c := range p.Spec.Containers {
+			if c.Name != SidecarName {
+				continue
+			}
+			for _, e := range c.Env {
+				if e.Name == EnvSocketIO {
+					return e.Value, true
+				}
+			}
+		}
+		return "", false
+	}
+	_, result, out := apply(t, h, pod(nil))
+	if v, ok := envOf(out); result != "injected" || ok {
+		t.Fatalf("no annotation: result %s, %s=%q set %v; want injected without it", result, EnvSocketIO, v, ok)
+	}
+	_, result, out = apply(t, h, pod(func(p *corev1.Pod) { p.Annotations = map[string]string{AnnotationSocketIO: "std"} }))
+	if v, _ := envOf(out); result != "injected" || v != "std" {
+		t.Fatalf("annotation std: result %s, %s=%q; want injected with std", result, EnvSocketIO, v)
+	}
+	resp, result, _ := apply(t, h, pod(func(p *corev1.Pod) { p.Annotations = map[string]string{AnnotationSocketIO: "fast"} }))
+	if result != "denied" || resp.Allowed || resp.Result == nil || !strings.Contains(resp.Result.Message, `fedmesh.dev/socket-io: "fast" is not raw or std`) {
+		t.Fatalf("annotation fast: result %s allowed %v %+v; want denied naming the annotation", result, resp.Allowed, resp.Result)
+	}
+}

@@ -5,6 +5,7 @@
 package main
 
 import (
+	"cmp"
 	"crypto/tls"
 	"net"
 
@@ -82,7 +83,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		egress     = fs.String("gateway-egress", "", "local gateway egress address (UDP)")
 		admin      = fs.String("admin", "", "admin listen address (/live, /ready, /state, /metrics)")
 		logLevel   = fs.String("log-level", "info", "debug, info, warn or error")
-		socketIO   = fs.String("socket-io", "raw", "how proxied connections read and write their sockets: raw (system calls off the Go scheduler's syscall path: about 30% less CPU per request, a higher throughput ceiling) or std (net.TCPConn: on a lightly loaded VM a median some 0.05 ms lower, for more CPU)")
+		socketIO   = fs.String("socket-io", cmp.Or(os.Getenv("FEDMESH_SOCKET_IO"), "raw"), "how proxied connections read and write their sockets (default $FEDMESH_SOCKET_IO, else raw): raw (system calls off the Go scheduler's syscall path: about 30% less CPU per request, a higher throughput ceiling) or std (net.TCPConn: on a lightly loaded VM a median some 0.05 ms lower, for more CPU)")
 		accessLog  = fs.String("access-log", "", "one JSON line per outbound HTTP request: stdout, stderr or a file path (appended); empty: off")
 		attempt    = fs.Duration("attempt-timeout", sidecar.DefaultAttemptTimeout, "per-attempt timeout until the response head")
 		maxReqs    = fs.Int("max-requests", sidecar.DefaultMaxRequests, "circuit breaker: outstanding requests per upstream before 503 overflow")

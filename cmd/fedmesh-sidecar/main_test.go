@@ -83,6 +83,16 @@ func TestDNSEnvironment(t *testing.T) {
 	}
 }
 
+// TestSocketIOEnvironment: the injector picks the socket I/O through the
+// environment, the default of --socket-io.
+func TestSocketIOEnvironment(t *testing.T) {
+	t.Setenv(injector.EnvSocketIO, "fast")
+	err := run(context.Background(), []string{"--cluster=west"}, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), `--socket-io "fast": want raw or std`) {
+		t.Fatalf("run: %v, want the environment's socket I/O checked", err)
+	}
+}
+
 // freeAddr is a loopback address nothing listens on (for flags that take
 // an address and report no bound port).
 func freeAddr(t *testing.T) string {
