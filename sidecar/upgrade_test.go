@@ -7,10 +7,14 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/fedmesh/fedmesh/gateway"
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
@@ -85,16 +89,21 @@ func meshTo(t *testing.T, dom *gatewaytest.Domain, appAddr string, loop bool) st
 	return client.UpstreamAddr(0).String()
 }
 
-// throughBothInbounds runs check against a client sidecar in front of a
-// server sidecar and upgradeApp, once with the server's spliced inbound and
-// once with its HTTP loop, on a fresh connection c to the client sidecar
-// at addr.
-func throughBothInbounds(t *testing.T, check func(t *testing.T, addr string, c net.Conn)) {
-	dom := gatewaytest.Start(t, []string{"west"}, nil)["west"]
+// throughEachPath runs check against a client sidecar in front of a
+// server sidecar and upgradeApp: with the server's spliced inbound, with
+// its HTTP loop, and in another cluster through a real gateway pair; each
+// time on a fresh connection c to the client sidecar at addr.
+func throughEachPath(t *testing.T, check func(t *testing.T, addr string, c net.Conn)) {
+	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
 	appAddr := upgradeApp(t)
-	for _, loop := range []bool{false, true} {
-		t.Run(fmt.Sprintf("inbound-loop=%v", loop), func(t *testing.T) {
-			addr := meshTo(t, dom, appAddr, loop)
+	for _, via := range []string{"inbound-splice", "inbound-loop", "gateways"} {
+		t.Run(via, func(t *testing.T) {
+			var addr string
+			if via == "gateways" {
+				addr = meshThroughGateways(t, doms["west"], doms["east"], appAddr)
+			} else {
+				addr = meshTo(t, doms["west"], appAddr, via == "inbound-loop")
+			}
 			c, err := net.DialTimeout("tcp", addr, 5*time.Second)
 			if err != nil {
 				t.Fatal(err)
@@ -105,12 +114,41 @@ func throughBothInbounds(t *testing.T, check func(t *testing.T, addr string, c n
 	}
 }
 
+// meshThroughGateways puts a server sidecar for appAddr in east, behind
+// east's gateway, and a client sidecar in west whose only endpoints are
+// east's, reached through west's gateway; it returns the client's listener.
+func meshThroughGateways(t *testing.T, west, east *gatewaytest.Domain, appAddr string) string {
+	t.Helper()
+	server := startSidecar(t, "east-server", sidecar.Config{
+		Cluster: east.Cluster, TrustDomain: east.TD, Federated: []spiffeid.TrustDomain{west.TD},
+		Source: east.Source(t, "web"), InboundAddr: "127.0.0.1:0", AppAddr: appAddr,
+	})
+	eastCat := &gateway.StaticCatalog{}
+	eastCat.Set("shop", "checkout", 8080, gateway.Endpoint{Name: "east-1", Addr: netip.MustParseAddrPort(server.InboundAddr().String())})
+	eastGW := startGateway(t, east, eastCat, nil, []spiffeid.TrustDomain{west.TD})
+	westGW := startGateway(t, west, &gateway.StaticCatalog{}, []gateway.Peer{{
+		Cluster: "east", TrustDomain: east.TD, Addrs: []string{eastGW.TunnelAddr().String()},
+	}}, nil)
+	waitFor(t, "west gateway connected to east", 10*time.Second, func() bool { return westGW.ClusterUp("east") })
+	src := &endpoints.Static{}
+	src.Update(endpoints.Set{Namespace: "shop", Service: "checkout", Port: 8080, Clusters: []endpoints.Cluster{
+		{Name: "east", Gateway: true, Endpoints: []endpoints.Endpoint{{Name: "east-1", Ready: true}}},
+	}})
+	client := startSidecar(t, "west-client", sidecar.Config{
+		Cluster: west.Cluster, TrustDomain: west.TD, Federated: []spiffeid.TrustDomain{east.TD},
+		Source: west.Source(t, "web"), Endpoints: src, GatewayEgress: westGW.EgressAddr().String(),
+		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 8080, Listen: "127.0.0.1:0"}},
+	})
+	waitFor(t, "client sidecar ready", 5*time.Second, client.Ready)
+	return client.UpstreamAddr(0).String()
+}
+
 // TestUpgradeThroughSidecars: a protocol upgrade (as a WebSocket handshake
 // does) is answered 101 through both sidecars, after which the connection
 // carries the new protocol both ways, half-closes included; plain
 // requests are served as before afterwards.
 func TestUpgradeThroughSidecars(t *testing.T) {
-	throughBothInbounds(t, func(t *testing.T, addr string, c net.Conn) {
+	throughEachPath(t, func(t *testing.T, addr string, c net.Conn) {
 		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
 		br := bufio.NewReader(c)
 		// The first line of the new protocol goes with the handshake,
@@ -156,7 +194,7 @@ func TestUpgradeThroughSidecars(t *testing.T) {
 // its body gets it at once from its sidecar, not after its own timeout,
 // and the app's own 100 Continue does not end the exchange early.
 func TestExpectContinue(t *testing.T) {
-	throughBothInbounds(t, func(t *testing.T, addr string, c net.Conn) {
+	throughEachPath(t, func(t *testing.T, addr string, c net.Conn) {
 		br := bufio.NewReader(c)
 		for i := range 2 { // two requests on one connection
 			body := fmt.Sprintf("body %d", i)
