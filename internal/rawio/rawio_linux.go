@@ -34,11 +34,12 @@ type Conn struct {
 // op is one read or write in flight; fn is bound once, so an operation
 // allocates nothing.
 type op struct {
-	mu  sync.Mutex // one operation of this direction at a time
-	p   []byte
-	n   int
-	err syscall.Errno
-	fn  func(fd uintptr) bool
+	mu    sync.Mutex // one operation of this direction at a time
+	p     []byte
+	n     int
+	err   syscall.Errno
+	stuck bool // a write the kernel took nothing of, without an error
+	fn    func(fd uintptr) bool
 }
 
 // Wrap returns c as a *Conn when it is a *net.TCPConn, else c itself.
@@ -80,6 +81,10 @@ func (o *op) write(fd uintptr) bool {
 		n, _, e := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&o.p[o.n])), uintptr(len(o.p)-o.n))
 		switch e {
 		case 0:
+			if n == 0 { // as poll.FD.Write: never loop on a write that takes nothing
+				o.stuck = true
+				return true
+			}
 			o.n += int(n)
 		case syscall.EINTR:
 		case syscall.EAGAIN:
@@ -123,9 +128,9 @@ func (c *Conn) Write(p []byte) (int, error) {
 	}
 	o := &c.wr
 	o.mu.Lock()
-	o.p, o.n, o.err = p, 0, 0
+	o.p, o.n, o.err, o.stuck = p, 0, 0, false
 	err := c.rc.Write(o.fn)
-	n, e := o.n, o.err
+	n, e, stuck := o.n, o.err, o.stuck
 	o.p = nil
 	o.mu.Unlock()
 	switch {
@@ -133,6 +138,8 @@ func (c *Conn) Write(p []byte) (int, error) {
 		return n, c.opError("write", err)
 	case e != 0:
 		return n, c.opError("write", os.NewSyscallError("write", e))
+	case stuck:
+		return n, c.opError("write", io.ErrUnexpectedEOF)
 	}
 	return n, nil
 }
