@@ -166,27 +166,31 @@ func (s *Sidecar) handleInbound(c net.Conn) error {
 	s.m.inbound.WithLabelValues("accepted").Inc()
 	// Decided for the whole connection; a later policy that refuses the
 	// caller resets it (inboundConns.enforce).
-	forget := s.tcpIn.add(c, caller, td)
+	forget := s.tcpIn.add(c, inboundCaller{id: caller, td: td})
 	defer forget()
 	splice(tc, app)
 	return nil
 }
 
-// inboundConns is the set of spliced TCP inbound connections and their
-// callers. The zero value is ready.
+// inboundConns is the set of spliced inbound connections and their
+// callers: TCP inbounds, and HTTP connections that switched protocols
+// (a WebSocket), with the request that was admitted. The zero value is
+// ready.
 type inboundConns struct {
 	mu    sync.Mutex
 	conns map[net.Conn]inboundCaller
 }
 
-type inboundCaller struct{ id, td string }
+// inboundCaller is who holds a spliced connection; method and path are
+// the upgrade request's, empty for a TCP inbound.
+type inboundCaller struct{ id, td, method, path string }
 
-func (ic *inboundConns) add(c net.Conn, id, td string) func() {
+func (ic *inboundConns) add(c net.Conn, who inboundCaller) func() {
 	ic.mu.Lock()
 	if ic.conns == nil {
 		ic.conns = map[net.Conn]inboundCaller{}
 	}
-	ic.conns[c] = inboundCaller{id, td}
+	ic.conns[c] = who
 	ic.mu.Unlock()
 	return func() {
 		ic.mu.Lock()
@@ -195,8 +199,9 @@ func (ic *inboundConns) add(c net.Conn, id, td string) func() {
 	}
 }
 
-// enforce resets every connection whose caller pol does not admit for
-// opaque bytes, and returns how many.
+// enforce resets every connection pol no longer admits: a TCP caller
+// that is not admitted wholesale, an upgraded HTTP connection whose
+// request would now be refused. It returns how many.
 func (ic *inboundConns) enforce(pol *inboundPolicy) int {
 	if pol == nil || pol.authz == nil {
 		return 0
@@ -205,7 +210,14 @@ func (ic *inboundConns) enforce(pol *inboundPolicy) int {
 	defer ic.mu.Unlock()
 	n := 0
 	for c, who := range ic.conns {
-		if v, _ := pol.authz.connection(who.id, who.td); v != admit {
+		var ok bool
+		if who.method != "" {
+			ok, _ = pol.authz.request(who.id, who.td, who.method, who.path)
+		} else {
+			v, _ := pol.authz.connection(who.id, who.td)
+			ok = v == admit
+		}
+		if !ok {
 			reset(c)
 			delete(ic.conns, c)
 			n++
@@ -301,7 +313,15 @@ func (s *Sidecar) serveInboundHTTP(c, app net.Conn, caller, td string) {
 			}
 			resp.Body = http.NoBody
 			if resp.Write(bw) == nil && bw.Flush() == nil {
+				// A later policy that would refuse this request resets
+				// the connection (inboundConns.enforce).
+				raw := c // reset with an RST, under the TLS
+				if t, ok := c.(*tls.Conn); ok {
+					raw = t.NetConn()
+				}
+				forget := s.tcpIn.add(raw, inboundCaller{id: caller, td: td, method: req.Method, path: req.URL.Path})
 				joinSwitched(c, br, app, abr)
+				forget()
 			}
 			return
 		}

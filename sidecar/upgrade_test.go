@@ -16,6 +16,7 @@ import (
 
 	"github.com/fedmesh/fedmesh/gateway"
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
@@ -237,4 +238,78 @@ func getBody(url string) (string, error) {
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	return string(b), err
+}
+
+// TestUpgradedConnectionFollowsPolicy: a connection that switched protocols
+// at an inbound with an authorization policy stays open while the policy
+// in force admits its upgrade request, and is reset once a new one refuses
+// it.
+func TestUpgradedConnectionFollowsPolicy(t *testing.T) {
+	dom := gatewaytest.Start(t, []string{"west"}, nil)["west"]
+	appAddr := upgradeApp(t)
+	src := &endpoints.Static{}
+	admit := func(ids ...string) {
+		src.Update(endpoints.Set{Namespace: "shop", Service: "checkout", Port: 8080, Policy: &policy.Service{
+			Namespace: "shop", Name: "checkout",
+			Authz: &policy.Authorization{Policies: []string{"shop/ws"}, Rules: []policy.AuthzRule{{
+				Policy: "shop/ws", IDs: ids, Methods: []string{"GET"}, Paths: []policy.PathMatch{{Type: policy.PathExact, Value: "/ws"}},
+			}}},
+		}})
+	}
+	admit(dom.ID("web").String())
+	server := startSidecar(t, "server", sidecar.Config{
+		Cluster: dom.Cluster, TrustDomain: dom.TD, Source: dom.Source(t, "web"),
+		InboundAddr: "127.0.0.1:0", AppAddr: appAddr,
+		Service: sidecar.ServiceName{Namespace: "shop", Name: "checkout"}, ServicePort: 8080,
+		InboundProtocol: sidecar.ProtocolHTTP, Endpoints: src,
+	})
+	waitFor(t, "policy in force", 5*time.Second, func() bool { return strings.Contains(server.logs.String(), "authz=true") })
+	csrc := &endpoints.Static{}
+	csrc.Update(endpoints.Set{Namespace: "shop", Service: "checkout", Port: 8080, Clusters: []endpoints.Cluster{
+		{Name: dom.Cluster, Endpoints: []endpoints.Endpoint{{Name: "s", Addr: server.InboundAddr().String(), Ready: true}}},
+	}})
+	client := startSidecar(t, "client", sidecar.Config{
+		Cluster: dom.Cluster, TrustDomain: dom.TD, Source: dom.Source(t, "web"), Endpoints: csrc,
+		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 8080, Listen: "127.0.0.1:0"}},
+	})
+	waitFor(t, "client sidecar ready", 5*time.Second, client.Ready)
+	c, err := net.DialTimeout("tcp", client.UpstreamAddr(0).String(), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(15 * time.Second))
+	br := bufio.NewReader(c)
+	if _, err := io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: checkout\r\nConnection: Upgrade\r\nUpgrade: fedmesh-echo\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := http.ReadResponse(br, nil); err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("handshake: %v, %v; want 101", resp, err)
+	}
+	echo := func(line string) error {
+		if _, err := io.WriteString(c, line+"\n"); err != nil {
+			return err
+		}
+		got, err := br.ReadString('\n')
+		if err == nil && got != "echo "+line+"\n" {
+			return fmt.Errorf("read %q", got)
+		}
+		return err
+	}
+	if err := echo("before"); err != nil {
+		t.Fatal(err)
+	}
+	// A policy that still admits the request leaves the connection alone.
+	admit(dom.ID("web").String(), dom.ID("other").String())
+	waitFor(t, "second policy in force", 5*time.Second, func() bool { return strings.Count(server.logs.String(), "inbound policy updated") >= 2 })
+	if err := echo("still admitted"); err != nil {
+		t.Fatalf("after a policy that still admits the upgrade: %v", err)
+	}
+	// One that refuses it resets the connection.
+	admit(dom.ID("other").String())
+	waitFor(t, "third policy in force", 5*time.Second, func() bool { return strings.Count(server.logs.String(), "inbound policy updated") >= 3 })
+	waitFor(t, "tunnel reset", 5*time.Second, func() bool { return echo("after") != nil })
+	if !strings.Contains(server.logs.String(), "inbound connections reset") {
+		t.Fatalf("server did not log the reset:\n%s", server.logs.String())
+	}
 }
