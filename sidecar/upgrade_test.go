@@ -62,10 +62,11 @@ func upgradeApp(t *testing.T) string {
 }
 
 // meshTo runs a server sidecar in front of appAddr (its inbound HTTP loop
-// when loop is true, which a Service with an inbound policy uses; else the
-// spliced fast path) and a client sidecar with an HTTP upstream to it, and
-// returns the client's listener.
-func meshTo(t *testing.T, dom *gatewaytest.Domain, appAddr string, loop bool) string {
+// when loop is true, which a Service with an inbound policy uses, the
+// policy from policies if not nil; else the spliced fast path) and a
+// client sidecar with an HTTP upstream to it, and returns the client's
+// listener and the server.
+func meshTo(t *testing.T, dom *gatewaytest.Domain, appAddr string, loop bool, policies endpoints.Source) (string, *runningSidecar) {
 	t.Helper()
 	cfg := sidecar.Config{
 		Cluster: dom.Cluster, TrustDomain: dom.TD, Source: dom.Source(t, "web"),
@@ -75,7 +76,10 @@ func meshTo(t *testing.T, dom *gatewaytest.Domain, appAddr string, loop bool) st
 		cfg.Service = sidecar.ServiceName{Namespace: "shop", Name: "checkout"}
 		cfg.ServicePort = 8080
 		cfg.InboundProtocol = sidecar.ProtocolHTTP
-		cfg.Endpoints = &endpoints.Static{}
+		cfg.Endpoints = policies
+		if policies == nil {
+			cfg.Endpoints = &endpoints.Static{}
+		}
 	}
 	server := startSidecar(t, "server", cfg)
 	src := &endpoints.Static{}
@@ -87,7 +91,7 @@ func meshTo(t *testing.T, dom *gatewaytest.Domain, appAddr string, loop bool) st
 		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 8080, Listen: "127.0.0.1:0"}},
 	})
 	waitFor(t, "client sidecar ready", 5*time.Second, client.Ready)
-	return client.UpstreamAddr(0).String()
+	return client.UpstreamAddr(0).String(), server
 }
 
 // throughEachPath runs check against a client sidecar in front of a
@@ -103,7 +107,7 @@ func throughEachPath(t *testing.T, check func(t *testing.T, addr string, c net.C
 			if via == "gateways" {
 				addr = meshThroughGateways(t, doms["west"], doms["east"], appAddr)
 			} else {
-				addr = meshTo(t, doms["west"], appAddr, via == "inbound-loop")
+				addr, _ = meshTo(t, doms["west"], appAddr, via == "inbound-loop", nil)
 			}
 			c, err := net.DialTimeout("tcp", addr, 5*time.Second)
 			if err != nil {
@@ -257,23 +261,9 @@ func TestUpgradedConnectionFollowsPolicy(t *testing.T) {
 		}})
 	}
 	admit(dom.ID("web").String())
-	server := startSidecar(t, "server", sidecar.Config{
-		Cluster: dom.Cluster, TrustDomain: dom.TD, Source: dom.Source(t, "web"),
-		InboundAddr: "127.0.0.1:0", AppAddr: appAddr,
-		Service: sidecar.ServiceName{Namespace: "shop", Name: "checkout"}, ServicePort: 8080,
-		InboundProtocol: sidecar.ProtocolHTTP, Endpoints: src,
-	})
+	addr, server := meshTo(t, dom, appAddr, true, src)
 	waitFor(t, "policy in force", 5*time.Second, func() bool { return strings.Contains(server.logs.String(), "authz=true") })
-	csrc := &endpoints.Static{}
-	csrc.Update(endpoints.Set{Namespace: "shop", Service: "checkout", Port: 8080, Clusters: []endpoints.Cluster{
-		{Name: dom.Cluster, Endpoints: []endpoints.Endpoint{{Name: "s", Addr: server.InboundAddr().String(), Ready: true}}},
-	}})
-	client := startSidecar(t, "client", sidecar.Config{
-		Cluster: dom.Cluster, TrustDomain: dom.TD, Source: dom.Source(t, "web"), Endpoints: csrc,
-		Upstreams: []sidecar.Upstream{{Namespace: "shop", Service: "checkout", Port: 8080, Listen: "127.0.0.1:0"}},
-	})
-	waitFor(t, "client sidecar ready", 5*time.Second, client.Ready)
-	c, err := net.DialTimeout("tcp", client.UpstreamAddr(0).String(), 5*time.Second)
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
