@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -21,7 +20,6 @@ import (
 	"time"
 
 	"golang.org/x/net/dns/dnsmessage"
-	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 
 	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
@@ -529,35 +527,6 @@ func TestDNSConfig(t *testing.T) {
 	}
 }
 
-// dialIn dials from inside a network namespace, as the pod's app would
-// (as root, so its traffic is redirected): the socket is made on a thread
-// moved into the namespace, and that thread is thrown away afterwards.
-func dialIn(ctx context.Context, nsPath, network, addr string) (net.Conn, error) {
-	type res struct {
-		c   net.Conn
-		err error
-	}
-	ch := make(chan res, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread ends with this goroutine
-		f, err := os.Open(nsPath)
-		if err != nil {
-			ch <- res{nil, err}
-			return
-		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			ch <- res{nil, err}
-			return
-		}
-		var d net.Dialer
-		c, err := d.DialContext(ctx, network, addr)
-		ch <- res{c, err}
-	}()
-	r := <-ch
-	return r.c, r.err
-}
-
 // TestDNSThroughRedirect: in a network namespace standing for a pod, with
 // the injector's iptables script and the fedmesh-sidecar binary run as
 // the injector configures it (UID 1337, FEDMESH_DNS_ADDR), the app's
@@ -612,7 +581,7 @@ func TestDNSThroughRedirect(t *testing.T) {
 	ctx := context.Background()
 	resolver := func(network, server string) *net.Resolver {
 		return &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return dialIn(ctx, ns.path, network, server)
+			return ns.dialNet(ctx, network, server)
 		}}
 	}
 	servers := []string{ns.hostIP + ":53"}

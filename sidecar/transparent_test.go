@@ -143,10 +143,18 @@ func newPodNetns(t *testing.T) *podNetns {
 	return n
 }
 
-// dial connects from inside the namespace, as the pod's app would (as
+// dial connects over TCP from inside the namespace (within 5 s), as the
+// pod's app would.
+func (n *podNetns) dial(addr string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return n.dialNet(ctx, "tcp", addr)
+}
+
+// dialNet dials from inside the namespace, as the pod's app would (as
 // root, so its traffic is redirected): the socket is made on a thread
 // moved into the namespace, and that thread is thrown away afterwards.
-func (n *podNetns) dial(addr string) (net.Conn, error) {
+func (n *podNetns) dialNet(ctx context.Context, network, addr string) (net.Conn, error) {
 	type res struct {
 		c   net.Conn
 		err error
@@ -164,7 +172,8 @@ func (n *podNetns) dial(addr string) (net.Conn, error) {
 			ch <- res{nil, fmt.Errorf("setns: %w", err)}
 			return
 		}
-		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		var d net.Dialer
+		c, err := d.DialContext(ctx, network, addr)
 		ch <- res{c, err}
 	}()
 	r := <-ch
