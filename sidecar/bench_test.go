@@ -28,6 +28,7 @@ import (
 	"github.com/fedmesh/fedmesh/gateway"
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
 	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
@@ -693,33 +694,24 @@ func rawBackend(b *testing.B, dom *gatewaytest.Domain, name string) string {
 	b.Cleanup(func() { ln.Close() })
 	cfg := mtls.ServerConfig(dom.Source(b, "web"), mtls.MemberOf(dom.TD))
 	resp := []byte("HTTP/1.1 200 OK\r\nContent-Length: 1024\r\nX-Served-By: " + name + "\r\n\r\n" + strings.Repeat("x", 1024))
-	go func() {
+	testutil.Serve(ln, func(c net.Conn) {
+		tc := tls.Server(c, cfg)
+		br := bufio.NewReaderSize(tc, 4096)
 		for {
-			c, err := ln.Accept()
-			if err != nil {
+			for { // request head, no body
+				line, err := br.ReadSlice('\n')
+				if err != nil {
+					return
+				}
+				if len(line) <= 2 {
+					break
+				}
+			}
+			if _, err := tc.Write(resp); err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				tc := tls.Server(c, cfg)
-				br := bufio.NewReaderSize(tc, 4096)
-				for {
-					for { // request head, no body
-						line, err := br.ReadSlice('\n')
-						if err != nil {
-							return
-						}
-						if len(line) <= 2 {
-							break
-						}
-					}
-					if _, err := tc.Write(resp); err != nil {
-						return
-					}
-				}
-			}()
 		}
-	}()
+	})
 	return ln.Addr().String()
 }
 

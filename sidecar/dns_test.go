@@ -25,6 +25,7 @@ import (
 	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
 	"github.com/fedmesh/fedmesh/injector"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
@@ -114,29 +115,20 @@ func startUpstreamDNSAt(t *testing.T, addr string, silent bool) *upstreamDNS {
 			}
 		}
 	}()
-	go func() {
+	testutil.Serve(ln, func(c net.Conn) {
 		for {
-			c, err := ln.Accept()
+			msg, err := readFramed(c)
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				for {
-					msg, err := readFramed(c)
-					if err != nil {
-						return
-					}
-					if resp := u.answer(msg); resp != nil {
-						writeFramed(c, resp)
-					} else {
-						io.Copy(io.Discard, c) // silent: hold the connection
-						return
-					}
-				}
-			}()
+			if resp := u.answer(msg); resp != nil {
+				writeFramed(c, resp)
+			} else {
+				io.Copy(io.Discard, c) // silent: hold the connection
+				return
+			}
 		}
-	}()
+	})
 	return u
 }
 

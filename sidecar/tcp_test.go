@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
@@ -21,18 +22,9 @@ func TestOpaqueTCP(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer echo.Close()
-	go func() {
-		for {
-			c, err := echo.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				_, _ = io.Copy(c, c) // echo until the caller half-closes
-			}()
-		}
-	}()
+	testutil.Serve(echo, func(c net.Conn) {
+		_, _ = io.Copy(c, c) // echo until the caller half-closes
+	})
 	server := startSidecar(t, "server", sidecar.Config{
 		Cluster: "west", TrustDomain: west.TD, Source: west.Source(t, "web"),
 		InboundAddr: "127.0.0.1:0", AppAddr: echo.Addr().String(),

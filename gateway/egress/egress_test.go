@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"net"
 	"os/exec"
 	"strings"
 	"testing"
@@ -14,6 +15,7 @@ import (
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
 	"github.com/fedmesh/fedmesh/gateway/tunnel"
 	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 // TestNoQUIC: the package exists so that sidecars reach their gateway
@@ -42,36 +44,27 @@ func fakeGateway(t *testing.T, dom *gatewaytest.Domain, code tunnel.Code) (addr 
 	}
 	t.Cleanup(func() { ln.Close() })
 	got = make(chan []byte, 16)
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-				buf := make([]byte, 1<<15)
-				n, err := c.Read(buf) // crypto/tls returns one record at most
-				if err != nil {
-					return
-				}
-				got <- buf[:n]
-				r := io.MultiReader(bytes.NewReader(buf[:n]), c)
-				if _, err := tunnel.ReadRequest(r); err != nil {
-					return
-				}
-				if err := tunnel.WriteResponse(c, code, "fake"); err != nil || code != tunnel.CodeOK {
-					return
-				}
-				fr := &tunnel.FrameReader{R: r}
-				fw := &tunnel.FrameWriter{W: c}
-				if _, err := io.Copy(fw, fr); err == nil {
-					_ = fw.End()
-				}
-			}()
+	testutil.Serve(ln, func(c net.Conn) {
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		buf := make([]byte, 1<<15)
+		n, err := c.Read(buf) // crypto/tls returns one record at most
+		if err != nil {
+			return
 		}
-	}()
+		got <- buf[:n]
+		r := io.MultiReader(bytes.NewReader(buf[:n]), c)
+		if _, err := tunnel.ReadRequest(r); err != nil {
+			return
+		}
+		if err := tunnel.WriteResponse(c, code, "fake"); err != nil || code != tunnel.CodeOK {
+			return
+		}
+		fr := &tunnel.FrameReader{R: r}
+		fw := &tunnel.FrameWriter{W: c}
+		if _, err := io.Copy(fw, fr); err == nil {
+			_ = fw.End()
+		}
+	})
 	return ln.Addr().String(), got
 }
 

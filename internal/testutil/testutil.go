@@ -1,8 +1,8 @@
 // Package testutil holds what tests in several packages need alike: a log
 // buffer that child processes and goroutines may write while the test
 // reads it, a child process that is stopped at cleanup with its output
-// shown when the test failed, a goroutine-leak check and a throwaway TLS
-// certificate.
+// shown when the test failed, a goroutine-leak check, a throwaway TLS
+// certificate and the accept loop of a test server.
 package testutil
 
 import (
@@ -13,6 +13,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"math/big"
+	"net"
 	"os"
 	"os/exec"
 	"runtime"
@@ -113,4 +114,22 @@ func SelfSignedCert(t testing.TB) tls.Certificate {
 		t.Fatal(err)
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// Serve accepts connections on ln until it is closed, and runs handle on
+// each in its own goroutine, closing the connection when handle returns:
+// the accept loop of tests' little servers.
+func Serve(ln net.Listener, handle func(c net.Conn)) {
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				handle(c)
+			}()
+		}
+	}()
 }
