@@ -37,6 +37,54 @@ type policyWorld struct {
 	t      *testing.T
 	dyn    dynamic.Interface
 	client string // east's client sidecar outbound URL
+	admin  string // and its admin URL
+}
+
+// echoLoads is the traffic share per priority that east's client sidecar
+// gives its own upstream demo/echo:8080, and the raw /state it read it
+// from (for failure messages).
+func (w *policyWorld) echoLoads() ([]float64, string) {
+	resp, err := http.Get(w.admin + "/state")
+	if err != nil {
+		return nil, err.Error()
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	var doc struct {
+		Upstreams []struct {
+			Upstream string    `json:"upstream"`
+			Loads    []float64 `json:"loads"`
+		} `json:"upstreams"`
+	}
+	if err := json.Unmarshal(raw, &doc); err != nil {
+		return nil, fmt.Sprintf("%v: %s", err, raw)
+	}
+	for _, u := range doc.Upstreams {
+		if u.Upstream == "demo/echo:8080" {
+			return u.Loads, string(raw)
+		}
+	}
+	return nil, string(raw)
+}
+
+// waitEchoHome waits up to 15 s until east's client sidecar sends all of
+// demo/echo's traffic to east's own pods. The drills before this test kill
+// and restart those pods; while any is not yet available again, the
+// client's overprovisioning rightly sends a share of it to other clusters,
+// which would be counted against the route's split.
+func (w *policyWorld) waitEchoHome() {
+	w.t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		loads, raw := w.echoLoads()
+		if len(loads) > 0 && loads[0] == 1 {
+			return
+		}
+		if time.Now().After(deadline) {
+			w.t.Fatalf("east's client sidecar does not send all of demo/echo's traffic home after 15 s (loads per priority %v); its /state:\n%s", loads, raw)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 func (w *policyWorld) apply(gvr schema.GroupVersionResource, doc string) {
@@ -234,7 +282,7 @@ func checkTrafficPolicy(t *testing.T, state *localfed.State, run func(args ...st
 	w := &policyWorld{t: t, dyn: dyn}
 	for _, c := range state.Clusters {
 		if c.Name == "east" {
-			w.client = c.Workloads[0].Outbound
+			w.client, w.admin = c.Workloads[0].Outbound, c.Workloads[0].Admin
 		}
 	}
 	cleanup, err := fedctl.ExportCanary(context.Background(), cfg("north"))
@@ -267,12 +315,14 @@ spec:
 		t.Fatalf("valid split route: %v", v)
 	}
 	w.until("north answers a share of demo/echo", "/", nil, func(as []answer) bool { return count(as, from("north")) > 0 })
+	w.waitEchoHome()
 	as := w.send(2000, 16, 0, "/", nil)
 	north, east := count(as, from("north")), count(as, from("east"))
 	share := 100 * float64(north) / 2000
 	t.Logf("split 70/30: east %d, north %d of 2000 (north %.1f%%)", east, north, share)
 	if north+east != 2000 || math.Abs(share-30) > 3 {
-		t.Errorf("split 70/30 over 2000 requests: east %d, north %d, other %d; north share %.1f%%, want 30 ± 3", east, north, 2000-north-east, share)
+		loads, raw := w.echoLoads()
+		t.Errorf("split 70/30 over 2000 requests: east %d, north %d, other %d; north share %.1f%%, want 30 ± 3; demo/echo's loads per priority now %v; east's client /state:\n%s", east, north, 2000-north-east, share, loads, raw)
 	}
 
 	// 2. Matches route as written: a header match beats the catch-all
