@@ -45,11 +45,12 @@ const (
 	// EnvDNSAddr is the default of the sidecar's --dns-addr (Config.DNSAddr
 	// of package sidecar): its DNS server, which answers clusterset.local.
 	EnvDNSAddr = "FEDMESH_DNS_ADDR"
-	// EnvSocketIO is the default of the sidecar's --socket-io (raw or
-	// std), set from the pod's AnnotationSocketIO.
+	// EnvSocketIO is the default of the sidecar's --socket-io (auto, raw
+	// or std), set from the pod's AnnotationSocketIO.
 	EnvSocketIO = "FEDMESH_SOCKET_IO"
-	// AnnotationSocketIO on a pod ("raw" or "std") picks how its sidecar
-	// reads and writes proxied sockets; absent, the sidecar's default (raw).
+	// AnnotationSocketIO on a pod ("auto", "raw" or "std") picks how its
+	// sidecar reads and writes proxied sockets; absent, the sidecar's
+	// default (auto).
 	AnnotationSocketIO = "fedmesh.dev/socket-io"
 )
 
@@ -404,12 +405,12 @@ func (c *Config) sidecar(pod *corev1.Pod, probes map[string]appprobe.Probe) (cor
 	}
 	switch v, ok := pod.Annotations[AnnotationSocketIO]; {
 	case !ok:
-	case v == "raw" || v == "std":
+	case v == "auto" || v == "raw" || v == "std":
 		env = append(env, corev1.EnvVar{Name: EnvSocketIO, Value: v})
 	default:
 		// Refused here, where the failure policy applies and the message
 		// reaches the user, not at the sidecar's start.
-		return corev1.Container{}, fmt.Errorf("annotation %s: %q is not raw or std", AnnotationSocketIO, v)
+		return corev1.Container{}, fmt.Errorf("annotation %s: %q is not auto, raw or std", AnnotationSocketIO, v)
 	}
 	probeAddr := ":" + strconv.Itoa(int(c.ProbePort))
 	env = append(env, corev1.EnvVar{Name: appprobe.EnvAddr, Value: probeAddr})

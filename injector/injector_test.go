@@ -310,7 +310,7 @@ func TestSocketIOAnnotation(t *testing.T) {
 		t.Fatalf("annotation std: result %s, %s=%q; want injected with std", result, EnvSocketIO, v)
 	}
 	resp, result, _ := apply(t, h, pod(func(p *corev1.Pod) { p.Annotations = map[string]string{AnnotationSocketIO: "fast"} }))
-	if result != "denied" || resp.Allowed || resp.Result == nil || !strings.Contains(resp.Result.Message, `fedmesh.dev/socket-io: "fast" is not raw or std`) {
+	if result != "denied" || resp.Allowed || resp.Result == nil || !strings.Contains(resp.Result.Message, `fedmesh.dev/socket-io: "fast" is not auto, raw or std`) {
 		t.Fatalf("annotation fast: result %s allowed %v %+v; want denied naming the annotation", result, resp.Allowed, resp.Result)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/fedmesh/fedmesh/internal/rawio"
 	"github.com/fedmesh/fedmesh/sidecar/health"
 )
 
@@ -15,7 +16,10 @@ type State struct {
 	Cluster string `json:"cluster"`
 	// SVID is the workload's current identity and when it expires (the
 	// issuer renews it at half its lifetime).
-	SVID      SVIDState       `json:"svid"`
+	SVID SVIDState `json:"svid"`
+	// SocketIO is --socket-io (auto, raw or std) and, for auto, the path
+	// it takes now: "auto (raw)" or "auto (std)".
+	SocketIO  string          `json:"socketIO"`
 	Upstreams []UpstreamState `json:"upstreams"`
 }
 
@@ -78,7 +82,10 @@ type EndpointState struct {
 // State returns a snapshot.
 func (s *Sidecar) State() State {
 	now := time.Now()
-	st := State{Cluster: s.cfg.Cluster}
+	st := State{Cluster: s.cfg.Cluster, SocketIO: s.cfg.SocketIO.String()}
+	if s.cfg.SocketIO == rawio.Auto {
+		st.SocketIO += map[bool]string{true: " (raw)", false: " (std)"}[s.rawSocketIO()]
+	}
 	if svid, err := s.cfg.Source.GetX509SVID(); err != nil {
 		st.SVID.Error = err.Error()
 	} else if len(svid.Certificates) > 0 {

@@ -460,6 +460,40 @@ func measureInterleaved(b *testing.B, paths []*path) {
 	}
 }
 
+// benchRig is what the sidecar benchmarks start: the sidecar binary, an
+// identity domain, a directory for files and the app.
+type benchRig struct {
+	b    *testing.B
+	bin  string
+	west *gatewaytest.Domain
+	dir  string
+	app  *app
+}
+
+func newBenchRig(b *testing.B) *benchRig {
+	bin := buildSidecar(b)
+	doms := gatewaytest.Start(b, []string{"west"}, nil)
+	return &benchRig{b: b, bin: bin, west: doms["west"], dir: b.TempDir(), app: startApp(b, "app", "")}
+}
+
+// pair starts a server and a client sidecar for proto (http or tcp), the
+// client's upstream at front, with extra flags for both.
+func (r *benchRig) pair(proto string, extra ...string) (client, server *proc, front string) {
+	b := r.b
+	serverIn, clientOut, serverAdmin, clientAdmin := freePort(b), freePort(b), freePort(b), freePort(b)
+	epFile := filepath.Join(r.dir, "endpoints-"+serverIn[strings.LastIndex(serverIn, ":")+1:]+".json")
+	set := fmt.Sprintf(`[{"namespace":"shop","service":"checkout","port":8080,"clusters":[{"name":"west","endpoints":[{"name":"s","addr":%q,"ready":true}]}]}]`, serverIn)
+	if err := os.WriteFile(epFile, []byte(set), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	common := []string{"--cluster", "west", "--workload-api", r.west.Addr("web"), "--log-level", "warn"}
+	server = startProc(b, r.bin, slices.Concat(common, extra, []string{"--inbound", serverIn, "--app", r.app.addr(), "--admin", serverAdmin})...)
+	client = startProc(b, r.bin, slices.Concat(common, extra, []string{"--endpoints", epFile, "--upstream", "shop/checkout:8080=" + clientOut + "," + proto, "--admin", clientAdmin})...)
+	waitListening(b, serverIn, server)
+	waitListening(b, clientOut, client)
+	return client, server, clientOut
+}
+
 // benchPaths measures one protocol's paths side by side in one run:
 // direct, through two fedmesh sidecars (child processes, mTLS between
 // them), and through two HAProxy instances.
@@ -467,28 +501,9 @@ func benchPaths(b *testing.B, proto string) {
 	if testing.Short() {
 		b.Skip("short")
 	}
-	bin := buildSidecar(b)
-	doms := gatewaytest.Start(b, []string{"west"}, nil)
-	west := doms["west"]
-	dir := b.TempDir()
-	a := startApp(b, "app", "")
-
-	// pair starts a server and a client sidecar, the client's upstream at
-	// front, with extra flags for both.
-	pair := func(extra ...string) (client, server *proc, front string) {
-		serverIn, clientOut, serverAdmin, clientAdmin := freePort(b), freePort(b), freePort(b), freePort(b)
-		epFile := filepath.Join(dir, "endpoints-"+serverIn[strings.LastIndex(serverIn, ":")+1:]+".json")
-		set := fmt.Sprintf(`[{"namespace":"shop","service":"checkout","port":8080,"clusters":[{"name":"west","endpoints":[{"name":"s","addr":%q,"ready":true}]}]}]`, serverIn)
-		if err := os.WriteFile(epFile, []byte(set), 0o600); err != nil {
-			b.Fatal(err)
-		}
-		common := []string{"--cluster", "west", "--workload-api", west.Addr("web"), "--log-level", "warn"}
-		server = startProc(b, bin, slices.Concat(common, extra, []string{"--inbound", serverIn, "--app", a.addr(), "--admin", serverAdmin})...)
-		client = startProc(b, bin, slices.Concat(common, extra, []string{"--endpoints", epFile, "--upstream", "shop/checkout:8080=" + clientOut + "," + proto, "--admin", clientAdmin})...)
-		waitListening(b, serverIn, server)
-		waitListening(b, clientOut, client)
-		return client, server, clientOut
-	}
+	rig := newBenchRig(b)
+	pair := func(extra ...string) (client, server *proc, front string) { return rig.pair(proto, extra...) }
+	west, dir, a := rig.west, rig.dir, rig.app
 	client, server, clientOut := pair()
 	time.Sleep(time.Second) // settle before reading idle memory
 	idleRSS := max(client.rssMB(false), server.rssMB(false))
@@ -500,10 +515,13 @@ func benchPaths(b *testing.B, proto string) {
 	direct := &path{name: "direct", addr: a.addr()}
 	side := &path{name: "sidecar", addr: clientOut, procs: []*proc{client, server}}
 	paths := []*path{direct, side}
-	// The same pair reading and writing through net.TCPConn (--socket-io
-	// std): the trade-off of raw socket I/O, measured in the same run.
-	stdClient, stdServer, stdFront := pair("--socket-io", "std")
-	std := &path{name: "sidecar-std", addr: stdFront, procs: []*proc{stdClient, stdServer}}
+	// The same pair with each fixed --socket-io mode (the default is
+	// auto): the trade-off of raw socket I/O, measured in the same run.
+	var modes []*path
+	for _, m := range []string{"std", "raw"} {
+		c, s, front := pair("--socket-io", m)
+		modes = append(modes, &path{name: m, addr: front, procs: []*proc{c, s}})
+	}
 	hp, why := haproxyBin()
 	var ha, hb *proc
 	if hp != "" {
@@ -514,7 +532,7 @@ func benchPaths(b *testing.B, proto string) {
 	} else {
 		b.Logf("HAProxy comparison skipped: %s", why)
 	}
-	paths = append(paths, std)
+	paths = append(paths, modes...)
 	measureInterleaved(b, paths)
 
 	d, s := direct.fig, side.fig
@@ -549,16 +567,18 @@ func benchPaths(b *testing.B, proto string) {
 		return
 	}
 	h := paths[2].fig
-	sd := std.fig
-	if sd.failed > 0 {
-		b.Errorf("%d requests failed through the sidecars with --socket-io std\nclient: %s\nserver: %s", sd.failed, stdClient.log, stdServer.log)
+	for _, m := range modes {
+		f := m.fig
+		if f.failed > 0 {
+			b.Errorf("%d requests failed through the sidecars with --socket-io %s\nclient: %s\nserver: %s", f.failed, m.name, m.procs[0].log, m.procs[1].log)
+		}
+		b.ReportMetric(f.p50-d.p50, m.name+"-added-p50-ms")
+		b.ReportMetric((f.p50-d.p50)/(h.p50-d.p50), m.name+"-added-p50-vs-haproxy")
+		b.ReportMetric((f.p99-d.p99)/(h.p99-d.p99), m.name+"-added-p99-vs-haproxy")
+		b.ReportMetric(f.rps/h.rps, m.name+"-max-rps-vs-haproxy")
+		b.ReportMetric(perK(f.cpu), m.name+"-cpu-pct-per-1k-rps")
+		b.ReportMetric(perReq(f), m.name+"-cpu-us-per-req-at-max")
 	}
-	b.ReportMetric(sd.p50-d.p50, "std-added-p50-ms")
-	b.ReportMetric((sd.p50-d.p50)/(h.p50-d.p50), "std-added-p50-vs-haproxy")
-	b.ReportMetric((sd.p99-d.p99)/(h.p99-d.p99), "std-added-p99-vs-haproxy")
-	b.ReportMetric(sd.rps/h.rps, "std-max-rps-vs-haproxy")
-	b.ReportMetric(perK(sd.cpu), "std-cpu-pct-per-1k-rps")
-	b.ReportMetric(perReq(sd), "std-cpu-us-per-req-at-max")
 	if h.failed > 0 {
 		b.Logf("%d requests failed through HAProxy\nA: %s\nB: %s", h.failed, ha.log, hb.log)
 	}

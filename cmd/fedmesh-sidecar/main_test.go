@@ -50,7 +50,7 @@ func TestPortFlags(t *testing.T) {
 			`--app-probes: app probe /app-health/app/readyz: type "exec"`},
 		{"app probes without probe server", []string{"--cluster=west", `--app-probes={"/app-health/app/readyz":{"type":"tcp","port":8080}}`}, "--app-probes needs --probe-addr"},
 		{"probe address taken", []string{"--cluster=west", "--probe-addr=256.0.0.1:1"}, "--probe-addr"},
-		{"socket io unknown", []string{"--cluster=west", "--socket-io=fast"}, `--socket-io "fast": want raw or std`},
+		{"socket io unknown", []string{"--cluster=west", "--socket-io=fast"}, `--socket-io: socket I/O mode "fast": want auto, raw or std`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := run(context.Background(), tc.args, io.Discard)
@@ -88,7 +88,7 @@ func TestDNSEnvironment(t *testing.T) {
 func TestSocketIOEnvironment(t *testing.T) {
 	t.Setenv(injector.EnvSocketIO, "fast")
 	err := run(context.Background(), []string{"--cluster=west"}, io.Discard)
-	if err == nil || !strings.Contains(err.Error(), `--socket-io "fast": want raw or std`) {
+	if err == nil || !strings.Contains(err.Error(), `--socket-io: socket I/O mode "fast": want auto, raw or std`) {
 		t.Fatalf("run: %v, want the environment's socket I/O checked", err)
 	}
 }

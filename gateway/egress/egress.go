@@ -49,17 +49,17 @@ type Option func(*Client)
 // pays the TLS handshake).
 func WithSpares(n int) Option { return func(c *Client) { c.nSpares = max(n, 0) } }
 
-// WithStdSocketIO makes the client read and write its TCP connections
-// through net.TCPConn instead of internal/rawio (see docs/sidecar.md, "Raw
-// socket I/O").
-func WithStdSocketIO() Option { return func(c *Client) { c.stdIO = true } }
+// WithSocketIO sets how the client reads and writes its TCP connections
+// (internal/rawio; default rawio.Auto; see docs/sidecar.md, "Raw socket
+// I/O").
+func WithSocketIO(m rawio.Mode) Option { return func(c *Client) { c.sockIO = m } }
 
 // Client dials proxied connections through the local gateway's TCP egress.
 type Client struct {
 	addr     string
 	tls      *tls.Config
 	nSpares  int
-	stdIO    bool
+	sockIO   rawio.Mode
 	spares   chan spare
 	refill   chan struct{}
 	ctx      context.Context // ends with Close
@@ -251,13 +251,9 @@ func (c *Client) handshake(ctx context.Context) (spare, error) {
 		return spare{}, fmt.Errorf("dial gateway egress %s: %w", c.addr, err)
 	}
 	tc := raw.(*net.TCPConn)
-	// Reads and writes go off the scheduler's syscall path (internal/rawio)
-	// unless WithStdSocketIO; tc stays for the liveness peek and Close.
-	var under net.Conn = tc
-	if !c.stdIO {
-		under = rawio.Wrap(tc)
-	}
-	tlsConn := tls.Client(under, c.tls)
+	// Reads and writes go through internal/rawio as WithSocketIO says; tc
+	// stays for the liveness peek and Close.
+	tlsConn := tls.Client(rawio.WrapMode(tc, c.sockIO), c.tls)
 	if err := tlsConn.HandshakeContext(ctx); err != nil {
 		_ = tc.Close()
 		return spare{}, fmt.Errorf("gateway egress %s handshake: %w", c.addr, err)

@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -22,14 +23,78 @@ import (
 // its sleeps. A read or write on a non-blocking socket never blocks, so it
 // need not tell the scheduler. See docs/sidecar.md, "Raw socket I/O".
 //
+// What it costs: the sysmon wake-ups keep the machine's other CPUs out of
+// deep idle, and on a VM a moderately loaded proxy answers faster with
+// them. A Conn in Auto mode therefore takes the scheduler's path while the
+// process uses less than busyAbove of a CPU, and raw system calls above,
+// where its CPU time is what limits throughput.
+//
 // Like a net.Conn, a Conn may be used by several goroutines at once:
 // concurrent Reads (and concurrent Writes) take turns.
 type Conn struct {
-	tc *net.TCPConn
-	rc syscall.RawConn
-	rd op
-	wr op
+	tc   *net.TCPConn
+	rc   syscall.RawConn
+	auto bool
+	rd   op
+	wr   op
 }
+
+// Auto mode's thresholds, in CPU time of the whole process per second of
+// wall time, with a gap between them so that a load near one does not flip
+// the mode at every sample. See docs/sidecar.md, "Raw socket I/O", for the
+// measurements they come from.
+const (
+	busyAbove   = 0.35
+	idleBelow   = 0.25
+	sampleReads = 128                   // reads between two looks at the clock
+	sampleEvery = 20 * time.Millisecond // shortest span the CPU share is measured over
+)
+
+// load is the process's CPU share, measured by whichever Read comes to a
+// sample first.
+var load struct {
+	reads atomic.Uint64
+	mu    sync.Mutex // the sampler; others skip the sample
+	wall  time.Duration
+	cpu   time.Duration
+	busy  atomic.Bool
+}
+
+var epoch = time.Now()
+
+// countRead counts one read and reports whether the process is busy.
+func countRead() bool {
+	if load.reads.Add(1)%sampleReads == 0 && load.mu.TryLock() {
+		sample(time.Since(epoch))
+		load.mu.Unlock()
+	}
+	return load.busy.Load()
+}
+
+// sample updates load.busy from the CPU time used since the last sample,
+// if that was sampleEvery ago or more. Called with load.mu held.
+func sample(now time.Duration) {
+	if now-load.wall < sampleEvery {
+		return
+	}
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
+		return
+	}
+	cpu := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	if load.wall > 0 {
+		switch share := float64(cpu-load.cpu) / float64(now-load.wall); {
+		case share >= busyAbove:
+			load.busy.Store(true)
+		case share < idleBelow:
+			load.busy.Store(false)
+		}
+	}
+	load.wall, load.cpu = now, cpu
+}
+
+// Busy reports whether Auto mode currently makes raw system calls.
+func Busy() bool { return load.busy.Load() }
 
 // op is one read or write in flight; fn is bound once, so an operation
 // allocates nothing.
@@ -39,20 +104,34 @@ type op struct {
 	n     int
 	err   syscall.Errno
 	stuck bool // a write the kernel took nothing of, without an error
+	sched bool // through the scheduler's syscall path (Auto mode, not busy)
 	fn    func(fd uintptr) bool
 }
 
-// Wrap returns c as a *Conn when it is a *net.TCPConn, else c itself.
-func Wrap(c net.Conn) net.Conn {
+// sys makes one system call, raw or through the scheduler's syscall path.
+func (o *op) sys(trap, a1, a2, a3 uintptr) (uintptr, uintptr, syscall.Errno) {
+	if o.sched {
+		return syscall.Syscall(trap, a1, a2, a3)
+	}
+	return syscall.RawSyscall(trap, a1, a2, a3)
+}
+
+// Wrap returns c as a *Conn in Raw mode when it is a *net.TCPConn, else c
+// itself.
+func Wrap(c net.Conn) net.Conn { return WrapMode(c, Raw) }
+
+// WrapMode returns c as a *Conn in mode m when it is a *net.TCPConn and m
+// is not Std, else c itself.
+func WrapMode(c net.Conn, m Mode) net.Conn {
 	tc, ok := c.(*net.TCPConn)
-	if !ok {
+	if !ok || m == Std {
 		return c
 	}
 	rc, err := tc.SyscallConn()
 	if err != nil {
 		return c
 	}
-	rc2 := &Conn{tc: tc, rc: rc}
+	rc2 := &Conn{tc: tc, rc: rc, auto: m == Auto}
 	rc2.rd.fn = rc2.rd.read
 	rc2.wr.fn = rc2.wr.write
 	return rc2
@@ -60,7 +139,7 @@ func Wrap(c net.Conn) net.Conn {
 
 func (o *op) read(fd uintptr) bool {
 	for {
-		n, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&o.p[0])), uintptr(len(o.p)))
+		n, _, e := o.sys(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&o.p[0])), uintptr(len(o.p)))
 		switch e {
 		case 0:
 			o.n = int(n)
@@ -78,7 +157,7 @@ func (o *op) read(fd uintptr) bool {
 
 func (o *op) write(fd uintptr) bool {
 	for o.n < len(o.p) {
-		n, _, e := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&o.p[o.n])), uintptr(len(o.p)-o.n))
+		n, _, e := o.sys(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&o.p[o.n])), uintptr(len(o.p)-o.n))
 		switch e {
 		case 0:
 			if n == 0 { // as poll.FD.Write: never loop on a write that takes nothing
@@ -105,6 +184,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 	o := &c.rd
 	o.mu.Lock()
 	o.p, o.n, o.err = p, 0, 0
+	o.sched = c.auto && !countRead()
 	err := c.rc.Read(o.fn)
 	n, e := o.n, o.err
 	o.p = nil
@@ -129,6 +209,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 	o := &c.wr
 	o.mu.Lock()
 	o.p, o.n, o.err, o.stuck = p, 0, 0, false
+	o.sched = c.auto && !load.busy.Load()
 	err := c.rc.Write(o.fn)
 	n, e, stuck := o.n, o.err, o.stuck
 	o.p = nil

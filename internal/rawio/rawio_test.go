@@ -17,8 +17,12 @@ import (
 	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
-// pair is a real loopback TCP connection: a wrapped end and a plain one.
-func pair(t testing.TB) (wrapped net.Conn, peer *net.TCPConn) {
+// pair is a real loopback TCP connection: a wrapped end (Raw mode) and a
+// plain one.
+func pair(t testing.TB) (wrapped net.Conn, peer *net.TCPConn) { return pairMode(t, rawio.Raw) }
+
+// pairMode is pair with the wrapped end in mode m (Raw or Auto).
+func pairMode(t testing.TB, m rawio.Mode) (wrapped net.Conn, peer *net.TCPConn) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -43,7 +47,7 @@ func pair(t testing.TB) (wrapped net.Conn, peer *net.TCPConn) {
 		t.Fatal("accept failed")
 	}
 	t.Cleanup(func() { c.Close(); p.Close() })
-	w := rawio.Wrap(c)
+	w := rawio.WrapMode(c, m)
 	if runtime.GOOS == "linux" {
 		if _, ok := w.(*rawio.Conn); !ok {
 			t.Fatalf("Wrap(*net.TCPConn) = %T, want *rawio.Conn", w)
@@ -54,6 +58,10 @@ func pair(t testing.TB) (wrapped net.Conn, peer *net.TCPConn) {
 
 func TestRoundTripLargerThanSocketBuffers(t *testing.T) {
 	w, p := pair(t)
+	roundTrip(t, w, p)
+}
+
+func roundTrip(t *testing.T, w net.Conn, p *net.TCPConn) {
 	// 8 MiB does not fit the socket buffers: the writer meets EAGAIN and
 	// must wait on the poller, then finish the write.
 	want := make([]byte, 8<<20)
