@@ -33,12 +33,12 @@ func (p *proc) reads() (n int64) {
 // at fixed rates from 500 to 12,000 req/s, for each --socket-io mode and
 // the HAProxy pair, interleaved in one run: the measurements behind
 // internal/rawio's Auto thresholds (docs/sidecar.md, "Raw socket I/O").
-// BENCH_SWEEP_PROTO=tcp sweeps the opaque TCP path instead of HTTP, and
-// BENCH_SWEEP_RATES=1000,2000 other rates.
-// Not part of make bench: it takes about three minutes.
+// It runs only with BENCH_SWEEP=1 (make bench skips it: two minutes, and
+// no figure with a goal); BENCH_SWEEP_PROTO=tcp sweeps the opaque TCP path
+// instead of HTTP, and BENCH_SWEEP_RATES=1000,2000 other rates.
 func BenchmarkSocketIOSweep(b *testing.B) {
-	if testing.Short() {
-		b.Skip("short")
+	if testing.Short() || os.Getenv("BENCH_SWEEP") != "1" {
+		b.Skip("set BENCH_SWEEP=1 to sweep (about two minutes)")
 	}
 	proto := cmp.Or(os.Getenv("BENCH_SWEEP_PROTO"), "http")
 	rig := newBenchRig(b)
