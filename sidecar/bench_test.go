@@ -426,8 +426,12 @@ func measureInterleaved(b *testing.B, paths []*path) {
 		}
 	}
 	const rounds = 3
-	for range rounds {
-		for _, p := range paths {
+	for r := range rounds {
+		for i := range paths {
+			if r%2 == 1 { // every other round in reverse, so no path always follows the same one
+				i = len(paths) - 1 - i
+			}
+			p := paths[i]
 			c0 := p.cpu()
 			lat, failed := fixedRate(p.addr, benchRate, benchConns, fixedFor/rounds, nil)
 			p.fig.cpu += p.cpu() - c0
