@@ -413,6 +413,19 @@ func (p *path) cpu() (d time.Duration) {
 	return d
 }
 
+// interleave calls f for every path in every round, every other round in
+// reverse, so that no path always follows the same one.
+func interleave(rounds int, paths []*path, f func(p *path)) {
+	for r := range rounds {
+		for i := range paths {
+			if r%2 == 1 {
+				i = len(paths) - 1 - i
+			}
+			f(paths[i])
+		}
+	}
+}
+
 // measureInterleaved runs the paths in turn, in short slices, so that the
 // noise of a shared machine falls on all of them alike.
 func measureInterleaved(b *testing.B, paths []*path) {
@@ -426,38 +439,26 @@ func measureInterleaved(b *testing.B, paths []*path) {
 		}
 	}
 	const rounds = 3
-	for r := range rounds {
-		for i := range paths {
-			if r%2 == 1 { // every other round in reverse, so no path always follows the same one
-				i = len(paths) - 1 - i
-			}
-			p := paths[i]
-			c0 := p.cpu()
-			lat, failed := fixedRate(p.addr, benchRate, benchConns, fixedFor/rounds, nil)
-			p.fig.cpu += p.cpu() - c0
-			p.fig.lat = append(p.fig.lat, lat...)
-			p.fig.failed += failed
-		}
-	}
-	for r := range rounds {
-		for i := range paths {
-			if r%2 == 1 { // every other round in reverse, so no path always follows the same one
-				i = len(paths) - 1 - i
-			}
-			p := paths[i]
-			c0, s0 := p.cpu(), p.switches()
-			i0, t0 := idleTicks()
-			rps, failed := maxRate(p.addr, benchConns, maxFor/rounds)
-			i1, t1 := idleTicks()
-			p.fig.maxSwitches += p.switches() - s0
-			p.fig.idle += i1 - i0
-			p.fig.ticks += t1 - t0
-			p.fig.maxCPU += p.cpu() - c0
-			p.fig.maxN += rps * (maxFor / rounds).Seconds()
-			p.fig.rps += rps / rounds
-			p.fig.failed += failed
-		}
-	}
+	interleave(rounds, paths, func(p *path) {
+		c0 := p.cpu()
+		lat, failed := fixedRate(p.addr, benchRate, benchConns, fixedFor/rounds, nil)
+		p.fig.cpu += p.cpu() - c0
+		p.fig.lat = append(p.fig.lat, lat...)
+		p.fig.failed += failed
+	})
+	interleave(rounds, paths, func(p *path) {
+		c0, s0 := p.cpu(), p.switches()
+		i0, t0 := idleTicks()
+		rps, failed := maxRate(p.addr, benchConns, maxFor/rounds)
+		i1, t1 := idleTicks()
+		p.fig.maxSwitches += p.switches() - s0
+		p.fig.idle += i1 - i0
+		p.fig.ticks += t1 - t0
+		p.fig.maxCPU += p.cpu() - c0
+		p.fig.maxN += rps * (maxFor / rounds).Seconds()
+		p.fig.rps += rps / rounds
+		p.fig.failed += failed
+	})
 	for _, p := range paths {
 		slices.Sort(p.fig.lat)
 		p.fig.p50, p.fig.p99 = pct(p.fig.lat, 0.5), pct(p.fig.lat, 0.99)
@@ -480,9 +481,10 @@ func newBenchRig(b *testing.B) *benchRig {
 	return &benchRig{b: b, bin: bin, west: doms["west"], dir: b.TempDir(), app: startApp(b, "app", "")}
 }
 
-// pair starts a server and a client sidecar for proto (http or tcp), the
-// client's upstream at front, with extra flags for both.
-func (r *benchRig) pair(proto string, extra ...string) (client, server *proc, front string) {
+// pair starts a server and a client sidecar for proto (http or tcp), with
+// extra flags for both: the path named name, whose procs are the client
+// and the server and whose address is the client's upstream listener.
+func (r *benchRig) pair(name, proto string, extra ...string) *path {
 	b := r.b
 	serverIn, clientOut, serverAdmin, clientAdmin := freePort(b), freePort(b), freePort(b), freePort(b)
 	epFile := filepath.Join(r.dir, "endpoints-"+serverIn[strings.LastIndex(serverIn, ":")+1:]+".json")
@@ -491,11 +493,23 @@ func (r *benchRig) pair(proto string, extra ...string) (client, server *proc, fr
 		b.Fatal(err)
 	}
 	common := []string{"--cluster", "west", "--workload-api", r.west.Addr("web"), "--log-level", "warn"}
-	server = startProc(b, r.bin, slices.Concat(common, extra, []string{"--inbound", serverIn, "--app", r.app.addr(), "--admin", serverAdmin})...)
-	client = startProc(b, r.bin, slices.Concat(common, extra, []string{"--endpoints", epFile, "--upstream", "shop/checkout:8080=" + clientOut + "," + proto, "--admin", clientAdmin})...)
+	server := startProc(b, r.bin, slices.Concat(common, extra, []string{"--inbound", serverIn, "--app", r.app.addr(), "--admin", serverAdmin})...)
+	client := startProc(b, r.bin, slices.Concat(common, extra, []string{"--endpoints", epFile, "--upstream", "shop/checkout:8080=" + clientOut + "," + proto, "--admin", clientAdmin})...)
 	waitListening(b, serverIn, server)
 	waitListening(b, clientOut, client)
-	return client, server, clientOut
+	return &path{name: name, addr: clientOut, procs: []*proc{client, server}}
+}
+
+// haproxy starts the HAProxy pair for proto in front of the app, installing
+// HAProxy first when it is missing; nil and why when it cannot.
+func (r *benchRig) haproxy(proto string) (*path, string) {
+	hp, why := haproxyBin()
+	if hp == "" {
+		return nil, why
+	}
+	crt, ca := pemFiles(r.b, r.west, r.dir)
+	front, a, b := startHAProxyPair(r.b, hp, proto, r.dir, crt, ca, r.app.addr())
+	return &path{name: "haproxy", addr: front, procs: []*proc{a, b}}, ""
 }
 
 // benchPaths measures one protocol's paths side by side in one run:
@@ -506,9 +520,8 @@ func benchPaths(b *testing.B, proto string) {
 		b.Skip("short")
 	}
 	rig := newBenchRig(b)
-	pair := func(extra ...string) (client, server *proc, front string) { return rig.pair(proto, extra...) }
-	west, dir, a := rig.west, rig.dir, rig.app
-	client, server, clientOut := pair()
+	side := rig.pair("sidecar", proto)
+	client, server := side.procs[0], side.procs[1]
 	time.Sleep(time.Second) // settle before reading idle memory
 	idleRSS := max(client.rssMB(false), server.rssMB(false))
 	// Most of that RSS is the binary's own pages (file-backed, shared by
@@ -516,23 +529,17 @@ func benchPaths(b *testing.B, proto string) {
 	// (heap, stacks) is what each further sidecar costs.
 	idleAnon := max(client.kb("RssAnon"), server.kb("RssAnon")) / 1024
 
-	direct := &path{name: "direct", addr: a.addr()}
-	side := &path{name: "sidecar", addr: clientOut, procs: []*proc{client, server}}
+	direct := &path{name: "direct", addr: rig.app.addr()}
 	paths := []*path{direct, side}
 	// The same pair with each fixed --socket-io mode (the default is
 	// auto): the trade-off of raw socket I/O, measured in the same run.
 	var modes []*path
 	for _, m := range []string{"std", "raw"} {
-		c, s, front := pair("--socket-io", m)
-		modes = append(modes, &path{name: m, addr: front, procs: []*proc{c, s}})
+		modes = append(modes, rig.pair(m, proto, "--socket-io", m))
 	}
-	hp, why := haproxyBin()
-	var ha, hb *proc
-	if hp != "" {
-		crt, ca := pemFiles(b, west, dir)
-		var front string
-		front, ha, hb = startHAProxyPair(b, hp, proto, dir, crt, ca, a.addr())
-		paths = append(paths, &path{name: "haproxy", addr: front, procs: []*proc{ha, hb}})
+	hap, why := rig.haproxy(proto)
+	if hap != nil {
+		paths = append(paths, hap)
 	} else {
 		b.Logf("HAProxy comparison skipped: %s", why)
 	}
@@ -567,10 +574,11 @@ func benchPaths(b *testing.B, proto string) {
 	idlePct := func(f pathFigures) float64 { return 100 * float64(f.idle) / float64(max(f.ticks, 1)) }
 	b.ReportMetric(switchesPerReq(s), "switches-per-req-at-max")
 	b.ReportMetric(idlePct(s), "idle-pct-at-max")
-	if hp == "" {
+	if hap == nil {
 		return
 	}
-	h := paths[2].fig
+	h := hap.fig
+	ha, hb := hap.procs[0], hap.procs[1]
 	for _, m := range modes {
 		f := m.fig
 		if f.failed > 0 {

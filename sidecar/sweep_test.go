@@ -11,6 +11,14 @@ import (
 	"time"
 )
 
+// reads is the read system calls of the path's processes so far.
+func (p *path) reads() (n int64) {
+	for _, pr := range p.procs {
+		n += pr.reads()
+	}
+	return n
+}
+
 // reads is the read system calls of the process and its children so far
 // (/proc/<pid>/io syscr).
 func (p *proc) reads() (n int64) {
@@ -44,13 +52,10 @@ func BenchmarkSocketIOSweep(b *testing.B) {
 	rig := newBenchRig(b)
 	paths := []*path{{name: "direct", addr: rig.app.addr()}}
 	for _, mode := range []string{"raw", "std", "auto"} {
-		c, s, front := rig.pair(proto, "--socket-io", mode)
-		paths = append(paths, &path{name: mode, addr: front, procs: []*proc{c, s}})
+		paths = append(paths, rig.pair(mode, proto, "--socket-io", mode))
 	}
-	if hp, why := haproxyBin(); hp != "" {
-		crt, ca := pemFiles(b, rig.west, rig.dir)
-		front, ha, hb := startHAProxyPair(b, hp, proto, rig.dir, crt, ca, rig.app.addr())
-		paths = append(paths, &path{name: "haproxy", addr: front, procs: []*proc{ha, hb}})
+	if hap, why := rig.haproxy(proto); hap != nil {
+		paths = append(paths, hap)
 	} else {
 		b.Logf("HAProxy skipped: %s", why)
 	}
@@ -86,37 +91,28 @@ func BenchmarkSocketIOSweep(b *testing.B) {
 			cpu   time.Duration
 			reads int64
 		}
-		figs := make([]fig, len(paths))
-		for r := range rounds {
-			for i := range paths {
-				if r%2 == 1 {
-					i = len(paths) - 1 - i
-				}
-				p := paths[i]
-				c0, r0 := p.cpu(), int64(0)
-				for _, pr := range p.procs {
-					r0 += pr.reads()
-				}
-				lat, failed := fixedRate(p.addr, rate, benchConns, slice, nil)
-				if failed > 0 {
-					b.Errorf("%s at %d req/s: %d failed", p.name, rate, failed)
-				}
-				figs[i].cpu += p.cpu() - c0
-				for _, pr := range p.procs {
-					figs[i].reads += pr.reads()
-				}
-				figs[i].reads -= r0
-				figs[i].lat = append(figs[i].lat, lat...)
+		figs := map[*path]*fig{}
+		for _, p := range paths {
+			figs[p] = &fig{}
+		}
+		interleave(rounds, paths, func(p *path) {
+			f, c0, r0 := figs[p], p.cpu(), p.reads()
+			lat, failed := fixedRate(p.addr, rate, benchConns, slice, nil)
+			if failed > 0 {
+				b.Errorf("%s at %d req/s: %d failed", p.name, rate, failed)
 			}
+			f.cpu += p.cpu() - c0
+			f.reads += p.reads() - r0
+			f.lat = append(f.lat, lat...)
+		})
+		for _, f := range figs {
+			slices.Sort(f.lat)
 		}
-		for i := range figs {
-			slices.Sort(figs[i].lat)
-		}
-		d50, d99 := pct(figs[0].lat, 0.5), pct(figs[0].lat, 0.99)
+		d50, d99 := pct(figs[paths[0]].lat, 0.5), pct(figs[paths[0]].lat, 0.99)
 		fmt.Fprintf(&table, "%7d", rate)
 		secs := (slice * rounds).Seconds()
-		for i, p := range paths[1:] {
-			f := figs[i+1]
+		for _, p := range paths[1:] {
+			f := figs[p]
 			n := float64(max(len(p.procs), 1))
 			cell := fmt.Sprintf("%.3f / %.3f, %4.1f%%, %6.0f", pct(f.lat, 0.5)-d50, pct(f.lat, 0.99)-d99,
 				100*f.cpu.Seconds()/secs/n, float64(f.reads)/secs/n)
