@@ -79,13 +79,22 @@ type EndpointState struct {
 	Outlier   health.State `json:"outlier"`
 }
 
+// socketIOState is State.SocketIO: the mode, and for auto the path now.
+func (s *Sidecar) socketIOState() string {
+	switch {
+	case s.cfg.SocketIO != rawio.Auto:
+		return s.cfg.SocketIO.String()
+	case rawio.Busy():
+		return "auto (raw)"
+	default:
+		return "auto (std)"
+	}
+}
+
 // State returns a snapshot.
 func (s *Sidecar) State() State {
 	now := time.Now()
-	st := State{Cluster: s.cfg.Cluster, SocketIO: s.cfg.SocketIO.String()}
-	if s.cfg.SocketIO == rawio.Auto {
-		st.SocketIO += map[bool]string{true: " (raw)", false: " (std)"}[s.rawSocketIO()]
-	}
+	st := State{Cluster: s.cfg.Cluster, SocketIO: s.socketIOState()}
 	if svid, err := s.cfg.Source.GetX509SVID(); err != nil {
 		st.SVID.Error = err.Error()
 	} else if len(svid.Certificates) > 0 {

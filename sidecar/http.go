@@ -322,7 +322,7 @@ func (u *upstream) switchProtocols(rec *reqRecord, a *answer, w *bufio.Writer) (
 	if !upgradeRequested(rec.req.Header) {
 		u.finish(rec, a.t.Cluster, "error", http.StatusBadGateway, -1)
 		a.release(false)
-		writeError(w, http.StatusBadGateway, "upstream_failed", "101 Switching Protocols to a request that asked for no upgrade")
+		writeError(w, http.StatusBadGateway, "upstream_failed", errUnaskedSwitch)
 		return false, nil
 	}
 	a.resp.Body = http.NoBody

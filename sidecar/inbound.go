@@ -307,7 +307,7 @@ func (s *Sidecar) serveInboundHTTP(c, app net.Conn, caller, td string) {
 			// The app took the upgrade (a WebSocket): the connection is
 			// the new protocol's from here, admitted as the request was.
 			if !upgradeRequested(req.Header) {
-				writeError(bw, http.StatusBadGateway, "app_failed", "101 Switching Protocols to a request that asked for no upgrade")
+				writeError(bw, http.StatusBadGateway, "app_failed", errUnaskedSwitch)
 				_ = bw.Flush()
 				return
 			}

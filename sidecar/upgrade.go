@@ -28,6 +28,10 @@ func upgradeRequested(h http.Header) bool {
 	return false
 }
 
+// errUnaskedSwitch is the 502's message when an upstream or app answers
+// 101 Switching Protocols to a request that asked for no upgrade.
+const errUnaskedSwitch = "101 Switching Protocols to a request that asked for no upgrade"
+
 // maxInterim bounds the 1xx answers skipped before the final one.
 const maxInterim = 16
 
