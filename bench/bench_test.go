@@ -7,7 +7,7 @@ import (
 )
 
 func TestTable(t *testing.T) {
-	goals, err := ParseGoals(strings.NewReader("# c\nBenchmarkA\tp99-ms\t<1000\texport to import p99\nBenchmarkA\tMB\t-\tpeak RSS\nBenchmarkB\tGbit/s\t>1.5\tthroughput\nBenchmarkC\tx\t<1\tnever run\n"))
+	goals, err := ParseGoals(strings.NewReader("# c\nBenchmarkA\tp99-ms\t<1000\texport to import p99\nBenchmarkA\tMB\t-\tpeak RSS\nBenchmarkB\tGbit/s\t>1.5\tthroughput\nBenchmarkC\tx\t<1\tnever run\nBenchmarkD\tx\t-\tinfo never run\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -20,7 +20,7 @@ func TestTable(t *testing.T) {
 	if missed != 1 || absent != 1 {
 		t.Fatalf("missed=%d absent=%d, want 1 and 1\n%s", missed, absent, buf.String())
 	}
-	for _, want := range []string{"412.5", "info", "MISSED", "NOT RUN"} {
+	for _, want := range []string{"412.5", "info", "MISSED", "NOT RUN", "not run"} {
 		if !strings.Contains(buf.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, buf.String())
 		}

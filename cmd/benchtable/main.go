@@ -35,6 +35,9 @@ func run(goalsPath string) error {
 	}
 	fmt.Println()
 	missed, absent := bench.WriteTable(os.Stdout, goals, results)
-	fmt.Printf("\n%d figures, %d missed their goal, %d not run\n", len(goals), missed, absent)
+	fmt.Printf("\n%d figures, %d missed their goal, %d with a goal not run\n", len(goals), missed, absent)
+	if missed+absent > 0 {
+		return fmt.Errorf("%d figures missed their goal and %d with a goal were not run", missed, absent)
+	}
 	return nil
 }
