@@ -37,8 +37,12 @@ type directory struct {
 	mu      sync.Mutex
 	cur     *discoveryv1.Directory // immutable once stored; nil: build on demand
 	version uint64
-	pending bool // a rebuild is scheduled
+	pending *time.Timer // the scheduled rebuild, nil when none
+	closed  bool        // Close was called: no more rebuilds are scheduled
 	subs    map[*subscriber]struct{}
+	// rebuilds counts scheduled and running rebuilds, so Close can wait
+	// for them.
+	rebuilds sync.WaitGroup
 
 	builds prometheus.Counter
 	sent   prometheus.Counter
@@ -74,11 +78,31 @@ func (s *Server) NotifyDirectory() {
 		d.cur = nil // built afresh by the next stream
 		return
 	}
-	if d.pending {
+	if d.pending != nil || d.closed {
 		return
 	}
-	d.pending = true
-	time.AfterFunc(d.debounce, s.rebuildDirectory)
+	d.rebuilds.Add(1)
+	d.pending = time.AfterFunc(d.debounce, func() {
+		defer d.rebuilds.Done()
+		s.rebuildDirectory()
+	})
+}
+
+// Close stops the directory rebuild scheduled by NotifyDirectory and waits
+// for one that is running; notifications after Close schedule nothing.
+// Streams keep working: they build the directory on demand. The federation
+// controller closes its server when Run returns, so no rebuild reads its
+// caches after that.
+func (s *Server) Close() {
+	d := s.dir
+	d.mu.Lock()
+	d.closed = true
+	if d.pending != nil && d.pending.Stop() {
+		d.pending = nil
+		d.rebuilds.Done() // it will never run
+	}
+	d.mu.Unlock()
+	d.rebuilds.Wait()
 }
 
 // rebuildDirectory builds the directory and wakes every stream if it
@@ -89,7 +113,7 @@ func (s *Server) rebuildDirectory() {
 	d.build.Lock()
 	defer d.build.Unlock()
 	d.mu.Lock()
-	d.pending = false
+	d.pending = nil
 	d.mu.Unlock()
 	next, err := s.buildDirectory()
 	d.mu.Lock()

@@ -21,6 +21,7 @@ type fakeDirectory struct {
 	dir    *pb.Directory
 	err    error
 	builds int
+	built  chan struct{} // when not nil, gets a token at each build's start
 }
 
 func (f *fakeDirectory) Snapshot(ns, name string) (*pb.EndpointSet, error) {
@@ -31,6 +32,9 @@ func (f *fakeDirectory) Directory() (*pb.Directory, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.builds++
+	if f.built != nil {
+		f.built <- struct{}{}
+	}
 	if f.err != nil {
 		return nil, f.err
 	}
@@ -75,12 +79,26 @@ func TestWatchDirectory(t *testing.T) {
 		t.Fatalf("first directory %v, %v", first, err)
 	}
 
-	s.NotifyDirectory() // nothing changed: nothing is sent
-	src.set(&pb.Directory{LocalCluster: "east", Services: append(first.Services, &pb.VirtualService{Namespace: "a", Name: "c", Ips: []string{"10.0.0.2"}})}, nil)
+	// Nothing changed: the rebuild sends nothing. Had it sent the same
+	// directory again, the next Recv below would get it instead of the
+	// change.
 	src.mu.Lock()
+	src.built = make(chan struct{}, 1)
+	src.mu.Unlock()
+	s.NotifyDirectory()
+	select {
+	case <-src.built:
+	case <-ctx.Done():
+		t.Fatal("no rebuild after a notification")
+	}
+	s.dir.build.Lock() // held by the rebuild until it is done
+	s.dir.build.Unlock()
+	src.mu.Lock()
+	src.built = nil
 	before := src.builds
 	src.mu.Unlock()
-	time.Sleep(50 * time.Millisecond) // the first notification's build is done
+
+	src.set(&pb.Directory{LocalCluster: "east", Services: append(first.Services, &pb.VirtualService{Namespace: "a", Name: "c", Ips: []string{"10.0.0.2"}})}, nil)
 	for range 100 {
 		s.NotifyDirectory()
 	}
@@ -99,5 +117,68 @@ func TestWatchDirectory(t *testing.T) {
 	s.NotifyDirectory()
 	if _, err := st.Recv(); status.Code(err) != codes.Unavailable {
 		t.Fatalf("after losing the lead: %v, want Unavailable", err)
+	}
+}
+
+// TestCloseStopsRebuild: Close cancels the rebuild a notification scheduled
+// (it would read the source after its owner stopped), waits for one that
+// is running, and later notifications schedule nothing; a stream still gets
+// the directory, built on demand.
+func TestCloseStopsRebuild(t *testing.T) {
+	src := &fakeDirectory{dir: &pb.Directory{LocalCluster: "east"}}
+	s := NewServer(src, nil, nil)
+	s.dir.debounce = 10 * time.Millisecond
+	sub := &subscriber{dirty: make(chan struct{}, 1)}
+	s.dir.mu.Lock()
+	s.dir.subs[sub] = struct{}{} // a watching stream
+	s.dir.mu.Unlock()
+
+	s.NotifyDirectory() // scheduled, not yet run
+	s.Close()
+	s.NotifyDirectory()
+	// Each notification's rebuild would have run within 10ms; give them
+	// 50 times that.
+	time.Sleep(500 * time.Millisecond)
+	src.mu.Lock()
+	builds := src.builds
+	src.mu.Unlock()
+	if builds != 0 {
+		t.Fatalf("%d directory builds after Close, want none", builds)
+	}
+	if d, err := s.current(); err != nil || d.LocalCluster != "east" {
+		t.Fatalf("directory on demand after Close: %v, %v", d, err)
+	}
+
+	// A rebuild that is running when Close is called has ended when it
+	// returns.
+	s = NewServer(src, nil, nil)
+	s.dir.debounce = time.Millisecond
+	s.dir.mu.Lock()
+	s.dir.subs[sub] = struct{}{}
+	s.dir.mu.Unlock()
+	src.mu.Lock()
+	src.built = make(chan struct{})
+	src.mu.Unlock()
+	s.NotifyDirectory()
+	closed := make(chan struct{})
+	go func() {
+		defer close(closed)
+		<-src.built // the rebuild is inside Directory
+		s.Close()
+	}()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return")
+	}
+	if !s.dir.build.TryLock() { // a rebuild holds it until it is done
+		t.Fatal("the rebuild is still running after Close returned")
+	}
+	s.dir.build.Unlock()
+	s.dir.mu.Lock()
+	cur := s.dir.cur
+	s.dir.mu.Unlock()
+	if cur == nil {
+		t.Fatal("the rebuild that was running did not store its directory")
 	}
 }
