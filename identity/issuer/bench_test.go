@@ -24,6 +24,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"go.uber.org/goleak"
 	"google.golang.org/grpc/metadata"
 )
 
@@ -40,7 +41,9 @@ func TestMain(m *testing.M) {
 		}
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	// Every goroutine the tests started (issuers, their streams and
+	// watchers, Workload API clients) has ended when they are done.
+	goleak.VerifyTestMain(m)
 }
 
 type childSpec struct {

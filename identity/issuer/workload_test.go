@@ -3,6 +3,7 @@ package issuer
 import (
 	"context"
 	"crypto/x509"
+	"fmt"
 	"io"
 	"path/filepath"
 	"slices"
@@ -207,10 +208,27 @@ var methods = []struct {
 
 // TestSecurityHeader: without workload.spiffe.io: true every method answers
 // InvalidArgument; with a wrong value too; with it, registered callers pass.
+// ValidateJWTSVID gets a valid JWT-SVID of the caller's own, so its only
+// reason to refuse is the header.
 func TestSecurityHeader(t *testing.T) {
 	testutil.CheckGoroutines(t)
 	iss := startIssuer(t, newTestConfig(t, "east.fedmesh.test"))
 	c := rawClient(t, iss.addr())
+	hctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	hctx = metadata.NewOutgoingContext(hctx, metadata.Pairs("workload.spiffe.io", "true"))
+	fetched, err := c.FetchJWTSVID(hctx, &workload.JWTSVIDRequest{Audience: []string{"x"}})
+	if err != nil || len(fetched.GetSvids()) == 0 {
+		t.Fatalf("fetch a jwt-svid to validate: %v (%d svids)", err, len(fetched.GetSvids()))
+	}
+	token := fetched.Svids[0]
+	validate := func(ctx context.Context, c workload.SpiffeWorkloadAPIClient) error {
+		resp, err := c.ValidateJWTSVID(ctx, &workload.ValidateJWTSVIDRequest{Audience: "x", Svid: token.Svid})
+		if err == nil && resp.SpiffeId != token.SpiffeId {
+			return fmt.Errorf("validated as %q, want %q", resp.SpiffeId, token.SpiffeId)
+		}
+		return err
+	}
 	headers := []struct {
 		name string
 		md   metadata.MD
@@ -228,13 +246,12 @@ func TestSecurityHeader(t *testing.T) {
 				if h.md != nil {
 					ctx = metadata.NewOutgoingContext(ctx, h.md)
 				}
-				err := m.call(ctx, c)
-				want := h.want
-				if m.name == "ValidateJWTSVID" && want == codes.OK {
-					want = codes.InvalidArgument // the token is garbage, on purpose
+				call := m.call
+				if m.name == "ValidateJWTSVID" {
+					call = validate
 				}
-				if status.Code(err) != want {
-					t.Fatalf("code %v (%v), want %v", status.Code(err), err, want)
+				if err := call(ctx, c); status.Code(err) != h.want || (h.want == codes.OK && err != nil) {
+					t.Fatalf("code %v (%v), want %v", status.Code(err), err, h.want)
 				}
 			})
 		}

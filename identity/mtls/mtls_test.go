@@ -125,7 +125,19 @@ func TestQUIC(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			ln, err := quic.ListenAddr("127.0.0.1:0", mtls.QUICServerConfig(gw, tt.serverAuth, tt.serverALPN), nil)
+			// Transports of the test's own, closed at its end: one that
+			// quic.ListenAddr made outlives its listener until quic-go
+			// retires the closed connections' IDs.
+			tr := func() *quic.Transport {
+				udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+				if err != nil {
+					t.Fatal(err)
+				}
+				tr := &quic.Transport{Conn: udp}
+				t.Cleanup(func() { tr.Close(); udp.Close() })
+				return tr
+			}
+			ln, err := tr().Listen(mtls.QUICServerConfig(gw, tt.serverAuth, tt.serverALPN), nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -162,7 +174,7 @@ func TestQUIC(t *testing.T) {
 				done <- accepted{id, err}
 			}()
 
-			conn, err := quic.DialAddr(ctx, ln.Addr().String(), mtls.QUICClientConfig(co, tt.clientAuth, tt.clientALPN), nil)
+			conn, err := tr().Dial(ctx, ln.Addr(), mtls.QUICClientConfig(co, tt.clientAuth, tt.clientALPN), nil)
 			if err == nil {
 				err = roundTrip(ctx, conn)
 				conn.CloseWithError(0, "")

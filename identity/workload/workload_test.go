@@ -175,6 +175,13 @@ func (f *fake) FetchX509SVID(_ *pb.X509SVIDRequest, st grpc.ServerStreamingServe
 	return nil
 }
 
+// callCount is how many FetchX509SVID calls have begun.
+func (f *fake) callCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.calls
+}
+
 func (f *fake) serve(t *testing.T) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "fmwl")
@@ -262,8 +269,9 @@ func TestRotationAndRecovery(t *testing.T) {
 	}
 }
 
-// TestBadResponseKept: between two good responses, one that does not parse
-// never replaces the identity.
+// TestBadResponseKept: after a good response, one that does not parse
+// never replaces the identity. The stream then breaks, and the source's
+// reconnect (the fake's second call) shows that it has read the bad one.
 func TestBadResponseKept(t *testing.T) {
 	east := newCA(t, "east.fedmesh.test")
 	good := &pb.X509SVIDResponse{Svids: []*pb.X509SVID{east.svid(t, "/web", 1)}}
@@ -274,15 +282,21 @@ func TestBadResponseKept(t *testing.T) {
 		"bad td in map": {Svids: good.Svids, FederatedBundles: map[string][]byte{"not a trust domain!": east.cert.Raw}},
 	} {
 		t.Run(name, func(t *testing.T) {
-			f := &fake{hold: make(chan struct{}), streams: [][]step{{{resp: good}, {resp: bad}}}}
+			f := &fake{hold: make(chan struct{}), streams: [][]step{{{resp: good}, {resp: bad}, {err: status.Error(codes.Unavailable, "agent restarting")}}}}
 			src, err := workload.NewX509Source(ctxT(t, 10*time.Second), f.serve(t))
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer src.Close()
-			time.Sleep(100 * time.Millisecond) // the bad response has been sent by now
+			deadline := time.Now().Add(5 * time.Second)
+			for f.callCount() < 2 {
+				if time.Now().After(deadline) {
+					t.Fatal("the source did not reconnect within 5s after the broken stream")
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
 			svid, err := src.GetX509SVID()
-			if err != nil || !bytes.Equal(svid.Certificates[0].Raw, good.Svids[0].X509Svid) {
+			if err != nil || svid == nil || !bytes.Equal(svid.Certificates[0].Raw, good.Svids[0].X509Svid) {
 				t.Fatalf("identity after a bad response: %v", err)
 			}
 		})
