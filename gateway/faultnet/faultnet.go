@@ -65,8 +65,9 @@ type Relay struct {
 
 	mu     sync.Mutex
 	flows  map[netip.AddrPort]*net.UDPConn
+	timers map[*time.Timer]struct{} // delayed packets not yet sent
 	closed bool
-	wg     sync.WaitGroup
+	wg     sync.WaitGroup // the read loops and the delayed sends
 }
 
 // New listens on listen (e.g. "127.0.0.1:0") and relays to target.
@@ -83,7 +84,7 @@ func New(listen, target string) (*Relay, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen relay %s: %w", listen, err)
 	}
-	r := &Relay{conn: conn, target: taddr, flows: map[netip.AddrPort]*net.UDPConn{}}
+	r := &Relay{conn: conn, target: taddr, flows: map[netip.AddrPort]*net.UDPConn{}, timers: map[*time.Timer]struct{}{}}
 	r.faults.Store(&Faults{})
 	r.wg.Add(1)
 	go r.downstream()
@@ -110,13 +111,21 @@ func (r *Relay) Stats() Stats {
 	return Stats{Forwarded: r.fwd.Load(), Dropped: r.dropped.Load(), Overflow: r.over.Load()}
 }
 
-// Close stops the relay and its upstream sockets.
+// Close stops the relay and its upstream sockets, drops the packets still
+// delayed, and returns when nothing of the relay runs any more.
 func (r *Relay) Close() error {
 	r.mu.Lock()
 	r.closed = true
 	for _, c := range r.flows {
 		c.Close()
 	}
+	for t := range r.timers {
+		if t.Stop() { // it will never run
+			r.pending.Add(-1)
+			r.wg.Done()
+		}
+	}
+	clear(r.timers)
 	r.mu.Unlock()
 	err := r.conn.Close()
 	r.wg.Wait()
@@ -202,9 +211,28 @@ func (r *Relay) send(p []byte, write func([]byte)) {
 		return
 	}
 	cp := append([]byte(nil), p...)
-	time.AfterFunc(d, func() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
 		r.pending.Add(-1)
+		return
+	}
+	// The read loop calling send holds a count of wg, so this Add never
+	// races with Close's Wait from zero.
+	r.wg.Add(1)
+	var t *time.Timer
+	t = time.AfterFunc(d, func() {
+		defer r.wg.Done()
+		r.mu.Lock()
+		delete(r.timers, t)
+		closed := r.closed
+		r.mu.Unlock()
+		r.pending.Add(-1)
+		if closed {
+			return
+		}
 		r.fwd.Add(1)
 		write(cp)
 	})
+	r.timers[t] = struct{}{}
 }

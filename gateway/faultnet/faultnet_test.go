@@ -113,3 +113,40 @@ func TestRelayFaults(t *testing.T) {
 		t.Error("loss 2 accepted")
 	}
 }
+
+// TestCloseDropsDelayed: packets still delayed when the relay closes are
+// dropped at Close, not sent later on its closed sockets by timers nobody
+// owns.
+func TestCloseDropsDelayed(t *testing.T) {
+	r, err := New("127.0.0.1:0", echo(t).LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.SetFaults(Faults{Delay: time.Minute}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.DialUDP("udp", nil, r.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	const n = 10
+	for i := range n {
+		if _, err := c.Write([]byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for r.pending.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d packets delayed after 10s", r.pending.Load(), n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if p, st := r.pending.Load(), r.Stats(); p != 0 || st.Forwarded != 0 {
+		t.Fatalf("after Close: %d packets still delayed, %d forwarded; want none", p, st.Forwarded)
+	}
+}
