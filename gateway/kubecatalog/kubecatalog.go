@@ -67,7 +67,7 @@ func New(kube kubernetes.Interface, mcs mcsclient.Interface, resync time.Duratio
 }
 
 // Start runs the informers until ctx ends and waits at most syncTimeout
-// for their first sync.
+// for their first sync. Once ctx has ended, Wait returns when they have.
 func (c *Catalog) Start(ctx context.Context, syncTimeout time.Duration) error {
 	c.kf.Start(ctx.Done())
 	c.mf.Start(ctx.Done())
@@ -78,6 +78,14 @@ func (c *Catalog) Start(ctx context.Context, syncTimeout time.Duration) error {
 	}
 	c.log.Info("catalog synced")
 	return nil
+}
+
+// Wait waits for the informers Start ran to end, which they do once its
+// ctx has ended; the owner calls it after cancelling that ctx, before it
+// tears down what they use. Start cannot run again afterwards.
+func (c *Catalog) Wait() {
+	c.kf.Shutdown()
+	c.mf.Shutdown()
 }
 
 // Lookup implements gateway.Catalog: exported when a ServiceExport of that

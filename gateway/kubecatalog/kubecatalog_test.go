@@ -86,8 +86,8 @@ func TestCatalogOnAPIServer(t *testing.T) {
 	}
 
 	cctx, stop := context.WithCancel(ctx)
-	defer stop()
 	cat := New(kube, mcs, 0, nil)
+	defer func() { stop(); cat.Wait() }() // before the control plane stops
 	if err := cat.Start(cctx, time.Minute); err != nil {
 		t.Fatal(err)
 	}
