@@ -86,7 +86,7 @@ func (g *Gateway) acceptEgressTCP(ctx context.Context, wg *sync.WaitGroup) {
 // --header-timeout together, then it is one proxied connection. It ends
 // with the gateway.
 func (g *Gateway) serveEgressTCP(ctx context.Context, c *net.TCPConn) {
-	stop := context.AfterFunc(ctx, func() { _ = c.Close() })
+	stop := afterFunc(ctx, func() { _ = c.Close() })
 	defer stop()
 	_ = c.SetNoDelay(true)
 	_ = c.SetDeadline(time.Now().Add(g.cfg.HeaderTimeout))

@@ -13,7 +13,6 @@ import (
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
 	"github.com/fedmesh/fedmesh/gateway/tunnel"
 	"github.com/fedmesh/fedmesh/identity/mtls"
-	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 // TestTCPEgress: the TCP+mTLS egress (the Client's default) with real
@@ -24,7 +23,7 @@ import (
 // connection whose both directions ended is reused, and one cut without an
 // end frame resets the target.
 func TestTCPEgress(t *testing.T) {
-	testutil.CheckGoroutines(t)
+	checkLeaks(t)
 	doms := gatewaytest.Start(t, []string{"west", "east", "north"}, [][2]string{{"west", "east"}})
 	echo := newLineEcho(t)
 	cat := &StaticCatalog{}
@@ -173,9 +172,11 @@ func TestTCPEgress(t *testing.T) {
 		}
 	})
 
-	// Earlier subtests closed connections; their events are not of interest.
+	// Earlier subtests closed connections; their events are not of
+	// interest. Once the echo server has no connection left, every event
+	// of theirs is in the channel.
 	drainEvents := func() {
-		time.Sleep(100 * time.Millisecond)
+		waitFor(t, "the echo server's connections of earlier subtests ended", 10*time.Second, func() bool { return echo.open.Load() == 0 })
 		for len(echo.events) > 0 {
 			<-echo.events
 		}
@@ -264,6 +265,7 @@ func TestTCPEgress(t *testing.T) {
 // blocking, to forward them with the header; with no early bytes, early
 // returns at once, and the end frame that came early is kept.
 func TestEarlyBytes(t *testing.T) {
+	checkLeaks(t)
 	cert, pool := selfSigned(t)
 	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {

@@ -17,6 +17,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -153,6 +154,7 @@ type lineEcho struct {
 	ln     net.Listener
 	events chan string
 	wg     sync.WaitGroup
+	open   atomic.Int64 // connections accepted and not yet ended
 }
 
 func newLineEcho(t testing.TB) *lineEcho {
@@ -168,7 +170,9 @@ func newLineEcho(t testing.TB) *lineEcho {
 			if err != nil {
 				return
 			}
+			e.open.Add(1)
 			e.wg.Go(func() {
+				defer e.open.Add(-1) // after the connection's last event
 				defer c.Close()
 				r := bufio.NewReader(c)
 				for {
@@ -311,7 +315,7 @@ func hasLabel(m *dto.Metric, k, v string) bool {
 // relayedPair starts east (serving cat, federating west) and west, whose
 // only peer is east through a fault relay with faults f from the start;
 // westTweak may adjust west's config. The relay closes at cleanup.
-func relayedPair(t *testing.T, doms map[string]*gatewaytest.Domain, cat Catalog, f faultnet.Faults, westTweak func(*Config)) (west, east *testGW, relay *faultnet.Relay) {
+func relayedPair(t testing.TB, doms map[string]*gatewaytest.Domain, cat Catalog, f faultnet.Faults, westTweak func(*Config)) (west, east *testGW, relay *faultnet.Relay) {
 	t.Helper()
 	east = startGateway(t, doms["east"], cat, nil, func(c *Config) { c.Federated = []spiffeid.TrustDomain{doms["west"].TD} })
 	relay, err := faultnet.New("127.0.0.1:0", east.TunnelAddr().String())

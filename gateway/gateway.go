@@ -780,18 +780,16 @@ func (g *Gateway) acceptEgress(ctx context.Context, wg *sync.WaitGroup) {
 			for {
 				s, err := conn.AcceptStream(cctx)
 				if err != nil {
-					return
+					break
 				}
 				wg.Go(func() { g.serveEgress(cctx, streamEnd{s}, id) })
 			}
-		})
-		go func() { // close sidecar connections at shutdown
-			select {
-			case <-ctx.Done():
+			// The connection ended, or the gateway stops: then tell the
+			// sidecar now rather than let it time out.
+			if ctx.Err() != nil {
 				_ = conn.CloseWithError(0, "gateway shutting down")
-			case <-conn.Context().Done():
 			}
-		}()
+		})
 	}
 }
 

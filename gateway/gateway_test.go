@@ -25,7 +25,6 @@ import (
 	"github.com/fedmesh/fedmesh/gateway/peer"
 	"github.com/fedmesh/fedmesh/gateway/tunnel"
 	"github.com/fedmesh/fedmesh/identity/mtls"
-	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 // TestEndToEndTLS: a west sidecar's TLS conversation with a server in east
@@ -34,7 +33,7 @@ import (
 // the gateways carried the TLS bytes without terminating them. The admin
 // endpoint and metrics reflect the stream.
 func TestEndToEndTLS(t *testing.T) {
-	testutil.CheckGoroutines(t)
+	checkLeaks(t)
 	p := newPair(t, nil)
 	cert, pool := selfSigned(t)
 	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}})
@@ -151,7 +150,7 @@ func closedPort(t *testing.T) Endpoint {
 // TestRefusals: every refusal arrives as its code before any byte, and a
 // dead endpoint is skipped (and ejected) in favour of a live one.
 func TestRefusals(t *testing.T) {
-	testutil.CheckGoroutines(t)
+	checkLeaks(t)
 	p := newPair(t, nil)
 	echo := newLineEcho(t)
 	p.eastCat.Set("shop", "empty", 81)
@@ -207,6 +206,7 @@ func TestRefusals(t *testing.T) {
 // transports; an address that is not one of its ready endpoints is refused
 // with no_healthy_endpoint, never dialed.
 func TestEndpointRequest(t *testing.T) {
+	checkLeaks(t)
 	p := newPair(t, nil)
 	a, b := newLineEcho(t), newLineEcho(t)
 	p.eastCat.Set("shop", "checkout", 84, a.endpoint(), b.endpoint())
@@ -254,7 +254,7 @@ func (w withBundles) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509
 // gateway (unauthorized); east's egress refuses a sidecar of another trust
 // domain. None of them gets a stream through.
 func TestIdentityRefused(t *testing.T) {
-	testutil.CheckGoroutines(t)
+	checkLeaks(t)
 	doms := gatewaytest.Start(t, []string{"west", "east", "north"}, [][2]string{{"west", "east"}})
 	echo := newLineEcho(t)
 	cat := &StaticCatalog{}
@@ -320,7 +320,7 @@ func mustBundle(t *testing.T, src mtls.Source, td spiffeid.TrustDomain) *x509bun
 // TestHalfCloseAndReset: half-closes travel independently in each
 // direction, and a reset on either end reaches the other.
 func TestHalfCloseAndReset(t *testing.T) {
-	testutil.CheckGoroutines(t)
+	checkLeaks(t)
 	p := newPair(t, nil)
 	echo := newLineEcho(t)
 	p.eastCat.Set("shop", "checkout", 80, echo.endpoint())
@@ -407,7 +407,7 @@ func halfCloseAndReset(t *testing.T, client *Client, echo *lineEcho) {
 // egress, and the stream ends: never a stuck stream, and the gateway keeps
 // serving.
 func TestBadHeaders(t *testing.T) {
-	testutil.CheckGoroutines(t)
+	checkLeaks(t)
 	p := newPair(t, func(_ string, c *Config) { c.HeaderTimeout = 300 * time.Millisecond })
 	echo := newLineEcho(t)
 	p.eastCat.Set("shop", "checkout", 80, echo.endpoint())
@@ -492,7 +492,7 @@ func rawDial(t *testing.T, src mtls.Source, server spiffeid.ID, alpn string, add
 // default 1 s bound, streams meanwhile fail fast as unreachable, and after
 // the heal the link and streams come back.
 func TestFaultRelay(t *testing.T) {
-	testutil.CheckGoroutines(t)
+	checkLeaks(t)
 	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
 	echo := newLineEcho(t)
 	cat := &StaticCatalog{}
@@ -583,7 +583,7 @@ func TestFaultRelay(t *testing.T) {
 // reach the target once it is connected, and a refusal surfaces on the
 // first Read with its code.
 func TestDialEarly(t *testing.T) {
-	testutil.CheckGoroutines(t)
+	checkLeaks(t)
 	p := newPair(t, nil)
 	echo := newLineEcho(t)
 	p.eastCat.Set("shop", "checkout", 80, echo.endpoint())
@@ -621,7 +621,7 @@ func dialEarly(t *testing.T, client *Client) {
 // answers as east's gateway (trusted, right identity, wrong cluster) never
 // comes up, so streams for north cannot land in east.
 func TestWrongClusterWelcome(t *testing.T) {
-	testutil.CheckGoroutines(t)
+	checkLeaks(t)
 	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
 	east := startGateway(t, doms["east"], &StaticCatalog{}, nil, func(c *Config) { c.Federated = []spiffeid.TrustDomain{doms["west"].TD} })
 	west := startGateway(t, doms["west"], &StaticCatalog{}, []Peer{{
@@ -640,7 +640,7 @@ func TestWrongClusterWelcome(t *testing.T) {
 // not the peer's ack delay (25 ms; see peer/ping.go), and follows a delay
 // added and removed on the WAN.
 func TestIdleLinkRTT(t *testing.T) {
-	testutil.CheckGoroutines(t)
+	checkLeaks(t)
 	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
 	west, _, relay := relayedPair(t, doms, &StaticCatalog{}, faultnet.Faults{}, nil)
 	waitFor(t, "link up", 10*time.Second, func() bool { return west.ClusterUp("east") })

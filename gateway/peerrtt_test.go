@@ -219,7 +219,7 @@ func TestRTTPublisher(t *testing.T) {
 // the link is cut and gets it back after the heal; writes that fail (no
 // Service yet) are logged once.
 func TestPeerRTTOnService(t *testing.T) {
-	testutil.CheckGoroutines(t)
+	checkLeaks(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	cp, err := controlplane.Start(ctx, controlplane.Options{Clusters: []string{"west"}})

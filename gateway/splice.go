@@ -268,7 +268,7 @@ func (e tcpEnd) release() error { return e.c.Close() }
 // called after each chunk with the direction (true for a to b) and its size.
 // It returns the first error, nil after two clean half-closes.
 func splice(ctx context.Context, a, b end, count func(aToB bool, n int)) error {
-	stop := context.AfterFunc(ctx, func() {
+	stop := afterFunc(ctx, func() {
 		a.abort()
 		b.abort()
 	})
@@ -333,9 +333,29 @@ func refuse(s *quic.Stream, code tunnel.Code, reason string) {
 // comes first; call the returned function when done with it.
 func connContext(parent context.Context, conn *quic.Conn) (context.Context, func()) {
 	ctx, cancel := context.WithCancel(parent)
-	stop := context.AfterFunc(conn.Context(), cancel)
+	stop := afterFunc(conn.Context(), cancel)
 	return ctx, func() {
 		stop()
 		cancel()
+	}
+}
+
+// afterFunc is context.AfterFunc whose stop, when f has already started,
+// waits for f to return: f (an abort, a close) never runs on what its owner
+// tore down or reused after stop returned, and no goroutine outlives the
+// owner. stop may be called more than once.
+func afterFunc(ctx context.Context, f func()) (stop func()) {
+	ran := make(chan struct{})
+	stopf := context.AfterFunc(ctx, func() {
+		defer close(ran)
+		f()
+	})
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			if !stopf() {
+				<-ran
+			}
+		})
 	}
 }
