@@ -92,11 +92,11 @@ func TestWatchDirectory(t *testing.T) {
 		t.Fatal("no rebuild after a notification")
 	}
 	s.dir.build.Lock() // held by the rebuild until it is done
-	s.dir.build.Unlock()
 	src.mu.Lock()
 	src.built = nil
 	before := src.builds
 	src.mu.Unlock()
+	s.dir.build.Unlock()
 
 	src.set(&pb.Directory{LocalCluster: "east", Services: append(first.Services, &pb.VirtualService{Namespace: "a", Name: "c", Ips: []string{"10.0.0.2"}})}, nil)
 	for range 100 {

@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/binary"
-	"net"
 	"slices"
 	"testing"
 	"time"
@@ -49,11 +48,7 @@ func TestServeDatagramsOverQUIC(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
 	defer cancel()
 	q := &quic.Config{EnableDatagrams: true}
-	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{testutil.SelfSignedCert(t)}, NextProtos: []string{"t"}}, q)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	ln := listen(t, &tls.Config{Certificates: []tls.Certificate{testutil.SelfSignedCert(t)}, NextProtos: []string{"t"}}, q)
 	served := make(chan struct{})
 	go func() {
 		defer close(served)
@@ -64,7 +59,7 @@ func TestServeDatagramsOverQUIC(t *testing.T) {
 		ServeDatagrams(ctx, c, nil)
 		_ = c.CloseWithError(0, "")
 	}()
-	c, err := quic.DialAddr(ctx, ln.Addr().String(), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"t"}}, q) //nolint:gosec // a throwaway self-signed peer
+	c, err := transport(t).Dial(ctx, ln.Addr(), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"t"}}, q) //nolint:gosec // a throwaway self-signed peer
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,11 +96,7 @@ func TestIdleLinkSamples(t *testing.T) {
 	defer cancel()
 	q := &quic.Config{EnableDatagrams: true}
 	q.MaxIdleTimeout, q.KeepAlivePeriod = Timeouts(DefaultDeadAfter)
-	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{testutil.SelfSignedCert(t)}, NextProtos: []string{tunnel.ALPNTunnel}}, q)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	ln := listen(t, &tls.Config{Certificates: []tls.Certificate{testutil.SelfSignedCert(t)}, NextProtos: []string{tunnel.ALPNTunnel}}, q)
 	served := make(chan struct{})
 	go func() { // the acceptor's side, as a gateway's acceptTunnel does it
 		defer close(served)
@@ -124,12 +115,7 @@ func TestIdleLinkSamples(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer relay.Close()
-	udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer udp.Close()
-	l, err := New(Config{Cluster: "east", Addr: relay.Addr().String(), Transport: &quic.Transport{Conn: udp},
+	l, err := New(Config{Cluster: "east", Addr: relay.Addr().String(), Transport: transport(t),
 		TLS: &tls.Config{InsecureSkipVerify: true, NextProtos: []string{tunnel.ALPNTunnel}}}) //nolint:gosec // a throwaway self-signed peer
 	if err != nil {
 		t.Fatal(err)
