@@ -46,6 +46,7 @@ type clusterCache struct {
 	synced []cache.InformerSynced
 	start  func() // starts the informers; called once
 	cancel context.CancelFunc
+	wait   func() // waits for the informers and their handlers to end
 }
 
 // handler receives every change a cache sees, already mapped to keys.
@@ -135,6 +136,10 @@ func newClusterCache(cfg *rest.Config, local bool, resync time.Duration, h handl
 		kf.Start(ctx.Done())
 		mf.Start(ctx.Done())
 	}
+	c.wait = func() {
+		kf.Shutdown()
+		mf.Shutdown()
+	}
 	return c, nil
 }
 
@@ -143,10 +148,14 @@ func (c *clusterCache) waitSynced(ctx context.Context) bool {
 	return cache.WaitForCacheSync(ctx.Done(), c.synced...)
 }
 
+// stop stops the informers and waits for them and their handlers, so no
+// handler enqueues into the controller after stop returns. It must not be
+// called from one of this cache's own handlers.
 func (c *clusterCache) stop() {
 	if c.cancel != nil {
 		c.cancel()
 	}
+	c.wait()
 }
 
 // serviceSlices returns the EndpointSlices a cluster's own endpoint

@@ -217,6 +217,7 @@ func (c *Controller) Leading() <-chan struct{} { return c.leading }
 // Run runs until ctx ends or, with leader election, leadership is lost; it
 // returns an error in the latter case so that the process restarts cleanly.
 func (c *Controller) Run(ctx context.Context) error {
+	defer c.disco.Close() // after lead: nothing notifies it any more
 	defer c.queue.ShutDown()
 	if c.opts.LeaderElection.Disabled {
 		return c.lead(ctx)
@@ -231,9 +232,14 @@ func (c *Controller) Run(ctx context.Context) error {
 		Client:     kube.CoordinationV1(),
 		LockConfig: resourcelock.ResourceLockConfig{Identity: le.Identity},
 	}
+	// The elector calls OnStartedLeading on a goroutine of its own, which
+	// may not have begun when elector.Run returns: mu orders the two, so
+	// either lead started and Run waits for done, or it never starts.
 	var (
-		leadErr error
+		mu      sync.Mutex
 		started bool
+		over    bool // elector.Run returned: too late to start leading
+		leadErr error
 		done    = make(chan struct{})
 	)
 	leCtx, cancel := context.WithCancel(ctx)
@@ -247,7 +253,13 @@ func (c *Controller) Run(ctx context.Context) error {
 		Name:            le.LeaseName,
 		Callbacks: leaderelection.LeaderCallbacks{
 			OnStartedLeading: func(lctx context.Context) {
+				mu.Lock()
+				if over {
+					mu.Unlock()
+					return
+				}
 				started = true
+				mu.Unlock()
 				c.log.Info("acquired leader lease", "identity", le.Identity, "lease", c.opts.Namespace+"/"+le.LeaseName)
 				c.metrics.leader.Set(1)
 				defer close(done)
@@ -264,7 +276,11 @@ func (c *Controller) Run(ctx context.Context) error {
 		return fmt.Errorf("leader election: %w", err)
 	}
 	elector.Run(leCtx)
-	if started {
+	mu.Lock()
+	over = true
+	wasStarted := started
+	mu.Unlock()
+	if wasStarted {
 		<-done
 	}
 	if ctx.Err() != nil {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/goleak"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -70,7 +71,23 @@ func TestMain(m *testing.M) {
 	if bench != nil {
 		bench.stop()
 	}
+	// Every controller has returned and every control plane stopped:
+	// nothing the tests started may still run.
+	if code == 0 {
+		if err := goleak.Find(leakOptions...); err != nil {
+			fmt.Fprintln(os.Stderr, "goroutines outlived the tests:", err)
+			code = 1
+		}
+	}
 	os.Exit(code)
+}
+
+// leakOptions are the goroutines that belong to the process, not to a
+// test: each is started once, by a library's init or first use, and lives
+// as long as the process.
+var leakOptions = []goleak.Option{
+	// klog's flush daemon, started by klog's init.
+	goleak.IgnoreTopFunction("k8s.io/klog/v2.(*flushDaemon).run.func1"),
 }
 
 // need starts the shared fixture on first use: three control planes and an

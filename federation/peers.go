@@ -372,8 +372,13 @@ func (c *Controller) watchPeerSecrets(ctx context.Context, wg *sync.WaitGroup, k
 				if name == "" {
 					name = s.Name
 				}
+				// Here, not on a goroutine of its own: the informer's
+				// handler is joined when lead stops the factory, so the
+				// peer is withdrawn (and its metrics deleted) before Run
+				// returns, and a later Add of the same name cannot be
+				// overtaken by this stop.
 				c.log.Info("peer secret deleted; withdrawing the peer", "peer", name)
-				go c.stopPeer(name)
+				c.stopPeer(name)
 			}
 		},
 	})
@@ -381,6 +386,8 @@ func (c *Controller) watchPeerSecrets(ctx context.Context, wg *sync.WaitGroup, k
 		return err
 	}
 	f.Start(ctx.Done())
+	// Shutdown waits for the informer and its handlers (which start and
+	// stop peers) to end.
 	wg.Go(func() { <-ctx.Done(); f.Shutdown() })
 	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
 		return ctx.Err()

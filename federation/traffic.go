@@ -182,13 +182,24 @@ func (c *Controller) startTraffic(ctx context.Context, wg *sync.WaitGroup) error
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](50*time.Millisecond, 30*time.Second),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "traffic"}),
 	}
+	// The queue's goroutines end with it, on every way out of here.
+	wg.Go(func() {
+		<-ctx.Done()
+		t.queue.ShutDown()
+	})
 	byNS := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(o any) { t.enqueueObject(o) },
 		UpdateFunc: func(_, o any) { t.enqueueObject(o) },
 		DeleteFunc: func(o any) { t.enqueueObject(o) },
 	}
 	var synced []cache.InformerSynced
-	var starts []func(<-chan struct{})
+	// Each factory starts on ctx and is shut down (which waits for its
+	// informers and handlers) on wg once ctx ends.
+	type factory interface {
+		Start(stop <-chan struct{})
+		Shutdown()
+	}
+	var factories []factory
 	if hasRoutes {
 		if t.gw, err = gwclient.NewForConfig(c.opts.Config); err != nil {
 			return fmt.Errorf("gateway api client: %w", err)
@@ -225,7 +236,7 @@ func (c *Controller) startTraffic(ctx context.Context, wg *sync.WaitGroup) error
 		synced = append(synced, rg.Informer().HasSynced)
 		t.httpRoutes, t.grpcRoutes, t.grants = hr.Lister(), gr.Lister(), rg.Lister()
 		t.httpIdx, t.grpcIdx = hr.Informer().GetIndexer(), gr.Informer().GetIndexer()
-		starts = append(starts, f.Start)
+		factories = append(factories, f)
 	}
 	if hasPolicies {
 		if t.dyn, err = dynamic.NewForConfig(c.opts.Config); err != nil {
@@ -241,7 +252,7 @@ func (c *Controller) startTraffic(ctx context.Context, wg *sync.WaitGroup) error
 			synced = append(synced, inf.Informer().HasSynced)
 			t.policies[kind] = inf.Lister()
 		}
-		starts = append(starts, f.Start)
+		factories = append(factories, f)
 	}
 	// Services and ServiceImports of the own cluster are targets, parents
 	// and backends.
@@ -260,17 +271,17 @@ func (c *Controller) startTraffic(ctx context.Context, wg *sync.WaitGroup) error
 			return err
 		}
 	}
-	for _, start := range starts {
-		start(ctx.Done())
+	for _, f := range factories {
+		f.Start(ctx.Done())
+		wg.Go(func() {
+			<-ctx.Done()
+			f.Shutdown()
+		})
 	}
 	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
 		return ctx.Err()
 	}
 	c.traffic.Store(t)
-	wg.Go(func() {
-		<-ctx.Done()
-		t.queue.ShutDown()
-	})
 	for range 2 {
 		wg.Go(func() {
 			for t.processNext(ctx) {
