@@ -167,8 +167,15 @@ func TestInvalidExports(t *testing.T) {
 			return wantCondition(se.Status.Conditions, "Ready", metav1.ConditionFalse, "Failed")
 		})
 	}
-	// No import for either, anywhere.
-	time.Sleep(300 * time.Millisecond)
+	// No import for either, anywhere. Every controller gets west's
+	// exports on one watch, in order: once a valid export made after the
+	// two has been imported everywhere, every controller has seen them and
+	// reconciled them or is doing so (its workers take keys in order).
+	env.service(t, "west", ns, "marker", nil)
+	env.export(t, "west", ns, "marker", nil)
+	for _, cl := range env.clusters {
+		eventually(t, converge, "marker imported in "+cl, func() error { _, err := env.getImport(cl, ns, "marker"); return err })
+	}
 	for _, cl := range env.clusters {
 		for _, name := range []string{"ghost", "ext"} {
 			if _, err := env.getImport(cl, ns, name); !apierrors.IsNotFound(err) {
