@@ -128,10 +128,17 @@ func TestIdleLinkSamples(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	time.Sleep(3 * time.Second) // some 30 samples of an idle link
-	l.mu.Lock()
-	samples := slices.Clone(l.rtts[:min(l.nrtt, rttSamples)])
-	l.mu.Unlock()
+	// 30 samples of an idle link, one per 100 ms.
+	var samples []time.Duration
+	for len(samples) < 30 {
+		if ctx.Err() != nil {
+			t.Fatalf("%d RTT samples of an idle link in 30s, want 30", len(samples))
+		}
+		time.Sleep(10 * time.Millisecond)
+		l.mu.Lock()
+		samples = slices.Clone(l.rtts[:min(l.nrtt, rttSamples)])
+		l.mu.Unlock()
+	}
 	delayed := 0
 	for _, s := range samples {
 		if s >= 20*time.Millisecond {
@@ -141,7 +148,7 @@ func TestIdleLinkSamples(t *testing.T) {
 	// Scheduling stalls on a loaded machine (CI runs tests side by side)
 	// may delay a few echoes; quic-go's samples had half or more delayed
 	// whenever the rounding went against them (2 runs of 3).
-	if len(samples) < 10 || delayed*5 > len(samples) {
+	if delayed*5 > len(samples) {
 		t.Fatalf("%d of %d samples at 20 ms or more, want at most a fifth: %v", delayed, len(samples), samples)
 	}
 	cancel()
