@@ -67,7 +67,12 @@ type Client struct {
 	start    sync.Once
 	lastDial atomic.Int64 // unix nanoseconds
 	draining atomic.Int32 // closed connections waiting for the gateway's end
-	wg       sync.WaitGroup
+
+	// mu guards closed and every wg.Add: Close waits for wg only after
+	// closed is set, so no goroutine starts while (or after) it waits.
+	mu     sync.Mutex
+	closed bool
+	wg     sync.WaitGroup
 }
 
 // NewClient returns a client of the gateway egress at addr (TCP host:port)
@@ -106,9 +111,14 @@ func TLSConfig(c *tls.Config) *tls.Config {
 	return c
 }
 
-// Close closes the ready connections. Connections already returned by Dial
-// stay open.
+// Close closes the ready connections and waits for the client's
+// goroutines (spare handshakes, drains of closed connections). Connections
+// already returned by Dial stay open; one closed later is closed at once
+// instead of being drained for reuse.
 func (c *Client) Close() error {
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
 	c.stop()
 	c.wg.Wait()
 	for {
@@ -212,7 +222,7 @@ type spare struct {
 func (c *Client) take(ctx context.Context) (spare, bool, error) {
 	if c.nSpares > 0 {
 		c.lastDial.Store(time.Now().UnixNano())
-		c.start.Do(func() { c.wg.Go(c.keepSpares) })
+		c.start.Do(func() { c.spawn(c.keepSpares) })
 		for {
 			select {
 			case sp := <-c.spares:
@@ -316,11 +326,24 @@ func (c *Client) putBack(sp spare) {
 // end frame before it is reset instead of reused.
 const drainTimeout = 2 * time.Second
 
+// spawn runs f in a goroutine Close waits for; false (f not run) once
+// Close has begun.
+func (c *Client) spawn(f func()) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return false
+	}
+	c.wg.Go(f)
+	return true
+}
+
 // drain reads a closed connection (whose end frame was sent) to the
 // gateway's end frame, discarding the bytes, and puts it back in the pool.
+// After Close it closes the connection instead.
 func (c *Client) drain(conn *Conn) {
 	c.draining.Add(1)
-	c.wg.Go(func() {
+	started := c.spawn(func() {
 		defer c.draining.Add(-1)
 		stop := context.AfterFunc(c.ctx, func() { _ = conn.tcp.SetReadDeadline(time.Now()) })
 		defer stop()
@@ -340,4 +363,8 @@ func (c *Client) drain(conn *Conn) {
 		_ = conn.tcp.SetDeadline(time.Time{})
 		c.putBack(spare{tls: conn.tls, tcp: conn.tcp, at: time.Now()})
 	})
+	if !started {
+		c.draining.Add(-1)
+		_ = conn.tcp.Close()
+	}
 }

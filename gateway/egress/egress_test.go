@@ -8,7 +8,9 @@ import (
 	"io"
 	"net"
 	"os/exec"
+	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -51,7 +53,10 @@ func fakeGateway(t *testing.T, dom *gatewaytest.Domain, code tunnel.Code) (addr 
 		if err != nil {
 			return
 		}
-		got <- buf[:n]
+		select {
+		case got <- buf[:n]:
+		default: // nobody reads the first records of this many connections
+		}
 		r := io.MultiReader(bytes.NewReader(buf[:n]), c)
 		if _, err := tunnel.ReadRequest(r); err != nil {
 			return
@@ -229,7 +234,9 @@ func TestCloseDuringRead(t *testing.T) {
 			_, err := conn.Read(make([]byte, 16))
 			done <- err
 		}()
-		time.Sleep(50 * time.Millisecond) // the Read is blocked: the echo has nothing to send
+		// Wait until the Read holds the read lock (it is blocked: the echo
+		// has nothing to send), so Close meets a Read in progress.
+		waitLocked(t, &conn.rmu)
 		start := time.Now()
 		_ = conn.Close()
 		select {
@@ -244,5 +251,59 @@ func TestCloseDuringRead(t *testing.T) {
 			t.Errorf("early=%v: Write after Close succeeded", early)
 		}
 		t.Logf("early=%v: Read returned %s after Close", early, time.Since(start))
+	}
+}
+
+// waitLocked waits (at most 10 s) until another goroutine holds mu.
+func waitLocked(t *testing.T, mu *sync.Mutex) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); mu.TryLock(); {
+		mu.Unlock()
+		if time.Now().After(deadline) {
+			t.Fatal("the Read did not start within 10s")
+		}
+		runtime.Gosched()
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestConnCloseRacesClientClose: connections closed while, and after, the
+// client closes start no drain (a goroutine Close no longer waits for, and a
+// WaitGroup Add concurrent with its Wait, which the race detector reports):
+// they are closed at once, and nothing of the client's outlives Close.
+func TestConnCloseRacesClientClose(t *testing.T) {
+	testutil.CheckGoroutines(t)
+	doms := gatewaytest.Start(t, []string{"west"}, nil)
+	addr, _ := fakeGateway(t, doms["west"], tunnel.CodeOK)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for round := range 20 {
+		c, err := NewClient(doms["west"].Source(t, "web"), doms["west"].ID("gateway"), addr, WithSpares(2))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var conns []*Conn
+		for range 4 {
+			conn, err := c.Dial(ctx, tunnel.Request{Cluster: "east", Namespace: "shop", Service: "checkout", Port: 80})
+			if err != nil {
+				t.Fatalf("round %d: dial: %v", round, err)
+			}
+			conns = append(conns, conn)
+		}
+		var wg sync.WaitGroup
+		for _, conn := range conns[:2] {
+			wg.Go(func() { _ = conn.Close() }) // beside Client.Close
+		}
+		_ = c.Close()
+		wg.Wait()
+		for _, conn := range conns[2:] {
+			_ = conn.Close() // after Client.Close
+			if _, err := conn.NetConn().Write([]byte{0}); err == nil {
+				t.Fatalf("round %d: a connection closed after the client is still open", round)
+			}
+		}
+		if ready, draining := c.Pool(); ready != 0 || draining != 0 {
+			t.Fatalf("round %d: after Close the pool holds %d ready and %d draining connections, want none", round, ready, draining)
+		}
 	}
 }
