@@ -13,12 +13,14 @@ import (
 	"github.com/prometheus/common/model"
 
 	imetrics "github.com/fedmesh/fedmesh/internal/metrics"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 // TestAdminMetrics: /metrics on the admin handler serves the sidecar's
 // families and the runtime series as text Prometheus parses, with the
 // names, types and labels dashboards and docs use.
 func TestAdminMetrics(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	reg := imetrics.NewRegistry()
 	if err := reg.RegisterRuntime(); err != nil {
 		t.Fatal(err)
@@ -43,7 +45,7 @@ func TestAdminMetrics(t *testing.T) {
 	m.authz.WithLabelValues("shop/web", "allow", "shop/allow-web").Inc()
 	m.rateLimited.WithLabelValues("shop/web", "shop/rl").Inc()
 
-	s := &Sidecar{cfg: Config{Registry: reg}}
+	s := &Sidecar{cfg: Config{Registry: reg}, own: newOwner()}
 	srv := httptest.NewServer(s.AdminHandler())
 	defer srv.Close()
 	resp, err := http.Get(srv.URL + "/metrics")

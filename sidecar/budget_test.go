@@ -4,9 +4,12 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 func TestBudget(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	synctest.Test(t, func(t *testing.T) {
 		b := newBudget(RetryBudget{Ratio: 0.2, MinPerSecond: 1, Window: 10 * time.Second})
 		allowed := func() (n int) {

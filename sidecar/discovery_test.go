@@ -43,6 +43,7 @@ func (d *discoveryServer) Watch(req *pb.WatchRequest, st pb.Discovery_WatchServe
 // route rule sends every request to checkout-v2; an undecodable policy that
 // follows (with new endpoints) changes the endpoints but not the routing.
 func TestGarbagePolicyKeepsRoutes(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
 	own := startBackend(t, west, "own", nil, nil)

@@ -7,11 +7,14 @@ import (
 	"testing"
 
 	"golang.org/x/net/dns/dnsmessage"
+
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 // TestReadNameservers: the nameservers of a resolv.conf, as host:port,
 // in order; other lines and unparsable addresses are ignored.
 func TestReadNameservers(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	path := filepath.Join(t.TempDir(), "resolv.conf")
 	conf := "# kubelet\nsearch shop.svc.cluster.local svc.cluster.local\nnameserver 10.96.0.10\nnameserver fd00:10:96::a\nnameserver not-an-ip\n  nameserver   10.96.0.11  \noptions ndots:5\n"
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {

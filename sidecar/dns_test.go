@@ -272,6 +272,7 @@ func resolverTo(network, addr string) *net.Resolver {
 // only a Service and an unknown one are NXDOMAIN; other types and the
 // namespace (an empty non-terminal) have no records.
 func TestDNSClustersetNames(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	upstream := startUpstreamDNS(t, false)
 	rs := startDNSSidecar(t, newDirFeed(shopDirectory), 0, upstream.addr)
 	addr := rs.DNSAddr().String()
@@ -338,6 +339,7 @@ func TestDNSClustersetNames(t *testing.T) {
 // the client's transport and its answer comes back byte for byte; the
 // first nameserver's silence costs one timeout, then the next answers.
 func TestDNSForwarded(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	silent := startUpstreamDNS(t, true)
 	upstream := startUpstreamDNS(t, false)
 	rs := startDNSSidecar(t, newDirFeed(shopDirectory), 300*time.Millisecond, silent.addr, upstream.addr)
@@ -374,6 +376,7 @@ func TestDNSForwarded(t *testing.T) {
 // TestDNSServfail: when no nameserver answers, the client gets SERVFAIL
 // once the timeout has passed, over UDP and TCP.
 func TestDNSServfail(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	silent := startUpstreamDNS(t, true)
 	const timeout = 500 * time.Millisecond
 	rs := startDNSSidecar(t, newDirFeed(shopDirectory), timeout, silent.addr)
@@ -399,6 +402,7 @@ func TestDNSServfail(t *testing.T) {
 // TestDNSMalformed: garbage is dropped (UDP) or ends its connection (TCP),
 // is counted and logged once, and the server goes on answering.
 func TestDNSMalformed(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	rs := startDNSSidecar(t, newDirFeed(shopDirectory), 0, startUpstreamDNS(t, false).addr)
 	addr := rs.DNSAddr().String()
 	c, err := net.Dial("udp", addr)
@@ -451,6 +455,7 @@ func TestDNSMalformed(t *testing.T) {
 
 // TestDNSDirectoryUpdate: a new directory changes the answers.
 func TestDNSDirectoryUpdate(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	feed := newDirFeed(shopDirectory)
 	rs := startDNSSidecar(t, feed, 0, startUpstreamDNS(t, false).addr)
 	lookup := func(name string) dnsAnswer {
@@ -482,6 +487,7 @@ func TestDNSDirectoryUpdate(t *testing.T) {
 // TestDNSConfig: the DNS server needs the transparent outbound, and
 // nameservers from somewhere.
 func TestDNSConfig(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	west := gatewaytest.Start(t, []string{"west"}, nil)["west"]
 	base := sidecar.Config{Cluster: "west", TrustDomain: west.TD, Source: west.Source(t, "web"), Endpoints: &endpoints.Static{}}
 	empty := filepath.Join(t.TempDir(), "resolv.conf")
@@ -528,6 +534,7 @@ func TestDNSConfig(t *testing.T) {
 // namespace's resolv.conf), which the sidecar reaches unredirected. Over
 // IPv6 (ip6tables redirects to ::1) when the kernel has IPv6 NAT.
 func TestDNSThroughRedirect(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	needTransparentPrereqs(t)
 	ns := newPodNetns(t)
 	inj := redirect(t, ns)
@@ -617,6 +624,7 @@ func TestDNSThroughRedirect(t *testing.T) {
 // TestDNSTruncated: a local answer too big for UDP (512 bytes without
 // EDNS) comes truncated and without records; over TCP it is whole.
 func TestDNSTruncated(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	big := sidecar.VirtualService{Namespace: "shop", Name: "big", Imported: true}
 	for i := range 60 {
 		big.IPs = append(big.IPs, fmt.Sprintf("10.97.1.%d", i+1))

@@ -12,6 +12,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 )
@@ -24,6 +25,7 @@ import (
 // HTTP/2 (no per-request routing or retries for gRPC yet); it carries it
 // end to end with mTLS between the pods.
 func TestGRPCStreamThroughTCPUpstream(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
 

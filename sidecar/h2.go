@@ -62,8 +62,9 @@ const (
 // until the server is done with the connection, so the caller's tracking
 // and cleanup keep working as for every other connection.
 type connServer struct {
-	srv *http.Server
-	ln  chanListener
+	srv    *http.Server
+	ln     chanListener
+	served chan struct{} // closed when Serve has returned
 
 	mu    sync.Mutex
 	conns map[net.Conn]*servedConn
@@ -76,8 +77,9 @@ type servedConn struct {
 
 func newConnServer(h http.Handler, protos http.Protocols, log *slog.Logger) *connServer {
 	cs := &connServer{
-		ln:    chanListener{ch: make(chan net.Conn), closed: make(chan struct{})},
-		conns: map[net.Conn]*servedConn{},
+		ln:     chanListener{ch: make(chan net.Conn), closed: make(chan struct{})},
+		served: make(chan struct{}),
+		conns:  map[net.Conn]*servedConn{},
 	}
 	cs.srv = &http.Server{
 		Handler:           h,
@@ -113,7 +115,10 @@ func newConnServer(h http.Handler, protos http.Protocols, log *slog.Logger) *con
 			}
 		},
 	}
-	go func() { _ = cs.srv.Serve(&cs.ln) }()
+	go func() {
+		defer close(cs.served)
+		_ = cs.srv.Serve(&cs.ln)
+	}()
 	return cs
 }
 
@@ -141,9 +146,12 @@ func (cs *connServer) serve(ctx context.Context, c net.Conn, value any) {
 	}
 }
 
+// close stops the server and its connections and waits for its Serve loop.
+// Connections handed over by serve are waited for by serve's callers.
 func (cs *connServer) close() {
 	cs.ln.close()
 	_ = cs.srv.Close()
+	<-cs.served
 }
 
 // httpErrorLog takes net/http's server log: a handler's panic is a bug
@@ -199,14 +207,13 @@ func (c *prefixConn) CloseWrite() error {
 }
 
 // h2Server is the upstream's HTTP/2 server, made on first use and closed
-// when ctx (the sidecar's) ends.
-func (u *upstream) h2Server(ctx context.Context) *connServer {
+// by closeH2Server when the sidecar stops; nil after that.
+func (u *upstream) h2Server() *connServer {
 	u.h2Once.Do(func() {
 		var p http.Protocols
 		p.SetUnencryptedHTTP2(true)
 		p.SetHTTP1(true) // an http2 upstream serves HTTP/1.1 clients too
 		u.h2srv = newConnServer(http.HandlerFunc(u.serveH2), p, u.s.log)
-		context.AfterFunc(ctx, u.h2srv.close)
 	})
 	return u.h2srv
 }
@@ -271,8 +278,11 @@ func (p *backendPool) h2Conn(ctx context.Context, t *balancer.Target) (*http.Cli
 		i++
 	}
 	pl.mu.Unlock()
+	// The connection outlives the request that opens it: the dial ends at
+	// its timeout or when the sidecar stops, not with ctx.
 	dctx, cancel := context.WithTimeout(context.WithValue(context.WithoutCancel(ctx), targetKey, t), p.s.cfg.HandshakeTimeout)
 	defer cancel()
+	defer context.AfterFunc(p.s.own.ctx, cancel)()
 	cc, err := p.h2Transport().NewClientConn(dctx, "https", h2Dummy)
 	if err != nil {
 		return nil, err

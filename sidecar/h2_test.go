@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
@@ -104,6 +105,7 @@ func startGRPCApp(t testing.TB, name string) (*grpcApp, string) {
 // same client works on an http upstream (HTTP/2 detected by its preface).
 // One pod's sidecar parses requests (HTTP inbound), the other splices.
 func TestGRPCThroughHTTP2Upstream(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
 	a, aAddr := startGRPCApp(t, "a")
@@ -233,6 +235,7 @@ func TestGRPCThroughHTTP2Upstream(t *testing.T) {
 // prior knowledge) through an http2 upstream to an h2c app; the request
 // body and headers arrive, and the answer's trailers come back.
 func TestHTTP2ThroughSidecars(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -299,6 +302,7 @@ func TestHTTP2ThroughSidecars(t *testing.T) {
 // NOT_SERVING (while still answering calls) is ejected and gets no calls;
 // once it says SERVING again it is back and serves again.
 func TestGRPCHealthCheck(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
 	a, aAddr := startGRPCApp(t, "a")
@@ -351,6 +355,7 @@ func TestGRPCHealthCheck(t *testing.T) {
 // is served and another is refused with PERMISSION_DENIED, never reaching
 // the app.
 func TestInboundPolicyOverHTTP2(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
 	a, aAddr := startGRPCApp(t, "a")

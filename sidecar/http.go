@@ -83,7 +83,9 @@ func (u *upstream) serveConn(ctx context.Context, c net.Conn) {
 	case ProtocolTCP:
 		u.serveTCP(ctx, c)
 	case ProtocolHTTP2, ProtocolGRPC:
-		u.h2Server(ctx).serve(ctx, c, nil)
+		if srv := u.h2Server(); srv != nil {
+			srv.serve(ctx, c, nil)
+		}
 	default:
 		u.serveHTTP(ctx, c)
 	}
@@ -106,7 +108,9 @@ func (u *upstream) serveHTTP(ctx context.Context, c net.Conn) {
 		// HTTP/2 with prior knowledge (a gRPC client, say) on an http
 		// upstream: served by the HTTP/2 server, which reads the preface
 		// again from br.
-		u.h2Server(ctx).serve(ctx, &prefixConn{Conn: c, br: br}, nil)
+		if srv := u.h2Server(); srv != nil {
+			srv.serve(ctx, &prefixConn{Conn: c, br: br}, nil)
+		}
 		return
 	}
 	for {

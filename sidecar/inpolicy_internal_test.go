@@ -13,6 +13,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	imetrics "github.com/fedmesh/fedmesh/internal/metrics"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar/balancer"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
@@ -20,6 +21,7 @@ import (
 )
 
 func TestBucket(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	l := newLimiter(policy.RateLimit{Policy: "p", RequestsPerSecond: 10, Burst: 3})
 	const s = int64(time.Second)
 	now := 5 * s
@@ -58,6 +60,7 @@ func TestBucket(t *testing.T) {
 }
 
 func TestPerCallerBucketsBounded(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	l := newLimiter(policy.RateLimit{Policy: "p", RequestsPerSecond: 1, Burst: 1, PerCaller: true})
 	now := int64(time.Hour)
 	for i := range maxCallers + 100 {
@@ -78,6 +81,7 @@ func TestPerCallerBucketsBounded(t *testing.T) {
 }
 
 func TestDenyLogOncePerWindow(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	var d denyLog
 	t0 := time.Now()
 	if !d.should("a", t0) || d.should("a", t0.Add(time.Second)) || !d.should("b", t0) {
@@ -95,6 +99,7 @@ func TestDenyLogOncePerWindow(t *testing.T) {
 }
 
 func TestAuthzDecisions(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	in, errs := compileInbound(&policy.Service{Authz: &policy.Authorization{Policies: []string{"ns/a", "ns/b"}, Rules: []policy.AuthzRule{
 		{Policy: "ns/a", IDs: []string{"spiffe://w/ns/shop/sa/web"}},
 		{Policy: "ns/b", Prefixes: []string{"spiffe://w/ns/ops/"}, Methods: []string{"GET"}, Paths: []policy.PathMatch{{Type: policy.PathPrefix, Value: "/metrics"}}},
@@ -135,6 +140,7 @@ func TestAuthzDecisions(t *testing.T) {
 }
 
 func TestLimitersSurvivePolicyUpdates(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	lims := map[string]*limiter{}
 	p := &policy.Service{RateLimits: []policy.RateLimit{{Policy: "a", RequestsPerSecond: 1, Burst: 1}, {Policy: "b", Port: 9090, RequestsPerSecond: 1, Burst: 1}}}
 	in1, _ := compileInbound(p, 8080, lims)
@@ -149,6 +155,7 @@ func TestLimitersSurvivePolicyUpdates(t *testing.T) {
 }
 
 func TestRouteMatching(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	mk := func(m policy.Match) *route {
 		rt, err := compileRoute(policy.Rule{Match: m})
 		if err != nil {
@@ -201,6 +208,7 @@ func TestRouteMatching(t *testing.T) {
 }
 
 func TestOrderClusters(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	cl := func(name string, rtt time.Duration) endpoints.Cluster {
 		return endpoints.Cluster{Name: name, RTT: endpoints.Duration(rtt)}
 	}
@@ -233,11 +241,13 @@ func TestOrderClusters(t *testing.T) {
 // replaces the overprovisioning factor of both views and the outlier
 // settings of new health groups; without one, today's defaults return.
 func TestFailoverPolicyOnSet(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	m, err := newMetrics(imetrics.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &Sidecar{cfg: Config{Cluster: "home", MaxIdlePerTarget: 1, HandshakeTimeout: time.Second}, log: slog.New(slog.DiscardHandler), m: m}
+	s := &Sidecar{cfg: Config{Cluster: "home", MaxIdlePerTarget: 1, HandshakeTimeout: time.Second}, log: slog.New(slog.DiscardHandler), m: m, own: newOwner()}
+	t.Cleanup(s.own.stop) // the gateway targets' prewarm dials
 	p := newBackendPool(s, "shop", "checkout", 8080)
 	set := endpoints.Set{Namespace: "shop", Service: "checkout", Clusters: []endpoints.Cluster{
 		{Name: "near", Gateway: true, RTT: endpoints.Duration(time.Millisecond), Endpoints: []endpoints.Endpoint{{Name: "n", Ready: true}}},

@@ -21,6 +21,7 @@ import (
 
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
 	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
@@ -92,6 +93,7 @@ func request(method, path string, hdr ...string) string {
 // on, rather than a reset it would retry in another cluster) and is reset
 // on TCP right after the handshake. Refused bytes never reach the app.
 func TestInboundAuthorizationPolicy(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
 	west, east := doms["west"], doms["east"]
 	src := &endpoints.Static{}
@@ -188,6 +190,7 @@ func TestInboundAuthorizationPolicy(t *testing.T) {
 // answers gRPC with RESOURCE_EXHAUSTED; a TCP inbound resets a connection
 // over its limit.
 func TestInboundRateLimit(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
 	shared, perCaller, tcp := &endpoints.Static{}, &endpoints.Static{}, &endpoints.Static{}
@@ -321,6 +324,7 @@ func TestInboundRateLimit(t *testing.T) {
 // request on the same connection gets 403, and a spliced TCP connection is
 // reset.
 func TestInboundPolicyChangeAppliesToOpenConnections(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
 	src := &endpoints.Static{}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
 	"github.com/fedmesh/fedmesh/identity/mtls"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
 	"github.com/fedmesh/fedmesh/sidecar/health"
@@ -22,6 +23,7 @@ import (
 // domains and refuses others; an allow list admits only its IDs. A refused
 // caller's bytes never reach the app.
 func TestInboundPolicy(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west", "east", "north"}, [][2]string{{"west", "east"}})
 	west, east, north := doms["west"], doms["east"], doms["north"]
 
@@ -83,6 +85,7 @@ func TestInboundPolicy(t *testing.T) {
 // stop at the default budget (20% of requests plus 10 per second), far
 // below MaxAttempts per request. Attempts are counted at the apps.
 func TestRetryBudgetUnderTotalOutage(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
 	var bs []*backend
@@ -138,6 +141,7 @@ func TestRetryBudgetUnderTotalOutage(t *testing.T) {
 // endpoints answers 500; it alone is ejected, no request fails, the others
 // keep serving.
 func TestBadRemoteEndpointEjectedAlone(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
 	west, east := doms["west"], doms["east"]
 	var bs []*backend
@@ -191,6 +195,7 @@ func TestBadRemoteEndpointEjectedAlone(t *testing.T) {
 // P2C over two endpoints would send it nearly everything; counted as slow
 // (twice its EWMA per refusal) it gets a minority.
 func TestSheddingEndpointDoesNotDrawTraffic(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
 	shed := startBackend(t, west, "shed", nil, nil)

@@ -57,7 +57,7 @@ type backendPool struct {
 }
 
 func newBackendPool(s *Sidecar, ns, name string, port uint16) *backendPool {
-	return &backendPool{
+	p := &backendPool{
 		s: s, namespace: ns, name: name, port: port,
 		label:   fmt.Sprintf("%s/%s:%d", ns, name, port),
 		readyCh: make(chan struct{}),
@@ -66,6 +66,8 @@ func newBackendPool(s *Sidecar, ns, name string, port uint16) *backendPool {
 		targets: map[string]*balancer.Target{},
 		groups:  map[string]*health.Group{},
 	}
+	s.own.addPool(p) // its connections are closed when the sidecar stops
+	return p
 }
 
 // run applies the pool's endpoint sets and runs its active checks until
@@ -163,7 +165,7 @@ func (p *backendPool) apply(set endpoints.Set) {
 			p.targets[key] = t
 			if c.Gateway && c.Name != local && !prewarmed[c.Name] {
 				prewarmed[c.Name] = true // one per cluster: the gateway connection and a handshake
-				go p.prewarm(t)
+				p.s.own.spawn(func(ctx context.Context) { p.prewarm(ctx, t) })
 			}
 		}
 		t.Priority = prio
@@ -204,8 +206,7 @@ func (p *backendPool) apply(set endpoints.Set) {
 		if !seen[key] {
 			delete(p.targets, key)
 			p.groups[t.Cluster].Remove(t.Outlier)
-			t.Data.(*pool).closeIdle()
-			t.Data.(*pool).closeH2()
+			t.Data.(*pool).retire(true) // with the requests on its HTTP/2 connections: the target is gone
 		}
 	}
 	p.all.SetOverprovisioning(over)
@@ -230,10 +231,12 @@ func allAddressed(eps []endpoints.Endpoint) bool {
 
 // prewarm opens one connection to a remote cluster through the gateway
 // ahead of need: the QUIC connection to the gateway and the end-to-end
-// handshake are then already done when the local endpoints fail.
-func (p *backendPool) prewarm(t *balancer.Target) {
+// handshake are then already done when the local endpoints fail. It runs
+// in a goroutine of the sidecar's owner; ctx ends when the sidecar stops,
+// which waits for it before closing the pool and the gateway client.
+func (p *backendPool) prewarm(ctx context.Context, t *balancer.Target) {
 	if p.h2 {
-		cc, err := p.h2Conn(context.Background(), t)
+		cc, err := p.h2Conn(ctx, t)
 		if err != nil {
 			p.s.log.Debug("prewarm", "upstream", p.label, "cluster", t.Cluster, "err", err)
 			return
@@ -244,18 +247,14 @@ func (p *backendPool) prewarm(t *balancer.Target) {
 	if !p.lim.tryAcquire() {
 		return // every connection is in use: nothing to prewarm with
 	}
-	c, err := p.dial(context.Background(), t)
+	c, err := p.dial(ctx, t)
 	if err != nil {
 		p.lim.release()
 		p.s.log.Debug("prewarm", "upstream", p.label, "cluster", t.Cluster, "err", err)
 		return
 	}
 	uc := &upConn{Conn: c, br: bufio.NewReaderSize(c, 4096), bw: bufio.NewWriterSize(c, 4096), lim: p.lim}
-	if p.s.closed.Load() {
-		_ = uc.Close()
-		return
-	}
-	t.Data.(*pool).put(uc)
+	t.Data.(*pool).put(uc) // closed instead when the pool is retired meanwhile
 }
 
 // outlierConfig is Config.Outlier with the service's FailoverPolicy
@@ -308,19 +307,31 @@ func (p *backendPool) checkTargets() []health.Target {
 	return ts
 }
 
-// closeIdle closes every idle pooled connection; with shut, connections
-// returned later are closed too (the pool is no longer used).
-func (p *backendPool) closeIdle(shut bool) {
+// closeIdle closes every target's idle HTTP/1.1 connections.
+func (p *backendPool) closeIdle() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, t := range p.targets {
-		c := t.Data.(*pool)
-		if shut {
-			c.mu.Lock()
-			c.shut = true
-			c.mu.Unlock()
-		}
-		c.closeIdle()
+		t.Data.(*pool).closeIdle()
+	}
+}
+
+// retire stops the pool's use: idle connections close now and connections
+// returned later close instead of waiting, so a pool no route or directory
+// entry names any more holds nothing once its requests end. HTTP/2
+// connections close now when no request runs on them; with all (the
+// sidecar stops, after every request ended), every one closes. A retired
+// pool that still holds a busy HTTP/2 connection stays with the sidecar's
+// owner, which closes it at shutdown.
+func (p *backendPool) retire(all bool) {
+	p.mu.Lock()
+	busy := false
+	for _, t := range p.targets {
+		busy = t.Data.(*pool).retire(all) || busy
+	}
+	p.mu.Unlock()
+	if !busy && !all {
+		p.s.own.forgetPool(p)
 	}
 }
 
@@ -377,24 +388,40 @@ func (p *pool) put(c *upConn) {
 	_ = c.Close()
 }
 
+// retire marks the pool shut (connections returned later are closed),
+// closes its idle HTTP/1.1 connections and its HTTP/2 connections (with
+// all, every one; without, those no request runs on). It reports whether
+// a busy HTTP/2 connection stays open.
+func (p *pool) retire(all bool) (busy bool) {
+	p.mu.Lock()
+	p.shut = true
+	idle := p.idle
+	p.idle = nil
+	var closing, keep []*http.ClientConn
+	for _, cc := range p.h2 {
+		if all || cc.InFlight() == 0 {
+			closing = append(closing, cc)
+		} else {
+			keep = append(keep, cc)
+		}
+	}
+	p.h2 = keep
+	p.mu.Unlock()
+	for _, c := range idle {
+		_ = c.Close()
+	}
+	for _, cc := range closing {
+		_ = cc.Close()
+	}
+	return len(keep) > 0
+}
+
 func (p *pool) closeIdle() {
 	p.mu.Lock()
 	idle := p.idle
 	p.idle = nil
 	p.mu.Unlock()
 	for _, c := range idle {
-		_ = c.Close()
-	}
-}
-
-// closeH2 closes the target's HTTP/2 connections, with the requests on
-// them (the target is gone).
-func (p *pool) closeH2() {
-	p.mu.Lock()
-	h2 := p.h2
-	p.h2 = nil
-	p.mu.Unlock()
-	for _, c := range h2 {
 		_ = c.Close()
 	}
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/fedmesh/fedmesh/gateway"
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
@@ -37,6 +38,7 @@ func prefix(v string) policy.Match {
 // header must name the backend's service, not the upstream's. 2,000
 // requests land within 3 percentage points of the weights.
 func TestRouteWeightedSplitThroughGateway(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west", "east"}, [][2]string{{"west", "east"}})
 	west, east := doms["west"], doms["east"]
 	own := startBackend(t, west, "own", []spiffeid.TrustDomain{east.TD}, nil)
@@ -120,6 +122,7 @@ func get(t *testing.T, method, url string, hdr map[string]string) *http.Response
 // change what the app receives and what the client gets back; a rule's
 // timeouts and retry policy replace the sidecar's.
 func TestRouteMatches(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
 	own := startBackend(t, west, "own", nil, nil)
@@ -270,6 +273,7 @@ func TestRouteMatches(t *testing.T) {
 // TestRouteTCPSplit: a TCP upstream splits connections by the weights of a
 // match-all rule and ignores rules it cannot evaluate (a header match).
 func TestRouteTCPSplit(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
 	own := startBackend(t, west, "own", nil, nil)

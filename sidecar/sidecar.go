@@ -309,6 +309,8 @@ type Sidecar struct {
 	closed atomic.Bool
 	mu     sync.Mutex
 	conns  map[net.Conn]struct{} // every proxied connection, closed on shutdown
+
+	own *owner // goroutines off the request path, pools, upstreams (lifetime.go)
 }
 
 // New validates cfg and binds the sidecar's listeners; Run serves them.
@@ -328,6 +330,7 @@ func New(cfg Config) (*Sidecar, error) {
 		clientTLS: mtls.ClientConfig(cfg.Source, mtls.MemberOf(tds...)),
 		conns:     map[net.Conn]struct{}{},
 		epoch:     time.Now(),
+		own:       newOwner(),
 	}
 	if len(cfg.Allow) > 0 && !cfg.Service.IsZero() {
 		// Under an AuthorizationPolicy the handshake checks trust domain
@@ -447,7 +450,9 @@ func (s *Sidecar) AdminAddr() net.Addr {
 	return s.admin.Addr()
 }
 
-// Run serves until ctx ends, then closes listeners and connections.
+// Run serves until ctx ends, then closes listeners and connections. It
+// returns once every goroutine it started (and every goroutine those
+// started) has ended and every connection it opened is closed.
 func (s *Sidecar) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -456,8 +461,9 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		ch, err := s.cfg.Endpoints.Watch(ctx, u.cfg.Namespace, u.cfg.Service)
 		if err != nil {
 			cancel()
-			wg.Wait()
 			s.closeAll()
+			wg.Wait()
+			s.shutdown()
 			return fmt.Errorf("watch endpoints of %s: %w", u.cfg, err)
 		}
 		wg.Go(func() { u.watch(ctx, ch, &wg) })
@@ -467,8 +473,9 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		ch, err := s.cfg.Endpoints.Watch(ctx, s.cfg.Service.Namespace, s.cfg.Service.Name)
 		if err != nil {
 			cancel()
-			wg.Wait()
 			s.closeAll()
+			wg.Wait()
+			s.shutdown()
 			return fmt.Errorf("watch own service %s: %w", s.cfg.Service, err)
 		}
 		wg.Go(func() { s.watchOwn(ctx, ch) })
@@ -476,8 +483,9 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	if s.transparent != nil {
 		if err := s.transparent.run(ctx, &wg); err != nil {
 			cancel()
-			wg.Wait()
 			s.closeAll()
+			wg.Wait()
+			s.shutdown()
 			return err
 		}
 	}
@@ -500,10 +508,20 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	}
 	s.closeAll()
 	wg.Wait()
+	s.shutdown()
+	return nil
+}
+
+// shutdown ends what Run's own goroutines leave behind once they have
+// returned: the goroutines spawned off the request path (waited for), every
+// pool's connections, every upstream's HTTP/2 server, and last the gateway
+// client those used.
+func (s *Sidecar) shutdown() {
+	s.own.stop()
+	s.gwOnce.Do(func() { s.gwErr = errors.New("sidecar stopped") }) // no client made from now on
 	if s.gw != nil {
 		_ = s.gw.Close()
 	}
-	return nil
 }
 
 func (s *Sidecar) closeAll() {

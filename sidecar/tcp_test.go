@@ -15,6 +15,7 @@ import (
 // TestOpaqueTCP: bytes pass both ways with half-close through client and
 // server sidecars; a dead endpoint is skipped before the first byte.
 func TestOpaqueTCP(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
 	echo, err := net.Listen("tcp", "127.0.0.1:0")

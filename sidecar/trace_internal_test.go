@@ -3,9 +3,12 @@ package sidecar
 import (
 	"net/http"
 	"testing"
+
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 func TestTraceContext(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	const in = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 	h := http.Header{"Traceparent": {in}, "Tracestate": {"congo=t61rcWkgMzE"}}
 	id := traceContext(h)

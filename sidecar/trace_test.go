@@ -25,6 +25,7 @@ import (
 // a traceparent of that trace whose parent ID is the sidecar's span; a
 // request without one starts a new trace.
 func TestAccessLogAndTraceContext(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	doms := gatewaytest.Start(t, []string{"west"}, nil)
 	west := doms["west"]
 	got := make(chan string, 10)

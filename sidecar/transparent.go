@@ -263,7 +263,7 @@ func (t *transparent) prune(d *vipDirectory) {
 		t.cancels[k]()
 		delete(t.cancels, k)
 		delete(t.ups, k)
-		u.closeIdle()
+		u.retire()
 		t.s.log.Info("transparent upstream removed: its service port left the directory", "upstream", u.cfg.String())
 	}
 }

@@ -245,6 +245,7 @@ func echoOnce(c net.Conn, line string) (string, error) {
 // passed through unchanged, and a connection to the sidecar's own port is
 // refused rather than looped.
 func TestTransparentOutbound(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	needTransparentPrereqs(t)
 	ns := newPodNetns(t)
 
@@ -443,9 +444,9 @@ func buildSidecarBinary(t *testing.T) string {
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	bin := filepath.Join(dir, "fedmesh-sidecar")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/fedmesh/fedmesh/cmd/fedmesh-sidecar").CombinedOutput(); err != nil {
-		t.Fatalf("build sidecar: %v\n%s", err, out)
+	bin, err := testutil.BuildCommand(dir, "fedmesh-sidecar") // as `make build` builds it
+	if err != nil {
+		t.Fatal(err)
 	}
 	return bin
 }
@@ -509,6 +510,7 @@ func startNetnsSidecar(t *testing.T, ns *podNetns, west *gatewaytest.Domain, dis
 // back to itself, is recognized by its source port and refused, so
 // connections end instead of looping, and the cause is logged once.
 func TestTransparentOwnTrafficRedirected(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	needTransparentPrereqs(t)
 	ns := newPodNetns(t)
 	redirect(t, ns)

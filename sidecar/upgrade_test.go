@@ -16,6 +16,7 @@ import (
 
 	"github.com/fedmesh/fedmesh/gateway"
 	"github.com/fedmesh/fedmesh/gateway/gatewaytest"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
@@ -153,6 +154,7 @@ func meshThroughGateways(t *testing.T, west, east *gatewaytest.Domain, appAddr s
 // carries the new protocol both ways, half-closes included; plain
 // requests are served as before afterwards.
 func TestUpgradeThroughSidecars(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	throughEachPath(t, func(t *testing.T, addr string, c net.Conn) {
 		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
 		br := bufio.NewReader(c)
@@ -199,6 +201,7 @@ func TestUpgradeThroughSidecars(t *testing.T) {
 // its body gets it at once from its sidecar, not after its own timeout,
 // and the app's own 100 Continue does not end the exchange early.
 func TestExpectContinue(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	throughEachPath(t, func(t *testing.T, addr string, c net.Conn) {
 		br := bufio.NewReader(c)
 		for i := range 2 { // two requests on one connection
@@ -249,6 +252,7 @@ func getBody(url string) (string, error) {
 // in force admits its upgrade request, and is reset once a new one refuses
 // it.
 func TestUpgradedConnectionFollowsPolicy(t *testing.T) {
+	testutil.CheckGoroutines(t)
 	dom := gatewaytest.Start(t, []string{"west"}, nil)["west"]
 	appAddr := upgradeApp(t)
 	src := &endpoints.Static{}

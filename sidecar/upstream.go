@@ -50,6 +50,7 @@ func newUpstream(s *Sidecar, cfg Upstream, ln net.Listener) *upstream {
 		extra:   map[poolKey]*backendPool{},
 		reqs:    map[reqKey]*imetrics.Counter{},
 	}
+	s.own.addUpstream(u)
 	u.own.h2, u.own.grpc = isH2(cfg.Protocol), cfg.Protocol == ProtocolGRPC
 	u.lim = newConnLimiter(s.cfg.MaxConnections, s.cfg.MaxPending)
 	u.own.lim = u.lim
@@ -143,18 +144,42 @@ func (u *upstream) applyRoutes(ctx context.Context, set endpoints.Set, wg *sync.
 			if p.cancel != nil {
 				p.cancel()
 			}
-			p.closeIdle(true)
+			p.retire(false)
 		}
 	}
 	u.mu.Unlock()
 	u.router.Store(r)
 }
 
+// closeIdle closes the idle HTTP/1.1 connections of every pool the
+// upstream uses (the sidecar is shutting down; its requests are ending).
 func (u *upstream) closeIdle() {
-	u.own.closeIdle(false)
+	u.own.closeIdle()
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	for _, p := range u.extra {
-		p.closeIdle(false)
+		p.closeIdle()
+	}
+}
+
+// retire stops the upstream's use (transparent mode: its service port left
+// the directory): every pool it holds is retired. Connections proxied
+// through it finish undisturbed.
+func (u *upstream) retire() {
+	u.own.retire(false)
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for _, p := range u.extra {
+		p.retire(false)
+	}
+}
+
+// closeH2Server closes the upstream's HTTP/2 server, if one was made, and
+// waits for its Serve loop; none is made afterwards. The sidecar's owner
+// calls it once every connection served through it has ended.
+func (u *upstream) closeH2Server() {
+	u.h2Once.Do(func() {})
+	if u.h2srv != nil {
+		u.h2srv.close()
 	}
 }

@@ -272,6 +272,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		}
 		defer client.Close()
 		ds := discoverysource.New(client, log)
+		defer ds.Close() // its watches end before the client closes
 		cfg.Endpoints = ds
 		if cfg.OutboundAddr != "" {
 			cfg.Directory = ds

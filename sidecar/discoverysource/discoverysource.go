@@ -13,12 +13,14 @@ package discoverysource
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/fedmesh/fedmesh/internal/grpclite"
@@ -33,7 +35,18 @@ type Source struct {
 	log    *slog.Logger
 	// Backoff bounds between reconnections; zero values mean 100ms and 5s.
 	MinBackoff, MaxBackoff time.Duration
+
+	// Every watch runs in a goroutine that Close ends and waits for; mu
+	// guards closed and wg.Add, so none starts while Close waits.
+	ctx    context.Context
+	cancel context.CancelFunc
+	mu     sync.Mutex
+	closed bool
+	wg     sync.WaitGroup
 }
+
+// errClosed is Watch's error after Close.
+var errClosed = errors.New("discovery source closed")
 
 var (
 	_ endpoints.Source        = (*Source)(nil)
@@ -43,18 +56,51 @@ var (
 
 // New wraps a gRPC client of the controller (its credentials are the
 // caller's business: SPIFFE mTLS in a real deployment). The caller closes
-// the client after the watches' contexts have ended.
+// the client after Close.
 func New(client *grpclite.Client, log *slog.Logger) *Source {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Source{client: client, log: log}
+	s := &Source{client: client, log: log}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	return s
+}
+
+// Close ends every watch (their channels stay open, as when a watch's own
+// context ends) and waits for their goroutines; the caller may then close
+// the client. Watches asked for after Close fail.
+func (s *Source) Close() {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	s.cancel()
+	s.wg.Wait()
+}
+
+// spawn runs f with a context that ends with ctx or Close, in a goroutine
+// Close waits for.
+func (s *Source) spawn(ctx context.Context, f func(ctx context.Context)) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return errClosed
+	}
+	s.wg.Go(func() {
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		stop := context.AfterFunc(s.ctx, cancel)
+		defer stop()
+		f(ctx)
+	})
+	return nil
 }
 
 // Watch implements endpoints.Source.
 func (s *Source) Watch(ctx context.Context, ns, name string) (<-chan endpoints.Set, error) {
 	out := make(chan endpoints.Set, 1)
-	go s.run(ctx, ns, name, 0, out)
+	if err := s.spawn(ctx, func(ctx context.Context) { s.run(ctx, ns, name, 0, out) }); err != nil {
+		return nil, err
+	}
 	return out, nil
 }
 
@@ -62,7 +108,9 @@ func (s *Source) Watch(ctx context.Context, ns, name string) (<-chan endpoints.S
 // service port, and local endpoints are dialed at its target port.
 func (s *Source) WatchPort(ctx context.Context, ns, name string, port uint16) (<-chan endpoints.Set, error) {
 	out := make(chan endpoints.Set, 1)
-	go s.run(ctx, ns, name, port, out)
+	if err := s.spawn(ctx, func(ctx context.Context) { s.run(ctx, ns, name, port, out) }); err != nil {
+		return nil, err
+	}
 	return out, nil
 }
 
@@ -225,7 +273,7 @@ func targetPort(e endpoint, name string) int32 {
 // the sidecar keeps the last directory.
 func (s *Source) WatchDirectory(ctx context.Context) (<-chan []sidecar.VirtualService, error) {
 	out := make(chan []sidecar.VirtualService, 1)
-	go func() {
+	err := s.spawn(ctx, func(ctx context.Context) {
 		minB, maxB := s.backoffs()
 		backoff := minB
 		for ctx.Err() == nil {
@@ -244,7 +292,10 @@ func (s *Source) WatchDirectory(ctx context.Context) (<-chan []sidecar.VirtualSe
 			}
 			backoff = min(2*backoff, maxB)
 		}
-	}()
+	})
+	if err != nil {
+		return nil, err
+	}
 	return out, nil
 }
 

@@ -15,6 +15,7 @@ import (
 
 	pb "github.com/fedmesh/fedmesh/federation/discovery/discoveryv1"
 	"github.com/fedmesh/fedmesh/internal/grpclite"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/policy"
 	"github.com/fedmesh/fedmesh/sidecar"
 	"github.com/fedmesh/fedmesh/sidecar/endpoints"
@@ -379,5 +380,45 @@ func TestUndecodableSetEndsStream(t *testing.T) {
 	}
 	if l := logs.String(); !strings.Contains(l, "decode EndpointSet: namespace: invalid UTF-8") {
 		t.Errorf("the log does not say why the stream ended:\n%s", l)
+	}
+}
+
+// TestCloseEndsWatches: Close ends every kind of watch, whose contexts the
+// caller has not ended (a sidecar's Run may still be winding down), and
+// returns only once their goroutines have; a watch asked for afterwards
+// fails. Before Close existed these goroutines outlived the sidecar and used
+// the client after its owner had closed it.
+func TestCloseEndsWatches(t *testing.T) {
+	testutil.CheckGoroutines(t)
+	srv := &server{sets: make(chan *pb.EndpointSet, 4)}
+	g, addr := serve(t, "127.0.0.1:0", srv)
+	t.Cleanup(g.Stop)
+	src := New(dial(t, addr), nil)
+	ctx := context.Background() // never ends: only Close stops the watches
+	srv.sets <- &pb.EndpointSet{Namespace: "demo", Service: "echo", Clusters: []*pb.Cluster{{Name: "east", Local: true}}}
+	ch, err := src.Watch(ctx, "demo", "echo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-ch: // the stream is up
+	case <-time.After(10 * time.Second):
+		t.Fatal("no set within 10s")
+	}
+	if _, err := src.WatchPort(ctx, "demo", "other", 80); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := src.WatchDirectory(ctx); err != nil { // the server has no directory: it retries with backoff
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { src.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return within 10s")
+	}
+	if _, err := src.Watch(ctx, "demo", "echo"); err == nil {
+		t.Error("Watch after Close succeeded, want an error")
 	}
 }
