@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -100,6 +101,14 @@ func newPeerAPIServerDownDrill(g *globals) *cobra.Command {
 	return withReportFlags(g, cmd, &junit)
 }
 
+func ids(cs []drillCluster) []string {
+	out := make([]string, len(cs))
+	for i, c := range cs {
+		out[i] = c.id
+	}
+	return out
+}
+
 type drillCluster struct {
 	id   string
 	kube kubernetes.Interface
@@ -138,7 +147,7 @@ func drillPeerDown(ctx context.Context, g *globals, target string, maxDetect, ma
 		}
 	}
 	if tgt == nil {
-		return nil, usagef("--cluster %q is not a member of this federation", target)
+		return nil, usagef("--cluster %q is not a member of this federation; valid: %s", target, strings.Join(ids(clusters), ", "))
 	}
 	const ns, name = "fedmesh-drill", "drill-peer-down"
 	say := g.say
@@ -373,7 +382,7 @@ func drillWANPartition(ctx context.Context, g *globals, target string, maxDetect
 		}
 	}
 	if !found {
-		return nil, usagef("--cluster %q is not a member of this federation", target)
+		return nil, usagef("--cluster %q is not a member of this federation; valid: %s", target, strings.Join(localNames(st), ", "))
 	}
 	say := g.say
 	// targetUp reports, over every replica of every other cluster, whether
@@ -562,6 +571,7 @@ func localDrill(g *globals, junit *string, run func(ctx context.Context) (*Drill
 		if g.kubeconfig != "" {
 			return usagef("drills act on a local federation's processes (fedctl up); drop --kubeconfig")
 		}
+		g.localOnly = true // $KUBECONFIG names no processes: drills read only the local federation
 		rep, err := run(cmd.Context())
 		if err != nil {
 			return err
@@ -648,4 +658,13 @@ func clientOutbound(c localfed.Cluster) string {
 		}
 	}
 	return ""
+}
+
+// localNames are the cluster names of a local federation.
+func localNames(st *localfed.State) []string {
+	out := make([]string, len(st.Clusters))
+	for i, c := range st.Clusters {
+		out[i] = c.Name
+	}
+	return out
 }

@@ -558,12 +558,16 @@ func (g *globals) drillTarget(target string) (*localfed.State, localfed.Cluster,
 	}
 	var tc localfed.Cluster
 	var others []string
+	found := false
 	for _, c := range st.Clusters {
 		if c.Name == target {
-			tc = c
+			tc, found = c, true
 		} else {
 			others = append(others, c.Name)
 		}
+	}
+	if !found {
+		return nil, tc, nil, "", usagef("--cluster %q is not a member of this federation; valid: %s", target, strings.Join(localNames(st), ", "))
 	}
 	url := clientOutbound(tc)
 	if url == "" {

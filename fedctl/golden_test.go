@@ -37,7 +37,7 @@ func TestStatusGolden(t *testing.T) {
 	st := &Status{
 		Clusters: []ClusterStatus{
 			{Context: "fedmesh-east", ClusterID: "east", APIServer: "https://127.0.0.1:6443", Reachable: true,
-				Controller: ControllerStatus{Leader: "east-0", Renewed: now.Add(-time.Second), Version: "(devel) 28d2133abcde"},
+				Controller: ControllerStatus{Leader: "east-0", Renewed: now.Add(-time.Second), Version: "(devel) 28d2133abcde", Local: true},
 				Peers: []federation.PeerStatus{{Name: "north", ClusterID: "north", Reachable: true},
 					{Name: "west", ClusterID: "west", Stale: true, StaleSince: now.Add(-42 * time.Second)}},
 				Trust: &TrustStatus{TrustDomain: "east.fedmesh.test", Roots: 2, RootsExpire: now.Add(23 * time.Hour), SVIDs: 3, SVIDsExpire: now.Add(42 * time.Minute)},
@@ -49,8 +49,24 @@ func TestStatusGolden(t *testing.T) {
 				},
 				Exports: 2, Imports: 2},
 			{Context: "fedmesh-north", ClusterID: "north", APIServer: "https://127.0.0.1:6444", Reachable: true,
-				Controller: ControllerStatus{Leader: "north-0", Renewed: now.Add(-2 * time.Second)},
-				Exports:    1, Imports: 2},
+				Controller: ControllerStatus{Leader: "north-0", Renewed: now.Add(-2 * time.Second), Replicas: 2, Ready: 1},
+				Trust:      &TrustStatus{TrustDomain: "north.fedmesh.test", Source: "gateway fedmesh-gateway-0"},
+				Gateways:   []GatewayStatus{{Admin: "pod fedmesh-gateway-0:15000", Error: "not reachable through the API server's pod proxy: error trying to reach service: dial tcp 10.244.0.7:15000: connect: connection refused"}},
+				Unknown: []Unknown{
+					{What: "peers", Why: "controller admin not reachable through the API server's pod proxy: the Lease holder \"north-0\" is not a pod in fedmesh-system (pods \"north-0\" not found)"},
+					{What: "trust roots", Why: "no other member holds a ConfigMap trust-bundle-north (fedctl link writes one when the bundle is known)"},
+				},
+				ServiceExports: []ObjectStatus{{Namespace: "demo", Name: "echo", Conditions: []Condition{
+					{Type: "Valid", Status: "True", Reason: "Valid"}, {Type: "Conflict", Status: "False", Reason: "NoConflict"}}}},
+				ServiceImports: []ObjectStatus{
+					{Namespace: "demo", Name: "echo", Type: "ClusterSetIP", Clusters: []string{"east", "north"}, Conditions: []Condition{{Type: "Ready", Status: "True", Reason: "Ready"}}},
+					{Namespace: "shop", Name: "cart", Type: "ClusterSetIP", Clusters: []string{"east"}, Conditions: []Condition{
+						{Type: "Ready", Status: "True", Reason: "Ready"},
+						{Type: federation.ConditionStale, Status: "True", Reason: "PeerUnreachable", Message: "serving the last known state of east"}}},
+				},
+				Exports: 1, Imports: 2},
+			{Context: "kind-other", APIServer: "https://127.0.0.1:6446", Reachable: true,
+				Error: "not a fedmesh member: get clusterproperty cluster.clusterset.k8s.io: the server could not find the requested resource"},
 			{Context: "fedmesh-west", APIServer: "https://127.0.0.1:6445", Error: "dial tcp 127.0.0.1:6445: connect: connection refused"},
 		},
 		Services: []ServiceStatus{

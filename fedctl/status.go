@@ -16,6 +16,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/dynamic"
@@ -26,6 +27,7 @@ import (
 	"github.com/fedmesh/fedmesh/controlplane"
 	"github.com/fedmesh/fedmesh/federation"
 	"github.com/fedmesh/fedmesh/federation/about"
+	"github.com/fedmesh/fedmesh/gateway"
 	"github.com/fedmesh/fedmesh/localfed"
 )
 
@@ -53,6 +55,12 @@ type ClusterStatus struct {
 	Serving    []ServingStatus         `json:"serving,omitempty"`
 	Exports    int                     `json:"exports"`
 	Imports    int                     `json:"imports"`
+	// ServiceExports and ServiceImports are this cluster's objects with the
+	// conditions the controller wrote.
+	ServiceExports []ObjectStatus `json:"serviceExports,omitempty"`
+	ServiceImports []ObjectStatus `json:"serviceImports,omitempty"`
+	// Unknown is what status could not find out about this cluster, and why.
+	Unknown []Unknown `json:"unknown,omitempty"`
 }
 
 // ControllerStatus is the federation controller's leader lease.
@@ -63,6 +71,11 @@ type ControllerStatus struct {
 	// federation, else the image of the fedmesh-federation-controller
 	// Deployment); empty when unknown.
 	Version string `json:"version,omitempty"`
+	// Replicas and Ready count the controller's pods (through a kubeconfig;
+	// a local federation runs one controller process per cluster).
+	Replicas int  `json:"replicas,omitempty"`
+	Ready    int  `json:"ready,omitempty"`
+	Local    bool `json:"local,omitempty"`
 }
 
 // ServingStatus is where one client sidecar's upstream is served right now:
@@ -97,7 +110,11 @@ type GatewayPeerStatus struct {
 
 // TrustStatus is the cluster's trust domain and bundle.
 type TrustStatus struct {
-	TrustDomain string    `json:"trustDomain"`
+	TrustDomain string `json:"trustDomain"`
+	// Source says where the trust domain was read: a gateway's admin
+	// endpoint or a peer Secret in another member; empty for a local
+	// federation (its state file).
+	Source      string    `json:"source,omitempty"`
 	Roots       int       `json:"roots"`
 	RootsExpire time.Time `json:"rootsExpire,omitzero"`
 	// SVIDs is how many sample workloads' sidecars reported their SVID,
@@ -182,15 +199,28 @@ func gatherStatus(ctx context.Context, g *globals) (*Status, error) {
 		}
 		return services[k]
 	}
+	links := &peerLinks{trustDomain: map[string]string{}, tdSource: map[string]string{}, bundle: map[string][]byte{}, bundleFrom: map[string]string{}}
 	for _, m := range ms {
 		cs := ClusterStatus{Context: m.context, APIServer: m.config.Host}
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		err := gatherCluster(cctx, m, &cs, svc, &st.Policies)
+		if err == nil && m.local == nil {
+			if kube, kerr := kubernetes.NewForConfig(m.config); kerr == nil {
+				if lerr := links.gather(cctx, kube, m.context); lerr != nil {
+					cs.unknown("peer links", "%v", lerr)
+				}
+			}
+		}
 		cancel()
 		if err != nil {
 			cs.Error = err.Error()
 		}
 		st.Clusters = append(st.Clusters, cs)
+	}
+	for i, m := range ms {
+		if cs := &st.Clusters[i]; m.local == nil && cs.ClusterID != "" {
+			links.fillTrust(cs)
+		}
 	}
 	keys := make([]string, 0, len(services))
 	for k := range services {
@@ -221,22 +251,28 @@ func gatherCluster(ctx context.Context, m member, cs *ClusterStatus, svc func(ns
 	}
 	id, err := about.Get(ctx, dyn, about.ClusterIDProperty)
 	if err != nil {
-		return fmt.Errorf("unreachable or not a fedmesh member: %w", err)
+		if apierrors.IsNotFound(err) || apierrors.IsForbidden(err) || strings.Contains(err.Error(), "has no spec.value") {
+			cs.Reachable = true
+			return fmt.Errorf("not a fedmesh member: %w", err)
+		}
+		return err
 	}
 	cs.Reachable, cs.ClusterID = true, id
 	cs.ClusterSet, _ = about.Get(ctx, dyn, about.ClusterSetProperty)
 	ps, err := gatherPolicies(ctx, dyn, id)
 	*pols = append(*pols, ps...)
 	if err != nil {
-		return err
+		cs.unknown("routes and policies", "%v", err)
 	}
-	if l, err := kube.CoordinationV1().Leases(controlplane.SystemNamespace).Get(ctx, "fedmesh-federation-controller", metav1.GetOptions{}); err == nil {
+	if l, err := kube.CoordinationV1().Leases(controlplane.SystemNamespace).Get(ctx, leaseName, metav1.GetOptions{}); err == nil {
 		if l.Spec.HolderIdentity != nil {
 			cs.Controller.Leader = *l.Spec.HolderIdentity
 		}
 		if l.Spec.RenewTime != nil {
 			cs.Controller.Renewed = l.Spec.RenewTime.Time
 		}
+	} else if !apierrors.IsNotFound(err) {
+		cs.unknown("controller leader", "get Lease %s/%s: %v", controlplane.SystemNamespace, leaseName, err)
 	}
 	if m.local != nil {
 		cs.Controller.Version = controllerVersion(ctx, m.local.ControllerAdmin)
@@ -247,7 +283,12 @@ func gatherCluster(ctx context.Context, m member, cs *ClusterStatus, svc func(ns
 			}
 		}
 	}
+	if m.local == nil {
+		gatherControllerAPI(ctx, kube, cs)
+		gatherGatewaysAPI(ctx, kube, cs)
+	}
 	if m.local != nil {
+		cs.Controller.Local = true
 		cs.Peers = controllerPeers(ctx, m.local.ControllerAdmin)
 		cs.Trust = trust(m.local.TrustDomain, m.local.Bundle, cs.Peers)
 		for _, g := range m.local.Gateways {
@@ -271,10 +312,12 @@ func gatherCluster(ctx context.Context, m member, cs *ClusterStatus, svc func(ns
 	}
 	exps, err := mcs.MulticlusterV1beta1().ServiceExports("").List(ctx, metav1.ListOptions{})
 	if err != nil {
-		return fmt.Errorf("list serviceexports: %w", err)
+		cs.unknown("exports", "list serviceexports: %v", err)
+		exps = &mcsv1beta1.ServiceExportList{}
 	}
 	cs.Exports = len(exps.Items)
 	for _, e := range exps.Items {
+		cs.ServiceExports = append(cs.ServiceExports, ObjectStatus{Namespace: e.Namespace, Name: e.Name, Conditions: conditions(e.Status.Conditions)})
 		s := svc(e.Namespace, e.Name)
 		if meta.IsStatusConditionTrue(e.Status.Conditions, string(mcsv1beta1.ServiceExportConditionValid)) {
 			s.ExportedBy = append(s.ExportedBy, id)
@@ -287,12 +330,14 @@ func gatherCluster(ctx context.Context, m member, cs *ClusterStatus, svc func(ns
 	}
 	imps, err := mcs.MulticlusterV1beta1().ServiceImports("").List(ctx, metav1.ListOptions{})
 	if err != nil {
-		return fmt.Errorf("list serviceimports: %w", err)
+		cs.unknown("imports", "list serviceimports: %v", err)
+		imps = &mcsv1beta1.ServiceImportList{}
 	}
 	cs.Imports = len(imps.Items)
 	slices, err := kube.DiscoveryV1().EndpointSlices("").List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelManagedBy + "=" + federation.ManagedBy})
 	if err != nil {
-		return fmt.Errorf("list endpointslices: %w", err)
+		cs.unknown("imported endpoints", "list endpointslices: %v", err)
+		slices = &discoveryv1.EndpointSliceList{}
 	}
 	ready := map[string]map[string]int{}
 	for _, sl := range slices.Items {
@@ -310,6 +355,11 @@ func gatherCluster(ctx context.Context, m member, cs *ClusterStatus, svc func(ns
 		}
 	}
 	for _, i := range imps.Items {
+		o := ObjectStatus{Namespace: i.Namespace, Name: i.Name, Type: string(i.Spec.Type), Conditions: conditions(i.Status.Conditions)}
+		for _, c := range i.Status.Clusters {
+			o.Clusters = append(o.Clusters, c.Cluster)
+		}
+		cs.ServiceImports = append(cs.ServiceImports, o)
 		s := svc(i.Namespace, i.Name)
 		sum := ImportSummary{Ready: meta.IsStatusConditionTrue(i.Status.Conditions, string(mcsv1beta1.ServiceImportConditionReady)), ReadyEndpoints: map[string]int{}}
 		for _, c := range i.Status.Clusters {
@@ -436,12 +486,16 @@ func serving(cluster string, w localfed.Workload, st *sidecarDoc, err error) []S
 }
 
 func gatewayStatus(ctx context.Context, admin string) GatewayStatus {
-	gs := GatewayStatus{Admin: admin}
 	st, err := localfed.GatewayState(ctx, admin)
 	if err != nil {
-		gs.Error = err.Error()
-		return gs
+		return GatewayStatus{Admin: admin, Error: err.Error()}
 	}
+	return gatewayFromState(admin, st)
+}
+
+// gatewayFromState summarises a replica's admin /state.
+func gatewayFromState(admin string, st *gateway.State) GatewayStatus {
+	gs := GatewayStatus{Admin: admin}
 	for _, n := range st.Streams {
 		gs.OpenStreams += n
 	}
@@ -488,10 +542,14 @@ func trust(td, bundlePath string, peers []federation.PeerStatus) *TrustStatus {
 
 func renderStatus(w io.Writer, st *Status, c colors, now time.Time) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "CLUSTER\tID\tAPI SERVER\tCONTROLLER LEADER\tPEERS\tTRUST DOMAIN\tROOTS, SVIDS\tEXPORTS\tIMPORTS")
+	fmt.Fprintln(tw, "CLUSTER\tID\tAPI SERVER\tCONTROLLER LEADER\tREPLICAS\tPEERS\tTRUST DOMAIN\tROOTS, SVIDS\tEXPORTS\tIMPORTS")
 	for _, cl := range st.Clusters {
 		if !cl.Reachable {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\t\t\t\t\n", cl.Context, "-", cl.APIServer, c.bad("UNREACHABLE: "+firstLine(cl.Error)))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\t\t\t\t\t\n", cl.Context, "-", cl.APIServer, c.bad("UNREACHABLE: "+firstLine(cl.Error)))
+			continue
+		}
+		if cl.ClusterID == "" {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\t\t\t\t\t\n", cl.Context, "-", cl.APIServer, c.bad("NOT A FEDMESH MEMBER: "+firstLine(strings.TrimPrefix(cl.Error, "not a fedmesh member: "))))
 			continue
 		}
 		leader := c.bad("none")
@@ -502,6 +560,18 @@ func renderStatus(w io.Writer, st *Status, c colors, now time.Time) {
 			}
 			if now.Sub(cl.Controller.Renewed) > 30*time.Second {
 				leader = c.bad(leader)
+			}
+		}
+		replicas := "-"
+		switch {
+		case cl.Controller.Local:
+			replicas = "1 (local process)"
+		case unknownWhy(cl, "controller replicas") != "":
+			replicas = "unknown"
+		default:
+			replicas = fmt.Sprintf("%d/%d ready", cl.Controller.Ready, cl.Controller.Replicas)
+			if cl.Controller.Ready == 0 {
+				replicas = c.bad(replicas)
 			}
 		}
 		var peers []string
@@ -515,10 +585,20 @@ func renderStatus(w io.Writer, st *Status, c colors, now time.Time) {
 				peers = append(peers, c.bad(orDefault(p.ClusterID, p.Name)+" DOWN"))
 			}
 		}
-		td, roots := "-", "-"
+		peerCell := strings.Join(peers, ", ")
+		switch {
+		case unknownWhy(cl, "peers") != "":
+			peerCell = c.bad("unknown")
+		case peerCell == "":
+			peerCell = "none"
+		}
+		td, roots := c.bad("unknown"), c.bad("unknown")
 		if cl.Trust != nil {
 			td = cl.Trust.TrustDomain
 			roots = fmt.Sprintf("%d (expire in %s)", cl.Trust.Roots, age(cl.Trust.RootsExpire.Sub(now)))
+			if cl.Trust.Roots == 0 && unknownWhy(cl, "trust roots") != "" {
+				roots = c.bad("unknown")
+			}
 			if cl.Trust.SVIDs > 0 {
 				roots += fmt.Sprintf(", %d SVIDs (next expiry in %s)", cl.Trust.SVIDs, age(cl.Trust.SVIDsExpire.Sub(now)))
 			}
@@ -526,11 +606,13 @@ func renderStatus(w io.Writer, st *Status, c colors, now time.Time) {
 				roots = c.bad(firstLine(cl.Trust.Error))
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", cl.Context, cl.ClusterID, cl.APIServer, leader,
-			orDefault(strings.Join(peers, ", "), "-"), td, roots, cl.Exports, cl.Imports)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", cl.Context, cl.ClusterID, cl.APIServer, leader,
+			replicas, peerCell, td, roots, cl.Exports, cl.Imports)
 	}
 	tw.Flush()
+	renderUnknown(w, st, c)
 	renderGateways(w, st, c)
+	renderObjects(w, st, c)
 	fmt.Fprintln(w)
 	if len(st.Services) == 0 {
 		fmt.Fprintln(w, "No exported services. Export one with: fedctl export NAME -n NAMESPACE --context CONTEXT")
@@ -538,7 +620,7 @@ func renderStatus(w io.Writer, st *Status, c colors, now time.Time) {
 	}
 	ids := []string{}
 	for _, cl := range st.Clusters {
-		if cl.Reachable {
+		if cl.Reachable && cl.ClusterID != "" {
 			ids = append(ids, cl.ClusterID)
 		}
 	}
@@ -641,7 +723,7 @@ func renderGateways(w io.Writer, st *Status, c colors) {
 		for i, g := range cl.Gateways {
 			name := fmt.Sprintf("%s/%d", cl.ClusterID, i)
 			if g.Error != "" {
-				fmt.Fprintf(tw, "%s\t%s\t-\t%s\n", name, g.Admin, c.bad("DOWN: "+firstLine(g.Error)))
+				fmt.Fprintf(tw, "%s\t%s\t-\t%s\n", name, g.Admin, c.bad("DOWN: "+strings.SplitN(g.Error, "\n", 2)[0]))
 				continue
 			}
 			var peers []string
@@ -692,4 +774,89 @@ func firstLine(s string) string {
 		s = s[:79] + "…"
 	}
 	return s
+}
+
+// unknownWhy is why status could not find out what about a cluster; empty
+// when it could.
+func unknownWhy(cl ClusterStatus, what string) string {
+	for _, u := range cl.Unknown {
+		if u.What == what {
+			return u.Why
+		}
+	}
+	return ""
+}
+
+// renderUnknown says, per cluster, what status could not find out and why.
+func renderUnknown(w io.Writer, st *Status, c colors) {
+	var lines []string
+	for _, cl := range st.Clusters {
+		for _, u := range cl.Unknown {
+			lines = append(lines, fmt.Sprintf("  %s %s: %s", cl.Context, u.What, c.bad(u.Why)))
+		}
+		switch {
+		case !cl.Reachable:
+			lines = append(lines, fmt.Sprintf("  %s everything: %s", cl.Context, c.bad("API server unreachable: "+cl.Error)))
+		case cl.ClusterID == "":
+			lines = append(lines, fmt.Sprintf("  %s everything: %s", cl.Context, c.bad(cl.Error)))
+		case cl.Error != "":
+			lines = append(lines, fmt.Sprintf("  %s: %s", cl.Context, c.bad(cl.Error)))
+		}
+	}
+	if len(lines) == 0 {
+		return
+	}
+	fmt.Fprintln(w, "\nNot known, and why:")
+	for _, l := range lines {
+		fmt.Fprintln(w, l)
+	}
+}
+
+// renderObjects lists every ServiceExport and ServiceImport with the
+// conditions the controller wrote; a condition that reports a problem shows
+// its reason and message.
+func renderObjects(w io.Writer, st *Status, c colors) {
+	any := false
+	for _, cl := range st.Clusters {
+		any = any || len(cl.ServiceExports)+len(cl.ServiceImports) > 0
+	}
+	if !any {
+		return
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "CLUSTER\tOBJECT\tCONDITIONS")
+	for _, cl := range st.Clusters {
+		for _, o := range cl.ServiceExports {
+			fmt.Fprintf(tw, "%s\tServiceExport %s/%s\t%s\n", cl.ClusterID, o.Namespace, o.Name, conditionCell(o.Conditions, c))
+		}
+		for _, o := range cl.ServiceImports {
+			from := ""
+			if len(o.Clusters) > 0 {
+				from = " (from " + strings.Join(o.Clusters, ",") + ")"
+			}
+			fmt.Fprintf(tw, "%s\tServiceImport %s/%s%s\t%s\n", cl.ClusterID, o.Namespace, o.Name, from, conditionCell(o.Conditions, c))
+		}
+	}
+	tw.Flush()
+}
+
+func conditionCell(cs []Condition, c colors) string {
+	if len(cs) == 0 {
+		return c.bad("none yet (the controller has not written any)")
+	}
+	var parts []string
+	for _, cd := range cs {
+		s := cd.Type + "=" + cd.Status
+		// Conflict and Stale report a problem when true, the others when not.
+		problem := cd.Status != string(metav1.ConditionTrue)
+		if cd.Type == string(mcsv1beta1.ServiceExportConditionConflict) || cd.Type == federation.ConditionStale {
+			problem = cd.Status == string(metav1.ConditionTrue)
+		}
+		if problem {
+			s = c.bad(s + " " + cd.Reason + ": " + firstLine(cd.Message))
+		}
+		parts = append(parts, s)
+	}
+	return strings.Join(parts, ", ")
 }
