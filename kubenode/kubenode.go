@@ -184,12 +184,19 @@ func (n *Node) start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := cleanStale(n.log); err != nil {
+		n.log.Warn("remains of an earlier node could not all be removed", "err", err)
+	}
 	slot, err := freeSlot()
 	if err != nil {
 		unlock()
 		return err
 	}
 	n.addrs = slotAddrs(slot)
+	if err := n.writeRecord(); err != nil {
+		unlock()
+		return fmt.Errorf("record the node: %w", err)
+	}
 	a := n.addrs
 	n.HostIP, n.NodeIP, n.PodCIDR, n.ServiceCIDR, n.DNSIP, n.NetNS = a.hostIP, a.nodeIP, a.podCIDR, a.serviceCIDR, a.dnsIP, a.netnsPath
 	if st, err := os.Stat("/run/netns"); err != nil || !st.IsDir() || !isMountPoint("/run/netns") {
@@ -211,6 +218,9 @@ func (n *Node) start(ctx context.Context) error {
 	}
 	if err := n.cgroups.create(); err != nil {
 		return err
+	}
+	if err := n.writeRecord(); err != nil {
+		return fmt.Errorf("record the node: %w", err)
 	}
 	if err := n.writeConfigs(); err != nil {
 		return err
@@ -740,7 +750,12 @@ func (n *Node) stop() error {
 	if left := n.Leftovers(); len(left) > 0 {
 		errs = append(errs, fmt.Errorf("node %s left behind: %s", n.Name, strings.Join(left, "; ")))
 	}
-	return errors.Join(errs...)
+	err := errors.Join(errs...)
+	if err == nil {
+		// Kept otherwise, so the next Start tries again once this program is gone.
+		n.removeRecord()
+	}
+	return err
 }
 
 // removeShimSockets removes the sockets containerd's runc shims listen on
