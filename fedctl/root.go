@@ -105,7 +105,14 @@ unknown command, drill scenario, flag or argument).`,
 	}
 	root.SetOut(out)
 	root.SetErr(errOut)
-	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		// `fedctl drill nosuch --cluster west`: the group does not know the
+		// scenario's flags, but the mistake is the unknown scenario.
+		if c.HasSubCommands() && len(c.Flags().Args()) > 0 {
+			return unknownName(c, c.Flags().Args()[0])
+		}
+		return usageError{err}
+	})
 	pf := root.PersistentFlags()
 	g.flags = pf
 	pf.StringVar(&g.dir, "dir", localfed.DefaultDir(), "state directory of the local federation")
@@ -130,9 +137,6 @@ func strictArgs(c *cobra.Command) {
 	}
 	if c.HasSubCommands() {
 		c.Args = subcommandArgs
-		// An unknown scenario with the scenario's flags is reported as an
-		// unknown scenario, not as an unknown flag of the group.
-		c.FParseErrWhitelist.UnknownFlags = true
 		if c.RunE == nil && c.Run == nil {
 			c.RunE = func(c *cobra.Command, _ []string) error {
 				if !c.HasParent() {

@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -36,6 +37,7 @@ const (
 	leaseName           = "fedmesh-federation-controller"
 	annotationTrust     = "multicluster.fedmesh.dev/trust-domain" // on a peer Secret (fedctl link)
 	bundleKey           = "bundle.spiffe"                         // in ConfigMap trust-bundle-<cluster> (fedctl link)
+	proxyTimeout        = 1500 * time.Millisecond                 // per request through the pod proxy
 )
 
 // Unknown is something status could not find out, and why.
@@ -75,6 +77,10 @@ func (cs *ClusterStatus) unknown(what string, format string, a ...any) {
 
 // proxyGet GETs path from a pod's port through the API server's pod proxy.
 func proxyGet(ctx context.Context, kube kubernetes.Interface, pod string, port int, path string) ([]byte, error) {
+	// An admin endpoint that does not answer must not use up the time the
+	// rest of the cluster's status needs.
+	ctx, cancel := context.WithTimeout(ctx, proxyTimeout)
+	defer cancel()
 	b, err := kube.CoreV1().RESTClient().Get().Namespace(controlplane.SystemNamespace).Resource("pods").
 		SubResource("proxy").Name(net.JoinHostPort(pod, strconv.Itoa(port))).Suffix(path).
 		SetHeader("Accept", "application/json, */*").Do(ctx).Raw()

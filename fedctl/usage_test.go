@@ -86,6 +86,11 @@ func TestEveryCommandRejectsUnknownArguments(t *testing.T) {
 			t.Errorf("fedctl %s: exit %d, want 2 and the valid names:\n%s", strings.Join(args, " "), code, out)
 		}
 	}
+	for _, args := range [][]string{{"--nosuch-flag"}, {"drill", "--nosuch-flag"}, {"status", "--nosuch-flag"}} {
+		if code, out := execute(nil, args...); code != 2 || !strings.Contains(out, "unknown flag: --nosuch-flag") {
+			t.Errorf("fedctl %s: exit %d, want 2 and the unknown flag:\n%s", strings.Join(args, " "), code, out)
+		}
+	}
 	if code, out := execute(nil, "help", "drill", "peer-apiserver-down"); code != 0 || !strings.Contains(out, "--max-detection") {
 		t.Errorf("fedctl help drill peer-apiserver-down: exit %d\n%s", code, out)
 	}
