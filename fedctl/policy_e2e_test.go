@@ -384,7 +384,24 @@ spec:
 	if v := w.routeVerdict("match"); v["Accepted"] != "False UnsupportedValue" {
 		t.Errorf("all weights 0: %v, want Accepted False UnsupportedValue", v)
 	}
-	time.Sleep(500 * time.Millisecond) // what a wrong data plane would need to show it
+	// Barrier: a valid route applied after the bad edit, served by north.
+	// Once east's client sidecar routes /barrier to north, it runs on a
+	// snapshot the controller built after it judged the bad edit; a data
+	// plane that took the all-zero weights would show them from then on.
+	w.apply(httpRoutes, `
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: barrier, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 8080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /barrier}}]
+    backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo-canary, port: 8080}]
+`)
+	if v := w.routeVerdict("barrier"); v["Accepted"] != "True Accepted" {
+		t.Fatalf("barrier route: %v", v)
+	}
+	w.until("the barrier route (applied after the bad edit) is in force in east's client", "/barrier", nil, all(from("north")))
 	if as := w.send(100, 4, 0, "/", canary); count(as, from("north")) != 100 {
 		t.Errorf("after the bad edit, x-canary: yes: %d of 100 from north (the last good route must stay)", count(as, from("north")))
 	}
@@ -413,6 +430,7 @@ spec:
 	w.remove(httpRoutes, "split")
 	w.remove(httpRoutes, "match")
 	w.remove(httpRoutes, "broken")
+	w.remove(httpRoutes, "barrier")
 	w.until("routes removed: everything local again", "/", canary, all(from("east")))
 
 	// 4. Authorization by SPIFFE ID at east's echo sidecars: only north's
