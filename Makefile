@@ -44,6 +44,13 @@ $(COREDNS): tools/coredns/go.mod tools/coredns/go.sum tools/coredns/main.go
 	cd tools/coredns && CGO_ENABLED=0 flock $(BIN)/.build.lock go build -trimpath -ldflags='-s -w' -o $@.tmp .
 	@mv $@.tmp $@
 
+## node-smoke: one real single-node Kubernetes cluster (package kubenode; as root), verbose: progress while it
+## starts, time to Ready, a pod reached through kube-proxy and CoreDNS, the node's RSS, nothing left behind.
+## (`make test` runs the same test among the other packages.)
+.PHONY: node-smoke
+node-smoke: deps
+	go test -count=1 -v -timeout 15m -run 'TestNodeServesPodsThroughServicesAndDNS' ./kubenode
+
 ## build: compile every binary into bin/: static (no libc mapped into every
 ## sidecar) and without grpc-go's x/net/trace (html/template and friends,
 ## 2.9 MB of text and rodata the sidecar would map for nothing).
