@@ -17,7 +17,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CLUSTERS=(east west north)
 IMAGE=ghcr.io/fedmesh/fedmesh:dev
-INIT_IMAGE=ghcr.io/fedmesh/fedmesh-init:dev
 # Service fedmesh-gateway-tunnel (clusters/base/gateway/service.yaml).
 TUNNEL_NODE_PORT=31443
 TEAR_DOWN=1
@@ -66,12 +65,11 @@ step() { echo ">> $*"; }
 
 step "building images"
 docker build -f clusters/Dockerfile -t "$IMAGE" .
-docker build -f clusters/Dockerfile --target init -t "$INIT_IMAGE" .
 
 for c in "${CLUSTERS[@]}"; do
 	step "cluster $c"
 	kind get clusters 2>/dev/null | grep -qx "$c" || kind create cluster --config "clusters/kind/$c.yaml" --wait 120s
-	kind load docker-image "$IMAGE" "$INIT_IMAGE" --name "$c"
+	kind load docker-image "$IMAGE" --name "$c" # the init container runs fedmesh-init from it too
 	ctx="kind-$c"
 
 	step "SPIRE in $c (spire-config/$c)"

@@ -3,7 +3,6 @@ package injector
 import (
 	"fmt"
 	"slices"
-	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 
@@ -20,8 +19,8 @@ func checkInjected(got, before *corev1.Pod, cfg Config) error {
 		return fmt.Errorf("init container %s not first: %d init containers", InitName, len(got.Spec.InitContainers))
 	}
 	ic := got.Spec.InitContainers[0]
-	if ic.Image != cfg.InitImage || len(ic.Args) != 1 || !strings.Contains(ic.Args[0], fmt.Sprintf("REDIRECT --to-ports %d", cfg.OutboundPort)) ||
-		ic.SecurityContext == nil || ic.SecurityContext.Capabilities == nil || len(ic.SecurityContext.Capabilities.Add) != 2 {
+	if ic.Image != cfg.InitImage || !slices.Equal(ic.Command, []string{InitCommand}) || !slices.Contains(ic.Args, fmt.Sprintf("--outbound-port=%d", cfg.OutboundPort)) ||
+		ic.SecurityContext == nil || ic.SecurityContext.Capabilities == nil || !slices.Equal(ic.SecurityContext.Capabilities.Add, []corev1.Capability{"NET_ADMIN"}) {
 		return fmt.Errorf("init container wrong: %+v", ic)
 	}
 	if len(got.Spec.Containers) != len(before.Spec.Containers)+1 {
@@ -31,8 +30,8 @@ func checkInjected(got, before *corev1.Pod, cfg Config) error {
 	if sc.Name != SidecarName || sc.Image != cfg.SidecarImage || len(sc.Command) == 0 || sc.Command[0] != cfg.SidecarCommand[0] {
 		return fmt.Errorf("last container is %s (%s), want %s (%s)", sc.Name, sc.Image, SidecarName, cfg.SidecarImage)
 	}
-	if !strings.Contains(ic.Args[0], fmt.Sprintf("--dport %d -j RETURN", cfg.ProbePort)) {
-		return fmt.Errorf("init script does not exempt the probe port %d:\n%s", cfg.ProbePort, ic.Args[0])
+	if !slices.Contains(ic.Args, fmt.Sprintf("--probe-port=%d", cfg.ProbePort)) {
+		return fmt.Errorf("init arguments %q do not exempt the probe port %d", ic.Args, cfg.ProbePort)
 	}
 	if rp := sc.ReadinessProbe; rp == nil || rp.HTTPGet == nil || rp.HTTPGet.Path != appprobe.ReadyPath || rp.HTTPGet.Port.IntValue() != int(cfg.ProbePort) {
 		return fmt.Errorf("sidecar readiness probe %+v, want GET %s on port %d", rp, appprobe.ReadyPath, cfg.ProbePort)
@@ -41,9 +40,8 @@ func checkInjected(got, before *corev1.Pod, cfg Config) error {
 		return fmt.Errorf("sidecar env %+v lacks %s=:%d", sc.Env, appprobe.EnvAddr, cfg.ProbePort)
 	}
 	dnsEnv := corev1.EnvVar{Name: EnvDNSAddr, Value: fmt.Sprintf("localhost:%d", cfg.DNSPort)}
-	dnsRule := fmt.Sprintf("-p udp --dport 53 -j REDIRECT --to-ports %d", cfg.DNSPort)
-	if capture := !cfg.NoDNSCapture; slices.Contains(sc.Env, dnsEnv) != capture || strings.Contains(ic.Args[0], dnsRule) != capture {
-		return fmt.Errorf("dns capture %v, but sidecar env %+v and init script:\n%s", capture, sc.Env, ic.Args[0])
+	if capture := !cfg.NoDNSCapture; slices.Contains(sc.Env, dnsEnv) != capture || slices.Contains(ic.Args, "--no-dns-capture") == capture {
+		return fmt.Errorf("dns capture %v, but sidecar env %+v and init arguments %q", capture, sc.Env, ic.Args)
 	}
 	wantSock := "unix://" + cfg.SocketDir + "/" + cfg.SocketName
 	if len(sc.Env) == 0 || sc.Env[0].Name != SocketEnv || sc.Env[0].Value != wantSock {

@@ -1,7 +1,8 @@
 // Package injector is fedmesh's sidecar-injection admission webhook. Users
 // should not have to hand-edit every Deployment to join the mesh: labelling a
 // namespace (or a pod) is enough, and the API server asks this webhook to add
-// the sidecar, the init step that redirects traffic to it with iptables, and
+// the sidecar, the init step that redirects traffic to it (fedmesh-init,
+// nftables over netlink: package injector/redirect), and
 // the SPIFFE Workload API socket the sidecar gets its identity from. The
 // redirect would also take the kubelet's probes of the app, so the webhook
 // points them at the sidecar's probe server (probes.go).
@@ -18,6 +19,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/fedmesh/fedmesh/injector/redirect"
 	"github.com/fedmesh/fedmesh/sidecar/appprobe"
 )
 
@@ -96,7 +98,9 @@ type Config struct {
 	// controller's discovery API (host:port), where transparent mode gets
 	// the service directory and every endpoint set.
 	Cluster, Discovery string
-	InitImage          string // default ghcr.io/fedmesh/fedmesh-init:dev (clusters/Dockerfile target init)
+	// InitImage runs InitCommand, the static fedmesh-init binary; default
+	// SidecarImage, the fedmesh image, which holds every fedmesh binary.
+	InitImage string
 	// InboundPort and OutboundPort are where the sidecar listens for
 	// redirected traffic; ProxyUID is the UID it runs as, whose own traffic
 	// is not redirected. Defaults 15006, 15001, 1337.
@@ -139,7 +143,7 @@ func (c *Config) Validate() error {
 		c.SidecarImage = "ghcr.io/fedmesh/fedmesh:dev"
 	}
 	if c.InitImage == "" {
-		c.InitImage = "ghcr.io/fedmesh/fedmesh-init:dev"
+		c.InitImage = c.SidecarImage
 	}
 	if c.InboundPort == 0 {
 		c.InboundPort = 15006
@@ -293,47 +297,48 @@ func (c *Config) Patch(pod *corev1.Pod) ([]byte, error) {
 	return json.Marshal(ops)
 }
 
-// RedirectScript is the iptables program the init container runs: every
-// inbound TCP connection goes to InboundPort (except to ProbePort and
-// ExcludeInboundPorts), every outbound one (except the sidecar's own, by
-// UID, and loopback) to OutboundPort; unless NoDNSCapture, outbound DNS
-// (UDP and TCP port 53, except the sidecar's own and loopback) goes to
-// DNSPort. The same rules go into ip6tables when the pod's kernel has
-// IPv6 NAT: there REDIRECT sends to ::1, where the sidecar listens too.
-func (c *Config) RedirectScript() string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "set -e\n")
-	c.redirectRules(&b, "iptables", "")
-	fmt.Fprintf(&b, "if command -v ip6tables >/dev/null 2>&1 && ip6tables -t nat -L >/dev/null 2>&1; then\n")
-	c.redirectRules(&b, "ip6tables", "  ")
-	fmt.Fprintf(&b, "fi\n")
-	return b.String()
+// InitCommand is where the fedmesh image holds fedmesh-init (clusters/Dockerfile
+// and the OCI images built without Docker put every binary there).
+const InitCommand = "/usr/local/bin/fedmesh-init"
+
+// Redirect is the redirect the init container installs (package
+// injector/redirect): every inbound TCP connection to InboundPort (except
+// to ProbePort and ExcludeInboundPorts), every outbound one (except the
+// sidecar's own, by UID, and loopback) to OutboundPort, and unless
+// NoDNSCapture outbound DNS (UDP and TCP port 53) to DNSPort; IPv4 and IPv6
+// alike (one nftables table of family inet).
+func (c *Config) Redirect() redirect.Rules {
+	r := redirect.Rules{
+		InboundPort: uint16(c.InboundPort), OutboundPort: uint16(c.OutboundPort), DNSPort: uint16(c.DNSPort),
+		ProbePort: uint16(c.ProbePort), ProxyUID: uint32(c.ProxyUID), NoDNSCapture: c.NoDNSCapture,
+	}
+	for _, p := range c.ExcludeInboundPorts {
+		r.ExcludeInboundPorts = append(r.ExcludeInboundPorts, uint16(p))
+	}
+	return r
 }
 
-func (c *Config) redirectRules(b *strings.Builder, ipt, indent string) {
-	in, out, uid := c.InboundPort, c.OutboundPort, c.ProxyUID
-	fmt.Fprintf(b, "%s%s -t nat -N FEDMESH_INBOUND\n", indent, ipt)
-	for i, p := range append([]int32{c.ProbePort}, c.ExcludeInboundPorts...) {
-		if i > 0 && p == c.ProbePort {
-			continue
+// InitArgs are fedmesh-init's arguments for Redirect.
+func (c *Config) InitArgs() []string {
+	r := c.Redirect()
+	args := []string{
+		"--inbound-port=" + strconv.Itoa(int(r.InboundPort)),
+		"--outbound-port=" + strconv.Itoa(int(r.OutboundPort)),
+		"--dns-port=" + strconv.Itoa(int(r.DNSPort)),
+		"--probe-port=" + strconv.Itoa(int(r.ProbePort)),
+		"--proxy-uid=" + strconv.FormatUint(uint64(r.ProxyUID), 10),
+	}
+	if len(r.ExcludeInboundPorts) > 0 {
+		ps := make([]string, len(r.ExcludeInboundPorts))
+		for i, p := range r.ExcludeInboundPorts {
+			ps[i] = strconv.Itoa(int(p))
 		}
-		fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_INBOUND -p tcp --dport %d -j RETURN\n", indent, ipt, p)
+		args = append(args, "--exclude-inbound-ports="+strings.Join(ps, ","))
 	}
-	fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_INBOUND -p tcp -j REDIRECT --to-ports %d\n", indent, ipt, in)
-	fmt.Fprintf(b, "%s%s -t nat -A PREROUTING -p tcp -j FEDMESH_INBOUND\n", indent, ipt)
-	fmt.Fprintf(b, "%s%s -t nat -N FEDMESH_OUTBOUND\n", indent, ipt)
-	fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_OUTBOUND -m owner --uid-owner %d -j RETURN\n", indent, ipt, uid)
-	fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_OUTBOUND -o lo -j RETURN\n", indent, ipt)
-	if !c.NoDNSCapture {
-		for _, proto := range []string{"udp", "tcp"} {
-			fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_OUTBOUND -p %s --dport 53 -j REDIRECT --to-ports %d\n", indent, ipt, proto, c.DNSPort)
-		}
+	if r.NoDNSCapture {
+		args = append(args, "--no-dns-capture")
 	}
-	fmt.Fprintf(b, "%s%s -t nat -A FEDMESH_OUTBOUND -p tcp -j REDIRECT --to-ports %d\n", indent, ipt, out)
-	fmt.Fprintf(b, "%s%s -t nat -A OUTPUT -p tcp -j FEDMESH_OUTBOUND\n", indent, ipt)
-	if !c.NoDNSCapture {
-		fmt.Fprintf(b, "%s%s -t nat -A OUTPUT -p udp --dport 53 -j FEDMESH_OUTBOUND\n", indent, ipt)
-	}
+	return args
 }
 
 // sidecarArgs are the sidecar's arguments for pod: SidecarArgs when set,
@@ -371,15 +376,15 @@ func (c *Config) initContainer() corev1.Container {
 	return corev1.Container{
 		Name:    InitName,
 		Image:   c.InitImage,
-		Command: []string{"/bin/sh", "-c"},
-		Args:    []string{c.RedirectScript()},
+		Command: []string{InitCommand},
+		Args:    c.InitArgs(),
 		SecurityContext: &corev1.SecurityContext{
 			RunAsUser:                &root,
 			RunAsNonRoot:             &f,
 			AllowPrivilegeEscalation: &f,
 			ReadOnlyRootFilesystem:   &t,
 			Capabilities: &corev1.Capabilities{
-				Add:  []corev1.Capability{"NET_ADMIN", "NET_RAW"},
+				Add:  []corev1.Capability{"NET_ADMIN"}, // nftables over netlink needs nothing else
 				Drop: []corev1.Capability{"ALL"},
 			},
 		},

@@ -2,7 +2,6 @@ package injector
 
 import (
 	"encoding/json"
-	"fmt"
 	"strings"
 	"testing"
 
@@ -11,6 +10,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+
+	"github.com/google/go-cmp/cmp"
 
 	"github.com/fedmesh/fedmesh/sidecar/appprobe"
 )
@@ -205,77 +206,40 @@ func TestSidecarArgs(t *testing.T) {
 	}
 }
 
-// TestRedirectScriptBothFamilies: the same rules for iptables and, when
-// the kernel has IPv6 NAT, ip6tables.
-func TestRedirectScriptBothFamilies(t *testing.T) {
-	cfg := Config{ExcludeInboundPorts: []int32{15021, 9090}}
-	if err := cfg.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	s := cfg.RedirectScript()
-	for _, want := range []string{
-		"iptables -t nat -A FEDMESH_OUTBOUND -m owner --uid-owner 1337 -j RETURN",
-		"iptables -t nat -A FEDMESH_INBOUND -p tcp --dport 15021 -j RETURN\niptables -t nat -A FEDMESH_INBOUND -p tcp --dport 9090 -j RETURN\n",
-		"  ip6tables -t nat -A FEDMESH_OUTBOUND -p tcp -j REDIRECT --to-ports 15001",
-		"  ip6tables -t nat -A FEDMESH_INBOUND -p tcp -j REDIRECT --to-ports 15006",
-	} {
-		if !strings.Contains(s, want) {
-			t.Errorf("script lacks %q:\n%s", want, s)
-		}
-	}
-	// The probe port is exempt once per family, even when listed again.
-	if strings.Count(s, "--dport 15021 -j RETURN") != 2 {
-		t.Errorf("want the probe port exempt once per family:\n%s", s)
-	}
-	if strings.Count(s, "tables -t nat -A OUTPUT -p tcp -j FEDMESH_OUTBOUND") != 2 {
-		t.Errorf("want one OUTPUT jump per family:\n%s", s)
-	}
-}
-
-// TestRedirectScriptDNS: outbound DNS, UDP and TCP, goes to the DNS port
-// in both families, after the sidecar's own traffic and loopback are
-// exempt and before the generic TCP redirect; without DNS capture, port 53
-// is not mentioned.
-func TestRedirectScriptDNS(t *testing.T) {
+// TestInitContainer: the init container runs the static fedmesh-init from
+// the fedmesh image (no shell, no iptables), with NET_ADMIN alone, and its
+// arguments carry every port of the configuration; the probe port and the
+// excluded ports are exempt, DNS capture follows NoDNSCapture.
+func TestInitContainer(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		cfg  Config
-		want bool
+		want []string
 	}{
-		{"default", Config{}, true},
-		{"other port", Config{DNSPort: 16053}, true},
-		{"off", Config{NoDNSCapture: true}, false},
+		{"defaults", Config{}, []string{"--inbound-port=15006", "--outbound-port=15001", "--dns-port=15053", "--probe-port=15021", "--proxy-uid=1337"}},
+		{"excluded and no dns", Config{ExcludeInboundPorts: []int32{15000, 9090}, NoDNSCapture: true, DNSPort: 16053, ProxyUID: 2000},
+			[]string{"--inbound-port=15006", "--outbound-port=15001", "--dns-port=16053", "--probe-port=15021", "--proxy-uid=2000", "--exclude-inbound-ports=15000,9090", "--no-dns-capture"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := tc.cfg
 			if err := cfg.Validate(); err != nil {
 				t.Fatal(err)
 			}
-			s := cfg.RedirectScript()
-			if !tc.want {
-				if strings.Contains(s, "53") {
-					t.Fatalf("dns capture off, but the script mentions port 53:\n%s", s)
-				}
-				return
+			c := cfg.initContainer()
+			if diff := cmp.Diff([]string{InitCommand}, c.Command); diff != "" {
+				t.Errorf("command (-want +got):\n%s", diff)
 			}
-			for _, ipt := range []string{"iptables", "  ip6tables"} {
-				order := []string{
-					ipt + " -t nat -A FEDMESH_OUTBOUND -m owner --uid-owner 1337 -j RETURN\n",
-					ipt + " -t nat -A FEDMESH_OUTBOUND -o lo -j RETURN\n",
-					fmt.Sprintf("%s -t nat -A FEDMESH_OUTBOUND -p udp --dport 53 -j REDIRECT --to-ports %d\n", ipt, cfg.DNSPort),
-					fmt.Sprintf("%s -t nat -A FEDMESH_OUTBOUND -p tcp --dport 53 -j REDIRECT --to-ports %d\n", ipt, cfg.DNSPort),
-					ipt + " -t nat -A FEDMESH_OUTBOUND -p tcp -j REDIRECT --to-ports 15001\n",
-					ipt + " -t nat -A OUTPUT -p tcp -j FEDMESH_OUTBOUND\n",
-					ipt + " -t nat -A OUTPUT -p udp --dport 53 -j FEDMESH_OUTBOUND\n",
-				}
-				at := 0
-				for _, line := range order {
-					i := strings.Index(s[at:], line)
-					if i < 0 {
-						t.Fatalf("script lacks %q after offset %d (or has it out of order):\n%s", line, at, s)
-					}
-					at += i + len(line)
-				}
+			if diff := cmp.Diff(tc.want, c.Args); diff != "" {
+				t.Errorf("args (-want +got):\n%s", diff)
+			}
+			if c.Image != cfg.SidecarImage {
+				t.Errorf("init image %q, want the fedmesh image %q", c.Image, cfg.SidecarImage)
+			}
+			if caps := c.SecurityContext.Capabilities; len(caps.Add) != 1 || caps.Add[0] != "NET_ADMIN" || len(caps.Drop) != 1 || caps.Drop[0] != "ALL" {
+				t.Errorf("capabilities %+v, want NET_ADMIN only", caps)
+			}
+			if err := cfg.Redirect().Validate(); err != nil {
+				t.Errorf("the redirect of a valid configuration: %v", err)
 			}
 		})
 	}

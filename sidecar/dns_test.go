@@ -526,7 +526,7 @@ func TestDNSConfig(t *testing.T) {
 }
 
 // TestDNSThroughRedirect: in a network namespace standing for a pod, with
-// the injector's iptables script and the fedmesh-sidecar binary run as
+// the injector's init container (fedmesh-init, nftables) and the fedmesh-sidecar binary run as
 // the injector configures it (UID 1337, FEDMESH_DNS_ADDR), the app's
 // queries to its nameserver (port 53, UDP and TCP) reach the sidecar: a
 // clusterset.local name is answered from the service directory, any other

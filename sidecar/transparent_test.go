@@ -72,11 +72,11 @@ func needTransparentPrereqs(t *testing.T) {
 		t.Skip("transparent mode needs Linux")
 	}
 	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates a network namespace and installs iptables rules in it")
+		t.Skip("needs root: creates a network namespace and installs nftables rules in it")
 	}
-	for _, bin := range []string{"ip", "iptables", "setpriv"} {
+	for _, bin := range []string{"ip", "setpriv"} {
 		if _, err := exec.LookPath(bin); err != nil {
-			t.Skipf("needs %s (scripts/install-deps.sh installs iptables and iproute2): %v", bin, err)
+			t.Skipf("needs %s (scripts/install-deps.sh installs iproute2): %v", bin, err)
 		}
 	}
 }
@@ -88,17 +88,22 @@ func mustRun(t *testing.T, name string, args ...string) {
 	}
 }
 
-// redirect runs the injector's own iptables script in the pod's namespace,
-// with the admin port 15000 exempt from the inbound redirect (as the probe
-// port is) so that tests can read the sidecar's state and metrics, and
-// returns the injector's configuration.
+// redirect runs the injector's own init container, the fedmesh-init
+// binary built as `make build` builds it, with the arguments the injector
+// gives it, in the pod's namespace: the admin port 15000 is exempt from
+// the inbound redirect (as the probe port is) so that tests can read the
+// sidecar's state and metrics. It returns the injector's configuration.
 func redirect(t *testing.T, ns *podNetns) injector.Config {
 	t.Helper()
 	inj := injector.Config{ExcludeInboundPorts: []int32{15000}}
 	if err := inj.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	mustRun(t, "ip", "netns", "exec", ns.name, "sh", "-c", inj.RedirectScript())
+	bin, err := testutil.BuildCommand(t.TempDir(), "fedmesh-init")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, "ip", append([]string{"netns", "exec", ns.name, bin}, inj.InitArgs()...)...)
 	return inj
 }
 
@@ -235,7 +240,7 @@ func echoOnce(c net.Conn, line string) (string, error) {
 }
 
 // TestTransparentOutbound runs the fedmesh-sidecar binary in a pod-like
-// network namespace with the injector's own iptables script installed, as
+// network namespace with the injector's own redirect (fedmesh-init) installed, as
 // UID 1337 (the injector's ProxyUID), with its endpoint sets and service
 // directory from a discovery API server over SPIFFE mTLS. The app (this
 // test, dialing from inside the namespace as root) calls services by

@@ -39,7 +39,7 @@ func main() {
 	fs := flag.NewFlagSet("fedmesh-injector", flag.ExitOnError)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `fedmesh-injector is the mutating admission webhook that adds the fedmesh
-sidecar, its iptables init container and the SPIFFE Workload API socket to pods.
+sidecar, its init container (fedmesh-init: the traffic redirect, nftables) and the SPIFFE Workload API socket to pods.
 
 It serves /mutate over TLS with the key pair in --tls-cert/--tls-key and
 reloads the pair when the files change. Register it with
@@ -61,7 +61,7 @@ Flags:
 	fs.StringVar(&c.sidecarArgs, "sidecar-args", "", "sidecar arguments, comma-separated (default: --inbound-port=.. --outbound-port=..); the probe server is set up through the sidecar's environment either way")
 	fs.StringVar(&c.inj.Cluster, "cluster", "", "this cluster's name, given to every sidecar as $FEDMESH_CLUSTER (its --cluster); empty: the sidecar needs its own --cluster")
 	fs.StringVar(&c.inj.Discovery, "discovery", "fedmesh-discovery.fedmesh-system.svc:15012", "the federation controller's discovery API, given to every sidecar as $FEDMESH_DISCOVERY (its --discovery); empty: none")
-	fs.StringVar(&c.inj.InitImage, "init-image", "", "iptables init image (default ghcr.io/fedmesh/fedmesh-init:dev)")
+	fs.StringVar(&c.inj.InitImage, "init-image", "", "image of the init container, which runs "+injector.InitCommand+" (default: the sidecar image, which holds it)")
 	inbound := fs.Int("inbound-port", 15006, "sidecar port for redirected inbound traffic")
 	outbound := fs.Int("outbound-port", 15001, "sidecar port for redirected outbound traffic")
 	probe := fs.Int("probe-port", 15021, "sidecar probe server port, never redirected: the kubelet's httpGet, tcpSocket and grpc probes of redirected ports are rewritten to GETs of it")
