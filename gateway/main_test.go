@@ -4,6 +4,8 @@ import (
 	"testing"
 
 	"go.uber.org/goleak"
+
+	"github.com/fedmesh/fedmesh/internal/testutil"
 )
 
 // leakOptions are goroutines that belong to the process, not to a test.
@@ -20,11 +22,11 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m, leakOptions...)
 }
 
-// checkLeaks fails t if a goroutine is still running once t and all its
-// cleanups are done: an exact check, not a count, so call it first (its
-// cleanup then runs last). The tests of this package are not parallel, so
-// every goroutine left then is one that t (or a test before it) leaked.
+// checkLeaks fails t if a goroutine that started during it still runs once
+// t and all its cleanups are done (testutil.CheckGoroutines: exact, by
+// goroutine, with a wind-down wide enough for a loaded machine); call it
+// first, so its cleanup runs last.
 func checkLeaks(t *testing.T) {
 	t.Helper()
-	t.Cleanup(func() { goleak.VerifyNone(t, leakOptions...) })
+	testutil.CheckGoroutines(t, leakOptions...)
 }
