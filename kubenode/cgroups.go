@@ -30,7 +30,7 @@ const cgroupMount = "/sys/fs/cgroup"
 
 // cgroupTree is one node's subtree in every v1 hierarchy.
 type cgroupTree struct {
-	root        string   // the kubelet's cgroupRoot, e.g. /fedmesh-node-east
+	root        string   // the kubelet's cgroupRoot, e.g. /fedmesh-node0-east
 	hierarchies []string // mounted hierarchies, e.g. /sys/fs/cgroup/cpu, /sys/fs/cgroup/unified
 	created     []string // directories made by create, parents first
 }
@@ -77,12 +77,14 @@ func ownCgroup() string {
 	return "/"
 }
 
-func newCgroupTree(name string) (*cgroupTree, error) {
+// newCgroupTree names the subtree after the node's slot (unique on the
+// machine while the node runs) and its name (for people reading it).
+func newCgroupTree(slot int, name string) (*cgroupTree, error) {
 	hs, err := hierarchies()
 	if err != nil {
 		return nil, err
 	}
-	return &cgroupTree{root: filepath.Join(ownCgroup(), "fedmesh-node-"+name), hierarchies: hs}, nil
+	return &cgroupTree{root: filepath.Join(ownCgroup(), fmt.Sprintf("fedmesh-node%d-%s", slot, name)), hierarchies: hs}, nil
 }
 
 // create makes root and root/system in every hierarchy, each new cpuset

@@ -213,7 +213,7 @@ func (n *Node) start(ctx context.Context) error {
 	if err := n.layout(); err != nil {
 		return err
 	}
-	if n.cgroups, err = newCgroupTree(n.Name); err != nil {
+	if n.cgroups, err = newCgroupTree(n.addrs.slot, n.Name); err != nil {
 		return err
 	}
 	if err := n.cgroups.create(); err != nil {
@@ -697,7 +697,13 @@ func rss(pid int) int64 {
 // error naming whatever it could not remove. It is safe to call more than
 // once.
 func (n *Node) Stop() error {
-	n.stopOnce.Do(func() { n.stopErr = n.stop() })
+	n.stopOnce.Do(func() {
+		n.stopErr = n.stop()
+		if n.stopErr == nil {
+			// Kept otherwise, so the next Start tries again once this program is gone.
+			n.removeRecord()
+		}
+	})
 	return n.stopErr
 }
 
@@ -750,12 +756,7 @@ func (n *Node) stop() error {
 	if left := n.Leftovers(); len(left) > 0 {
 		errs = append(errs, fmt.Errorf("node %s left behind: %s", n.Name, strings.Join(left, "; ")))
 	}
-	err := errors.Join(errs...)
-	if err == nil {
-		// Kept otherwise, so the next Start tries again once this program is gone.
-		n.removeRecord()
-	}
-	return err
+	return errors.Join(errs...)
 }
 
 // removeShimSockets removes the sockets containerd's runc shims listen on

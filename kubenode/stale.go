@@ -71,10 +71,20 @@ func (n *Node) writeRecord() error {
 	return os.Rename(tmp, recordPath(n.addrs.slot))
 }
 
+// removeRecord removes the node's record, and the record directory once
+// no node has one, under the slot lock (a node starting at the same time
+// may be writing its own).
 func (n *Node) removeRecord() {
-	if n.addrs.netns != "" {
-		os.Remove(recordPath(n.addrs.slot))
+	if n.addrs.netns == "" {
+		return
 	}
+	unlock, err := lockSlots()
+	if err != nil {
+		return
+	}
+	defer unlock()
+	os.Remove(recordPath(n.addrs.slot))
+	os.Remove(recordDir) // only when empty
 }
 
 // cleanStale removes the remains of every node whose program is gone. The
