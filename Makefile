@@ -51,6 +51,15 @@ $(COREDNS): tools/coredns/go.mod tools/coredns/go.sum tools/coredns/main.go
 node-smoke: deps
 	go test -count=1 -v -timeout 15m -run 'TestNodeServesPodsThroughServicesAndDNS' ./kubenode
 
+## images: the fedmesh image without Docker, as an OCI image-layout tarball (bin/images/fedmesh.tar) that
+## `ctr -n k8s.io images import`, `kind load image-archive` and `docker load` read: ghcr.io/fedmesh/fedmesh:dev,
+## every binary of cmd/ in /usr/local/bin, non-root, like clusters/Dockerfile's default target.
+.PHONY: images
+images: build
+	@mkdir -p $(BIN)/images
+	go run ./cmd/ociimage -o $(BIN)/images/fedmesh.tar -name ghcr.io/fedmesh/fedmesh:dev \
+	  -entrypoint /usr/local/bin/fedmesh-controller -user 65532:65532 $(patsubst cmd/%,$(BIN)/%,$(wildcard cmd/*))
+
 ## build: compile every binary into bin/: static (no libc mapped into every
 ## sidecar) and without grpc-go's x/net/trace (html/template and friends,
 ## 2.9 MB of text and rodata the sidecar would map for nothing).
