@@ -712,11 +712,13 @@ func (n *Node) stop() error {
 	n.mu.Lock()
 	procs := slices.Clone(n.procs)
 	n.mu.Unlock()
-	// The node's daemons in the reverse order of their start, gently.
-	slices.Reverse(procs)
+	// The node's daemons, gently and all at once: none of them needs
+	// another to shut down, since everything they made is removed below.
+	var wg sync.WaitGroup
 	for _, p := range procs {
-		p.stop(3 * time.Second)
+		wg.Go(func() { p.stop(3 * time.Second) })
 	}
+	wg.Wait()
 	// Then everything left in its cgroups: containers and their shims.
 	if n.cgroups != nil {
 		if err := n.cgroups.killAll(15 * time.Second); err != nil {
