@@ -131,7 +131,9 @@ type paths struct {
 
 // Start brings the node up and returns when the node is Ready, CoreDNS
 // answers and the default service account exists. On failure everything
-// already started is stopped and removed.
+// already started is stopped and removed. The node's daemons die with the
+// OS thread that started them (Pdeathsig), so call Start from an ordinary
+// goroutine, never from one locked to a thread that will exit.
 func Start(ctx context.Context, opts Options) (*Node, error) {
 	if opts.Name == "" {
 		opts.Name = "node"
