@@ -149,6 +149,12 @@ func federationChecks(ctx context.Context, g *globals) ([]Check, error) {
 				Detail: orDefault(firstLine(p.Error), fmt.Sprintf("stale=%v", p.Stale)),
 				Remedy: "check the peer's API server and the peer Secret (fedctl link) in fedmesh-system"})
 		}
+		// What status could not find out is not a pass: say so, as a
+		// warning (through a kubeconfig some of it is out of reach by design).
+		for _, u := range cl.Unknown {
+			add(Check{Name: u.What, Warn: true, Detail: "unknown: " + u.Why,
+				Remedy: "run the components in pods of fedmesh-system with their admin ports (clusters/base), or check from the machine that runs them (fedctl check --dir)"})
+		}
 		for j, gw := range cl.Gateways {
 			ok := gw.Error == ""
 			var down []string
@@ -162,7 +168,7 @@ func federationChecks(ctx context.Context, g *globals) ([]Check, error) {
 				Detail: orDefault(firstLine(gw.Error), "unreachable peer clusters: "+orDefault(strings.Join(down, ","), "none")),
 				Remedy: "check the gateway's log and the WAN (fedctl drill leaves faults healed; restart with fedctl down/up)"})
 		}
-		if cl.Trust != nil {
+		if cl.Trust != nil && (cl.Trust.Roots > 0 || cl.Trust.Error != "" || unknownWhy(cl, "trust roots") == "") {
 			left := cl.Trust.RootsExpire.Sub(now)
 			add(Check{Name: "trust bundle", OK: cl.Trust.Error == "" && left > time.Hour,
 				Detail: orDefault(cl.Trust.Error, fmt.Sprintf("%d roots, earliest expires in %s", cl.Trust.Roots, age(left))),

@@ -166,6 +166,29 @@ func TestStatusFromKubeconfig(t *testing.T) {
 		t.Errorf("services %+v", st.Services)
 	}
 	statusGolden(t, st, "status_kubeconfig")
+	// check through the same kubeconfig passes the peers and warns about
+	// what it could not find out, rather than passing over it.
+	var checkOut bytes.Buffer
+	checkCmd := newCommand(&checkOut, &bytes.Buffer{}, func(k string) string { return env[k] })
+	checkCmd.SetArgs([]string{"check", "-o", "json"})
+	checkErr := checkCmd.ExecuteContext(ctx) // this machine may lack the binaries: judge the cluster checks only
+	var checks []Check
+	if err := json.Unmarshal(checkOut.Bytes(), &checks); err != nil {
+		t.Fatalf("check -o json: %v (%v)\n%s", err, checkErr, checkOut.String())
+	}
+	got := map[string]Check{}
+	for _, c := range checks {
+		got[c.Scope+" "+c.Name] = c
+	}
+	if c := got["east peer west"]; !c.OK {
+		t.Errorf("check: east's peer west %+v", c)
+	}
+	if c := got["west trust roots"]; c.OK || !c.Warn || !strings.HasPrefix(c.Detail, "unknown: ") {
+		t.Errorf("check: west's unknown trust roots %+v, want a warning saying why", c)
+	}
+	if c, ok := got["west trust bundle"]; ok {
+		t.Errorf("check: west's trust bundle judged with its roots unknown: %+v", c)
+	}
 
 	// 2. west's API server down: east's controller marks it stale; status
 	// through --kubeconfig (one merged file) says west is unreachable and
