@@ -1,6 +1,7 @@
 package kubenode
 
 import (
+	"errors"
 	"os"
 	"strings"
 	"testing"
@@ -56,5 +57,20 @@ func TestConfigs(t *testing.T) {
 	}
 	if strings.Contains(corefile(), "forward") {
 		t.Error("the Corefile forwards queries outside the node")
+	}
+}
+
+// A missing binary is named, with the make target that provides it.
+func TestFindBinariesNamesWhatIsMissing(t *testing.T) {
+	_, err := FindBinaries(t.TempDir(), "")
+	var me *MissingError
+	if !errors.As(err, &me) {
+		t.Fatalf("FindBinaries in an empty directory: %v, want a *MissingError", err)
+	}
+	msg := err.Error()
+	for _, want := range []string{"kubelet-" + KubeVersion, "coredns-" + CoreDNSVersion, "fedmesh-pause", "make deps"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error %q does not name %s", msg, want)
+		}
 	}
 }
