@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/localfed"
 )
 
@@ -21,10 +22,8 @@ import (
 func BenchmarkLocalFederationUp(b *testing.B) {
 	bin := b.TempDir()
 	for _, c := range []string{"fedctl", "fedmesh-controller", "fedmesh-issuer", "fedmesh-gateway", "fedmesh-sidecar", "fedmesh-echo"} {
-		cmd := exec.Command("go", "build", "-tags=grpcnotrace", "-o", filepath.Join(bin, c), "github.com/fedmesh/fedmesh/cmd/"+c)
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0") // as `make build` builds them
-		if out, err := cmd.CombinedOutput(); err != nil {
-			b.Fatalf("build %s: %v\n%s", c, err, out)
+		if _, err := testutil.BuildCommand(bin, c); err != nil { // as `make build` builds them
+			b.Fatal(err)
 		}
 	}
 	var took time.Duration

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/fedmesh/fedmesh/fedctl"
+	"github.com/fedmesh/fedmesh/internal/testutil"
 	"github.com/fedmesh/fedmesh/localfed"
 )
 
@@ -25,10 +26,8 @@ func TestUpStatusDrillDown(t *testing.T) {
 	}
 	bin := t.TempDir()
 	for _, c := range []string{"fedctl", "fedmesh-controller", "fedmesh-issuer", "fedmesh-gateway", "fedmesh-sidecar", "fedmesh-echo"} {
-		cmd := exec.Command("go", "build", "-tags=grpcnotrace", "-o", filepath.Join(bin, c), "github.com/fedmesh/fedmesh/cmd/"+c)
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0") // as `make build` builds them
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("build %s: %v\n%s", c, err, out)
+		if _, err := testutil.BuildCommand(bin, c); err != nil { // as `make build` builds them
+			t.Fatal(err)
 		}
 	}
 	dir := t.TempDir()
