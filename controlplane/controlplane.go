@@ -77,7 +77,7 @@ type Federation struct {
 	ownEtcd  bool
 	etcd     *Process
 	etcdURL  string
-	pki      *pki
+	ca       *CA
 	stopOnce sync.Once
 }
 
@@ -133,7 +133,7 @@ func Start(ctx context.Context, opts Options) (*Federation, error) {
 		}
 		f.ownDir = true
 	}
-	if f.pki, err = newPKI(); err != nil {
+	if f.ca, err = NewCA("fedmesh local control plane CA"); err != nil {
 		return nil, err
 	}
 	if err := f.startEtcd(ctx); err != nil {
@@ -344,28 +344,28 @@ func (f *Federation) newCluster(i int, name string) (*Cluster, error) {
 	if slices.Contains(f.opts.IPv4Only, name) {
 		c.ServiceCIDR = fmt.Sprintf("10.%d.0.0/16", 96+i)
 	}
-	serving, servingKey, err := f.pki.issue("kube-apiserver-"+name, nil,
+	serving, servingKey, err := f.ca.Issue("kube-apiserver-"+name, nil,
 		[]net.IP{net.ParseIP(f.opts.Host), net.ParseIP("127.0.0.1"), net.ParseIP("10.96.0.1")},
 		[]string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"}, true)
 	if err != nil {
 		return nil, err
 	}
-	admin, adminKey, err := f.pki.issue("fedmesh-admin", []string{"system:masters"}, nil, nil, false)
+	admin, adminKey, err := f.ca.Issue("fedmesh-admin", []string{"system:masters"}, nil, nil, false)
 	if err != nil {
 		return nil, err
 	}
-	files := map[string][]byte{"ca.crt": f.pki.caPEM, "serving.crt": serving, "serving.key": servingKey, "admin.crt": admin, "admin.key": adminKey}
+	files := map[string][]byte{"ca.crt": f.ca.PEM, "serving.crt": serving, "serving.key": servingKey, "admin.crt": admin, "admin.key": adminKey}
 	for n, b := range files {
 		if err := os.WriteFile(filepath.Join(dir, n), b, 0o600); err != nil {
 			return nil, err
 		}
 	}
-	if _, _, err := serviceAccountKey(dir); err != nil {
+	if _, _, err := WriteServiceAccountKey(dir); err != nil {
 		return nil, err
 	}
 	c.Config = &rest.Config{
 		Host:            c.URL,
-		TLSClientConfig: rest.TLSClientConfig{CAData: f.pki.caPEM, CertData: admin, KeyData: adminKey},
+		TLSClientConfig: rest.TLSClientConfig{CAData: f.ca.PEM, CertData: admin, KeyData: adminKey},
 		QPS:             -1, // local control planes: no client-side throttling
 		Timeout:         30 * time.Second,
 	}

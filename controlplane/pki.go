@@ -15,22 +15,26 @@ import (
 	"time"
 )
 
-// pki is the certificate material of one local federation: a CA that signs
-// every API server's serving certificate and the admin client certificate.
-type pki struct {
-	caCert *x509.Certificate
-	caKey  *ecdsa.PrivateKey
-	caPEM  []byte
+// CA is a local certificate authority for Kubernetes components: it signs
+// API servers' and kubelets' serving certificates and client certificates,
+// whose groups kube-apiserver reads from the organizations. A local
+// federation's control planes share one (Start); each real local node
+// (package kubenode) has its own.
+type CA struct {
+	Cert *x509.Certificate
+	Key  *ecdsa.PrivateKey
+	PEM  []byte // Cert, PEM-encoded
 }
 
-func newPKI() (*pki, error) {
+// NewCA makes a CA named cn, valid for ten years.
+func NewCA(cn string) (*CA, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, fmt.Errorf("generate ca key: %w", err)
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial(),
-		Subject:               pkix.Name{CommonName: "fedmesh local control plane CA"},
+		Subject:               pkix.Name{CommonName: cn},
 		NotBefore:             time.Now().Add(-time.Hour),
 		NotAfter:              time.Now().Add(10 * 365 * 24 * time.Hour),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
@@ -45,12 +49,22 @@ func newPKI() (*pki, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &pki{caCert: cert, caKey: key, caPEM: pemBlock("CERTIFICATE", der)}, nil
+	return &CA{Cert: cert, Key: key, PEM: pemBlock("CERTIFICATE", der)}, nil
 }
 
-// issue signs a leaf certificate. Client certificates carry the groups as
-// organizations, which is how kube-apiserver reads them.
-func (p *pki) issue(cn string, groups []string, ips []net.IP, dns []string, server bool) (certPEM, keyPEM []byte, err error) {
+// KeyPEM is the CA's private key, PEM-encoded.
+func (ca *CA) KeyPEM() ([]byte, error) {
+	der, err := x509.MarshalECPrivateKey(ca.Key)
+	if err != nil {
+		return nil, err
+	}
+	return pemBlock("EC PRIVATE KEY", der), nil
+}
+
+// Issue signs a leaf certificate for cn, valid for five years: a serving
+// certificate for ips and dns, or a client certificate whose groups are its
+// organizations.
+func (ca *CA) Issue(cn string, groups []string, ips []net.IP, dns []string, server bool) (certPEM, keyPEM []byte, err error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, nil, fmt.Errorf("generate key for %s: %w", cn, err)
@@ -69,7 +83,7 @@ func (p *pki) issue(cn string, groups []string, ips []net.IP, dns []string, serv
 		IPAddresses:  ips,
 		DNSNames:     dns,
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.caCert, &key.PublicKey, p.caKey)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.Key)
 	if err != nil {
 		return nil, nil, fmt.Errorf("sign certificate for %s: %w", cn, err)
 	}
@@ -80,9 +94,10 @@ func (p *pki) issue(cn string, groups []string, ips []net.IP, dns []string, serv
 	return pemBlock("CERTIFICATE", der), pemBlock("EC PRIVATE KEY", keyDER), nil
 }
 
-// serviceAccountKey writes the key pair kube-apiserver signs and verifies
-// service account tokens with.
-func serviceAccountKey(dir string) (pub, priv string, err error) {
+// WriteServiceAccountKey writes dir/sa.key and dir/sa.pub, the key pair
+// kube-apiserver signs and verifies service account tokens with
+// (kube-controller-manager signs with it too).
+func WriteServiceAccountKey(dir string) (pub, priv string, err error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return "", "", err
