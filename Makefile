@@ -101,11 +101,11 @@ bench: deps
 	  go run ./cmd/benchtable -goals bench/goals.tsv < .cache/bench.out && exit $$rc
 
 ## e2e: multi-cluster end-to-end scenarios on the local federation (fedctl up, drills, down).
-e2e: deps
+e2e: $(KUBE_APISERVER) debian-deps
 	go test -race -timeout 20m -count=1 -run 'TestUpStatusDrillDown' ./fedctl/
 
 ## demo: the main job: a local three-cluster federation, a drill, and its status; it keeps running.
-demo: deps build
+demo: $(KUBE_APISERVER) debian-deps build # the local federation needs no kubelet yet (kubenode: make node-smoke)
 	@$(BIN)/fedctl down >/dev/null 2>&1 || true
 	$(BIN)/fedctl up
 	$(BIN)/fedctl drill kill-local-endpoints --cluster east
