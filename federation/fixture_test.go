@@ -118,6 +118,44 @@ func need(t *testing.T) {
 	if envErr != nil {
 		t.Fatal(envErr)
 	}
+	env.restartLost(t)
+}
+
+// restartLost starts a new replica for every cluster whose controller
+// returned because it lost its lease (a test kept its API server down for
+// longer than the 2 s lease), as its Deployment would restart the process:
+// otherwise every later test (say, with -count=2) would wait in vain for
+// that cluster's writes. Any other end of a controller fails the test.
+func (f *fixture) restartLost(t *testing.T) {
+	t.Helper()
+	var lost []string
+	f.mu.Lock()
+	for _, cl := range f.clusters {
+		select {
+		case err := <-f.ctrls[cl].done:
+			if err == nil || err.Error() != "lost leader lease" {
+				f.ctrls[cl].done <- err // for TestMain
+				f.mu.Unlock()
+				t.Fatalf("the controller of %s stopped: %v", cl, err)
+			}
+			f.ctrls[cl].done <- err
+			lost = append(lost, cl)
+		default:
+		}
+	}
+	f.mu.Unlock()
+	for _, cl := range lost {
+		t.Logf("the controller of %s lost its lease; starting a new replica", cl)
+		r, err := f.startController(cl, fmt.Sprintf("replica-%d", f.seq.Add(1)), 30*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-r.ctrl.Leading():
+		default:
+			t.Fatalf("the new controller of %s did not lead within 30s", cl)
+		}
+	}
 }
 
 func controllerOptions(cluster, identity string) federation.Options {
@@ -135,9 +173,14 @@ func controllerOptions(cluster, identity string) federation.Options {
 		ProbeTimeout:  500 * time.Millisecond,
 		StaleBound:    staleBound,
 		LeaderElection: federation.LeaderElection{
-			Identity:      cluster + "-" + identity,
-			LeaseDuration: 2 * time.Second,
-			RenewDeadline: 1500 * time.Millisecond,
+			Identity: cluster + "-" + identity,
+			// Renewals get 7 s: on a loaded 2-core machine (a stress run
+			// of -count=5 beside a CPU hog) east's leader, with a 1.5 s
+			// renew deadline, lost its lease though no test stopped its
+			// API server. A follower still takes over a released lease at
+			// its next retry, 250 ms.
+			LeaseDuration: 10 * time.Second,
+			RenewDeadline: 7 * time.Second,
 			RetryPeriod:   250 * time.Millisecond,
 		},
 		Logger: testLogger(),
