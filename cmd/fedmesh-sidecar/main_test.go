@@ -297,8 +297,8 @@ func newPodNetns(t *testing.T) (name, podIP string) {
 // TestProbesThroughRedirect is the bug this machinery fixes, in a network
 // namespace standing for a pod: the injector's own patch of a pod whose
 // app (port 8080, all addresses) has an httpGet readiness probe on a named
-// port and a tcpSocket liveness probe, its init container's iptables
-// script installed for real, and this binary's sidecar running there
+// port and a tcpSocket liveness probe, its init container's redirect
+// (fedmesh-init, nftables) installed for real, and this binary's sidecar running there
 // with the injected arguments and environment. From outside the namespace,
 // as the kubelet: the original probe (plaintext to podIP:8080) lands on
 // the mTLS inbound and fails, the rewritten probes (podIP:15021) reach the
@@ -309,11 +309,11 @@ func TestProbesThroughRedirect(t *testing.T) {
 		t.Skip("network namespaces need Linux")
 	}
 	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates a network namespace and installs the injector's iptables rules in it")
+		t.Skip("needs root: creates a network namespace and installs the injector's redirect in it")
 	}
-	for _, bin := range []string{"ip", "iptables"} {
+	for _, bin := range []string{"ip"} {
 		if _, err := exec.LookPath(bin); err != nil {
-			t.Skipf("needs %s (scripts/install-deps.sh installs iptables and iproute2): %v", bin, err)
+			t.Skipf("needs %s (scripts/install-deps.sh installs iproute2): %v", bin, err)
 		}
 	}
 	ns, podIP := newPodNetns(t)
@@ -348,7 +348,17 @@ func TestProbesThroughRedirect(t *testing.T) {
 		t.Fatal(err)
 	}
 	app, sc := injected.Spec.Containers[0], injected.Spec.Containers[1]
-	mustRun(t, "ip", "netns", "exec", ns, "sh", "-c", injected.Spec.InitContainers[0].Args[0])
+	// The init container as injected: its command is fedmesh-init, built
+	// here as `make build` builds it, with the injected arguments.
+	ic := injected.Spec.InitContainers[0]
+	if len(ic.Command) != 1 || ic.Command[0] != injector.InitCommand {
+		t.Fatalf("init container command %q, want %s", ic.Command, injector.InitCommand)
+	}
+	initBin, err := testutil.BuildCommand(t.TempDir(), "fedmesh-init")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, "ip", append([]string{"netns", "exec", ns, initBin}, ic.Args...)...)
 
 	// The sidecar: the injected arguments but the transparent outbound
 	// (it needs a discovery API; sidecar's TestTransparentOutbound runs
