@@ -187,7 +187,7 @@ func TestUpStatusDrillDown(t *testing.T) {
 				}
 				time.Sleep(100 * time.Millisecond)
 			}
-			checkGRPCThroughMesh(t, c.Workloads[0].Outbound, c.Name)
+			checkGRPCThroughMesh(t, c.Workloads[0].Outbound, c.Workloads[0].Admin, c.Name)
 		}
 		for _, drill := range [][]string{
 			{"kill-local-endpoints", "--cluster", "east", "--hold", "2s"},

@@ -2,7 +2,11 @@ package fedctl_test
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
 	"net/url"
+	"strings"
 	"testing"
 	"time"
 
@@ -18,7 +22,7 @@ import (
 // sidecar, which checks it against demo/echo's policies): unary health
 // checks answered SERVING by a pod of want, and a server stream whose
 // first message arrives while it stays open.
-func checkGRPCThroughMesh(t *testing.T, outbound, want string) {
+func checkGRPCThroughMesh(t *testing.T, outbound, admin, want string) {
 	t.Helper()
 	u, err := url.Parse(outbound)
 	if err != nil {
@@ -32,8 +36,11 @@ func checkGRPCThroughMesh(t *testing.T, outbound, want string) {
 	hc := healthpb.NewHealthClient(cc)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	// A drill may just have restored pods: like the HTTP check above, give
-	// failback up to 5 s, then every call must be served at home.
+	// A drill may just have restored pods. While only some are back, the
+	// overprovisioning rule rightly sends part of the traffic to the next
+	// priority, so wait (up to 10 s) until the client's /state puts the whole
+	// load on its own cluster, then every call must be served at home.
+	waitHomeLoad(t, admin, want)
 	for try := 0; ; try++ {
 		var hdr metadata.MD
 		_, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.Header(&hdr))
@@ -62,4 +69,39 @@ func checkGRPCThroughMesh(t *testing.T, outbound, want string) {
 	if m, err := stream.Recv(); err != nil || m.GetStatus() != healthpb.HealthCheckResponse_SERVING {
 		t.Fatalf("gRPC stream through %s's client sidecar: %v, %v", want, m, err)
 	}
+}
+
+// waitHomeLoad waits until every upstream of the sidecar whose admin
+// address is admin sends its whole load to priority 0, its own cluster.
+func waitHomeLoad(t *testing.T, admin, cluster string) {
+	t.Helper()
+	var last string
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		resp, err := http.Get(strings.TrimSuffix(admin, "/") + "/state")
+		if err != nil {
+			last = err.Error()
+			continue
+		}
+		var st struct {
+			Upstreams []struct {
+				Upstream string    `json:"upstream"`
+				Loads    []float64 `json:"loads"`
+			} `json:"upstreams"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&st)
+		resp.Body.Close()
+		if err != nil {
+			last = err.Error()
+			continue
+		}
+		home := len(st.Upstreams) > 0
+		for _, u := range st.Upstreams {
+			home = home && len(u.Loads) > 0 && u.Loads[0] == 1
+		}
+		if home {
+			return
+		}
+		last = fmt.Sprintf("%+v", st.Upstreams)
+	}
+	t.Fatalf("%s's client sidecar did not put its whole load on its own pods within 10s: %s", cluster, last)
 }
